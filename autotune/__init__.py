@@ -1,0 +1,1 @@
+"""Kernels and the autotuner (installed as ``graphopt.autotune``)."""

@@ -1,0 +1,382 @@
+"""Capture: turn an nn.Module and example inputs into an ATen-level FX graph with a dynamic batch.
+
+The model is wrapped so that torch.export (non-strict: the model's Python runs as written) sees a
+flat tuple of tensors in and out; :mod:`graphopt.structure` remembers how to rebuild the caller's
+arguments and the model's outputs (tuples, dicts, dataclasses) around it. The batch dimension of
+every input whose leading size equals the batch is marked ``Dim.AUTO``: torch.export keeps it
+symbolic over the range it can prove and specialises it otherwise. Every node then carries ``val``
+(a fake tensor with shape and dtype, the batch as a symbol) and ``graphopt_module``, the dotted path
+of the module whose forward produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import linecache
+import math
+import os
+import time
+import traceback
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from . import structure
+from .errors import CaptureError, InputError, SignatureError, UsageError
+from .structure import Spec
+
+_WRAPPED = "model"  # attribute name of the user's model inside the flat wrapper
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSpec:
+    """How a call ``model(*args, **kwargs)`` maps to the graph's flat tensor inputs and back.
+
+    ``params`` are the forward signature's (name, kind) pairs, ``defaults`` its default values,
+    ``in_spec`` the structure of the bound arguments (a dict keyed by parameter name) with tensors
+    numbered in graph-input order, ``out_spec`` the structure of the outputs.
+    """
+
+    params: tuple[tuple[str, str], ...]
+    defaults: dict[str, Any]
+    in_spec: Spec
+    out_spec: Spec
+    objects: tuple[Any, ...] = ()
+
+    def signature(self) -> inspect.Signature:
+        return inspect.Signature([
+            inspect.Parameter(name, getattr(inspect.Parameter, kind),
+                              default=self.defaults.get(name, inspect.Parameter.empty))
+            for name, kind in self.params
+        ])
+
+    def flatten_call(self, args: tuple, kwargs: dict) -> tuple[Spec, list[torch.Tensor], list[Any]]:
+        """Bind a call to the signature and flatten it; a call that does not bind raises SignatureError."""
+        try:
+            bound = self.signature().bind(*args, **kwargs)
+        except TypeError as e:
+            raise SignatureError(f"call does not match forward{self.signature()}: {e}") from None
+        bound.apply_defaults()
+        return structure.flatten(dict(bound.arguments))
+
+    def rebuild_call(self, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> tuple[tuple, dict]:
+        """The positional and keyword arguments that ``in_spec`` describes, with ``tensors`` filled in."""
+        values = structure.unflatten(self.in_spec, tensors, self.objects)
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for name, kind in self.params:
+            value = values[name]
+            if kind in ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD"):
+                args.append(value)
+            elif kind == "VAR_POSITIONAL":
+                args.extend(value)
+            elif kind == "KEYWORD_ONLY":
+                kwargs[name] = value
+            else:
+                kwargs.update(value)
+        return tuple(args), kwargs
+
+    def rebuild_output(self, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> Any:
+        return structure.unflatten(self.out_spec, tensors)
+
+    def input_names(self) -> list[str]:
+        """A readable name per flat tensor input: the parameter name, with a path for nested ones."""
+        return _leaf_names(self.in_spec, "", top=True)
+
+    def output_names(self) -> list[str]:
+        names = _leaf_names(self.out_spec, "out", top=False)
+        return names if len(names) > 1 or self.out_spec["kind"] != "tensor" else ["out"]
+
+
+def _leaf_names(spec: Spec, prefix: str, top: bool) -> list[str]:
+    kind = spec["kind"]
+    if kind == "tensor":
+        return [prefix or "input"]
+    if kind not in ("tuple", "list", "dict", "dataclass", "namedtuple"):
+        return []
+    keys = spec.get("keys") or spec.get("fields") or list(range(len(spec["items"])))
+    names: list[str] = []
+    for key, child in zip(keys, spec["items"]):
+        name = str(key) if top else f"{prefix}_{key}" if prefix else str(key)
+        names.extend(_leaf_names(child, name, top=False))
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorGuard:
+    """What one flat input must look like: dtype, device type, and per dim a size or a symbol."""
+
+    dtype: str
+    device: str
+    shape: tuple[int | str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputGuards:
+    """The inputs a captured graph is valid for. ``ranges`` maps each symbol to (min, max or None)."""
+
+    tensors: tuple[TensorGuard, ...]
+    ranges: dict[str, tuple[int, int | None]]
+
+    def mismatch(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> str | None:
+        """Why ``tensors`` fall outside these guards, or None when the graph is valid for them."""
+        if len(tensors) != len(self.tensors):
+            return f"expected {len(self.tensors)} tensor inputs, got {len(tensors)}"
+        bound: dict[str, int] = {}
+        for i, (t, g) in enumerate(zip(tensors, self.tensors)):
+            if str(t.dtype).removeprefix("torch.") != g.dtype:
+                return f"input {i} has dtype {t.dtype}, captured with {g.dtype}"
+            if t.device.type != g.device:
+                return f"input {i} is on {t.device.type}, captured on {g.device}"
+            if t.dim() != len(g.shape):
+                return f"input {i} has {t.dim()} dims, captured with {len(g.shape)}"
+            for d, (size, want) in enumerate(zip(t.shape, g.shape)):
+                if isinstance(want, int):
+                    if size != want:
+                        return f"input {i} dim {d} is {size}, captured as {want}"
+                    continue
+                if bound.setdefault(want, size) != size:
+                    return f"input {i} dim {d} is {size} but {want} is {bound[want]} elsewhere"
+                lo, hi = self.ranges.get(want, (0, None))
+                if size < lo or (hi is not None and size > hi):
+                    top = "inf" if hi is None else hi
+                    return f"input {i} dim {d} is {size}, outside the captured range [{lo}, {top}]"
+        return None
+
+    def batch_range(self) -> tuple[int, int | None] | None:
+        """The range of the first input's leading dim when it is symbolic, else None."""
+        for g in self.tensors:
+            if g.shape:
+                return self.ranges.get(g.shape[0]) if isinstance(g.shape[0], str) else None
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CapturedGraph:
+    """A captured model: the graph, how to call it, what it is valid for, and the eager reference.
+
+    ``example_inputs`` are the flat tensors the graph was captured (and is verified) with and
+    ``reference_outputs`` the original model's flat outputs on them.
+    """
+
+    graph_module: torch.fx.GraphModule
+    call: CallSpec
+    guards: InputGuards
+    example_inputs: tuple[torch.Tensor, ...]
+    reference_outputs: tuple[torch.Tensor, ...]
+    capture_time_s: float
+    dynamic_batch: bool
+
+    def run(self, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Run the graph on flat tensor inputs; returns flat outputs."""
+        return tuple(self.graph_module(*tensors))
+
+    def batch_symbol(self) -> str | None:
+        for g in self.guards.tensors:
+            if g.shape and isinstance(g.shape[0], str):
+                return g.shape[0]
+        return None
+
+
+class _FlatCall(nn.Module):
+    """The user's model seen through flat tensors: what torch.export traces."""
+
+    def __init__(self, model: nn.Module, call: CallSpec):
+        super().__init__()
+        setattr(self, _WRAPPED, model)
+        self._call = call
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args, kwargs = self._call.rebuild_call(tensors)
+        out = getattr(self, _WRAPPED)(*args, **kwargs)
+        _, leaves, _ = structure.flatten(out)
+        return tuple(leaves)
+
+
+def capture(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None,
+            dynamic_batch: bool = True) -> CapturedGraph:
+    """Capture ``model(*args, **kwargs)`` as an ATen FX graph (torch.export, non-strict).
+
+    With ``dynamic_batch`` the leading dim of every input that shares the first input's batch size is
+    symbolic over the range torch.export proves (an example batch of 1 is tiled to 2 for the capture,
+    since torch.export specialises sizes 0 and 1). Raises :class:`InputError` when the model fails on
+    the example inputs eagerly, :class:`CaptureError` (with module path, source line and hint) when
+    torch.export fails.
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"expected an nn.Module, got {type(model).__name__}")
+    args = args if isinstance(args, tuple) else (tuple(args) if isinstance(args, list) else (args,))
+    kwargs = dict(kwargs or {})
+    if model.training:
+        warnings.warn("capturing a model in training mode: dropout and batch-norm keep their training "
+                      "behaviour; call model.eval() first for inference", stacklevel=2)
+    sig = inspect.signature(model.forward)
+    params = tuple((p.name, p.kind.name) for p in sig.parameters.values())
+    defaults = {p.name: p.default for p in sig.parameters.values() if p.default is not inspect.Parameter.empty}
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise SignatureError(f"example inputs do not match {type(model).__name__}.forward{sig}: {e}") from None
+    bound.apply_defaults()
+    in_spec, in_tensors, objects = structure.flatten(dict(bound.arguments))
+    if not in_tensors:
+        raise InputError("the example inputs hold no tensor; graphopt needs at least one tensor input")
+
+    batch = _batch_size(in_tensors) if dynamic_batch else None
+    if batch == 1:
+        in_tensors = [torch.cat([t, t]) if _is_batched(t, 1) else t for t in in_tensors]
+    call = CallSpec(params, defaults, in_spec, {"kind": "tuple", "items": []}, tuple(objects))
+    reference = _run_eager(model, call, in_tensors)
+    out_spec, ref_tensors, out_objects = structure.flatten(reference)
+    if out_objects:
+        raise InputError(f"the model returns {structure.describe(out_spec)}: graphopt can rebuild tensors, "
+                         "containers, dataclasses and plain constants, not arbitrary objects")
+    if not ref_tensors:
+        raise InputError("the model returns no tensor")
+    call = dataclasses.replace(call, out_spec=out_spec)
+
+    start = time.perf_counter()
+    ep = _export(model, call, in_tensors, batch)
+    gm = ep.module()
+    _annotate_modules(gm)
+    guards = _guards(gm, ep)
+    return CapturedGraph(gm, call, guards, tuple(in_tensors), tuple(t.detach() for t in ref_tensors),
+                         time.perf_counter() - start, dynamic_batch=batch is not None)
+
+
+def _batch_size(tensors: list[torch.Tensor]) -> int | None:
+    for t in tensors:
+        if t.dim() >= 1:
+            return int(t.shape[0])
+    return None
+
+
+def _is_batched(t: torch.Tensor, batch: int | None) -> bool:
+    return batch is not None and t.dim() >= 1 and int(t.shape[0]) == batch
+
+
+def _run_eager(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor]) -> Any:
+    args, kwargs = call.rebuild_call(tensors)
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except Exception as e:  # the model's own error on the user's inputs
+        module_path, source = _locate(e, model)
+        where = (f" in module '{module_path}'" if module_path else "") + (f" at {source}" if source else "")
+        raise InputError(f"the model raised {type(e).__name__} on the example inputs{where}: "
+                         f"{_first_line(e)}") from e
+
+
+def _export(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor], batch: int | None):
+    """torch.export with the batch dims AUTO; on failure retry static, then raise CaptureError."""
+    flat = _FlatCall(model, call)
+    attempts = [batch, None] if batch is not None else [None]
+    first_error: BaseException | None = None
+    for b in attempts:
+        dims = tuple({0: Dim.AUTO} if _is_batched(t, b) else None for t in tensors)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.export.export(flat, tuple(tensors), dynamic_shapes=(dims,), strict=False)
+        except Exception as e:  # torch.export raises many types; all become one clear error
+            first_error = first_error or e
+            last = e
+    module_path, source = _locate(last, model)
+    raise CaptureError(f"torch.export could not capture the model ({type(last).__name__}: {_first_line(last)})",
+                       module_path=module_path, source=source, hint=_hint(last)) from last
+
+
+_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("data-dependent", "datadependent", "guardondatadependent", "item()", "unbacked"),
+     "the model reads a tensor's value in Python (.item(), int(t), `if t:`, a loop over t); keep it a "
+     "tensor with torch.where / torch.cond, or pass the value as a Python number"),
+    (("constraint", "specializ", "specialis"),
+     "a batch-dependent size is fixed in the model (e.g. view(2, ...)); capture with dynamic_batch=False"),
+    (("not supported", "unsupported", "no fake", "meta"),
+     "an operator or Python feature cannot be traced; replace it with plain torch ops or register a "
+     "torch.library custom op with a fake implementation"),
+)
+
+
+def _hint(e: BaseException) -> str:
+    text = (type(e).__name__ + " " + str(e)).lower()
+    for needles, hint in _HINTS:
+        if any(n in text for n in needles):
+            return hint
+    return "check that the model runs eagerly on the same inputs, then try dynamic_batch=False"
+
+
+def _first_line(e: BaseException) -> str:
+    for line in str(e).splitlines():
+        if line.strip():
+            line = line.strip()
+            return line if len(line) <= 240 else line[:237] + "..."
+    return type(e).__name__
+
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, inspect) if m.__file__) + (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def _locate(e: BaseException, model: nn.Module) -> tuple[str, str]:
+    """The innermost submodule of ``model`` and the innermost user source line on ``e``'s traceback."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    module_path, source = "", ""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for exc in chain:
+        for frame, lineno in traceback.walk_tb(exc.__traceback__):
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in paths:
+                module_path = paths[id(owner)] or type(model).__name__
+            filename = frame.f_code.co_filename
+            if not filename.startswith(_LIBRARY_DIRS) and not filename.startswith("<"):
+                text = linecache.getline(filename, lineno).strip()
+                source = f"{filename}:{lineno}" + (f" `{text}`" if text else "")
+        if module_path or source:
+            break
+    return module_path, source
+
+
+def _annotate_modules(gm: torch.fx.GraphModule) -> None:
+    """Tag each node with the dotted path of the user module that produced it (``""``: the root)."""
+    prefix = _WRAPPED + "."
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = ""
+        if stack:
+            path = list(stack.values())[-1][0]
+            path = "" if path == _WRAPPED else path.removeprefix(prefix)
+        if node.op == "get_attr":
+            path = str(node.target).removeprefix(prefix).rpartition(".")[0]
+        node.meta["graphopt_module"] = path
+
+
+def _guards(gm: torch.fx.GraphModule, ep: torch.export.ExportedProgram) -> InputGuards:
+    ranges: dict[str, tuple[int, int | None]] = {}
+    for sym, vr in ep.range_constraints.items():
+        lo, hi = int(vr.lower), vr.upper
+        ranges[str(sym)] = (lo, None if not math.isfinite(float(hi)) or int(hi) > 2**62 else int(hi))
+    tensors = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta["val"]
+        shape = tuple(str(s.node.expr) if isinstance(s, torch.SymInt) else int(s) for s in val.shape)
+        tensors.append(TensorGuard(str(val.dtype).removeprefix("torch."), val.device.type, shape))
+    return InputGuards(tuple(tensors), ranges)
+
+
+def user_placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+

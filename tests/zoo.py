@@ -1,0 +1,296 @@
+"""Small models written in different styles, shared by the tests.
+
+Each factory returns ``(model, args, kwargs)`` with the model in eval mode and fixed weights. The
+styles differ on purpose: concatenated UNet skips with explicit softmax(QK^T)V attention, a DiT with
+adaLN-Zero and F.scaled_dot_product_attention in a ModuleList, nn.MultiheadAttention, a dataclass
+output, keyword-only arguments with a dict output. Each carries ``EXPECTED``: what the structural
+analyses must find in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding; the frequencies depend on no input, so constant folding can precompute them."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+# ---------------------------------------------------------------- UNet with concatenated skips
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(4, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(4, cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class ConvAttention(nn.Module):
+    """Self-attention over pixels written out as softmax(QK^T / sqrt(C)) V with einsum."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(4, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
+        attn = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(c), dim=-1)
+        out = torch.einsum("bij,bcj->bci", attn, v).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class TinyUNet(nn.Module):
+    """Two resolutions, four encoder-to-decoder concatenations, attention at the low resolution."""
+
+    def __init__(self, channels: int = 8, emb_dim: int = 16, use_attention: bool = True):
+        super().__init__()
+        c = channels
+        self.emb_dim = emb_dim
+        self.map = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(1, c, 3, padding=1)
+        self.enc0 = ResBlock(c, c, emb_dim)
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.enc1 = ResBlock(c, 2 * c, emb_dim)
+        self.enc1_attn = ConvAttention(2 * c) if use_attention else None
+        self.mid = nn.ModuleList([ResBlock(2 * c, 2 * c, emb_dim), ResBlock(2 * c, 2 * c, emb_dim)])
+        self.dec1 = nn.ModuleList([ResBlock(4 * c, 2 * c, emb_dim), ResBlock(3 * c, 2 * c, emb_dim)])
+        self.up = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        self.dec0 = nn.ModuleList([ResBlock(3 * c, c, emb_dim), ResBlock(2 * c, c, emb_dim)])
+        self.norm_out = nn.GroupNorm(4, c)
+        self.conv_out = nn.Conv2d(c, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        emb = self.map(timestep_embedding(sigma.log() / 4, self.emb_dim))
+        skips = []
+        h = self.conv_in(x)
+        skips.append(h)
+        h = self.enc0(h, emb)
+        skips.append(h)
+        h = self.down(h)
+        skips.append(h)
+        h = self.enc1(h, emb)
+        if self.enc1_attn is not None:
+            h = self.enc1_attn(h)
+        skips.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for block in self.dec1:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        h = self.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        for block in self.dec0:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def unet() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = TinyUNet().eval()
+    return model, (torch.randn(2, 1, 8, 8), torch.rand(2) + 0.5), {}
+
+
+# ---------------------------------------------------------------- DiT with adaLN-Zero and SDPA
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.ada(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attention(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class TinyDiT(nn.Module):
+    def __init__(self, size: int = 8, patch: int = 2, dim: int = 32, depth: int = 3, heads: int = 2,
+                 classes: int = 10, learn_sigma: bool = False):
+        super().__init__()
+        self.patch, self.dim, self.learn_sigma = patch, dim, learn_sigma
+        self.out_channels = 2 if learn_sigma else 1
+        self.x_embed = nn.Conv2d(1, dim, patch, stride=patch)
+        grid = size // patch
+        self.register_buffer("pos_embed", torch.randn(1, grid * grid, dim) * 0.02)
+        self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.y_embed = nn.Embedding(classes + 1, dim)  # the last class is the null class for CFG
+        self.blocks = nn.ModuleList([DiTBlock(dim, heads) for _ in range(depth)])
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.final = nn.Linear(dim, patch * patch * self.out_channels)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        p, c = self.patch, self.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        c = self.t_embed(timestep_embedding(t * 1000, self.dim)) + self.y_embed(y)
+        for block in self.blocks:
+            x = block(x, c)
+        shift, scale = self.final_ada(c).chunk(2, dim=1)
+        x = self.final(modulate(self.final_norm(x), shift, scale))
+        x = self.unpatchify(x)
+        if self.learn_sigma:
+            x, _ = x.split(1, dim=1)
+        return x
+
+
+def dit() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = TinyDiT(learn_sigma=True).eval()
+    return model, (torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([3, 10])), {}
+
+
+# ---------------------------------------------------------------- nn.MultiheadAttention encoder
+
+
+class MHABlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.ff(self.norm2(x))
+
+
+class MHAModel(nn.Module):
+    def __init__(self, dim: int = 16, heads: int = 2, depth: int = 2, tokens: int = 6):
+        super().__init__()
+        self.inp = nn.Linear(4, dim)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*[MHABlock(dim, heads) for _ in range(depth)])
+        self.out = nn.Linear(dim, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.inp(tokens) + self.pos
+        x = self.blocks(x)
+        return self.out(x).contiguous()
+
+
+def mha() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = MHAModel().eval()
+    return model, (torch.randn(3, 6, 4),), {}
+
+
+# ---------------------------------------------------------------- dataclass output
+
+
+@dataclasses.dataclass
+class DenoiserOutput:
+    sample: torch.Tensor
+    log_variance: torch.Tensor
+    steps: int = 1
+
+
+class DataclassModel(nn.Module):
+    """A small conv denoiser that returns a dataclass, the diffusers habit."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv_in = nn.Conv2d(2, channels, 3, padding=1)
+        self.body = nn.ModuleList([ResBlock(channels, channels, channels) for _ in range(2)])
+        self.t_proj = nn.Linear(channels, channels)
+        self.conv_out = nn.Conv2d(channels, 4, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> DenoiserOutput:
+        emb = self.t_proj(timestep_embedding(timestep, self.t_proj.in_features))
+        h = self.conv_in(sample)
+        for block in self.body:
+            h = block(h, emb)
+        eps, log_var = self.conv_out(h).chunk(2, dim=1)
+        return DenoiserOutput(sample=eps, log_variance=log_var.clamp(-5, 5))
+
+
+def dataclass_model() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = DataclassModel().eval()
+    return model, (torch.randn(2, 2, 8, 8), torch.tensor([10.0, 500.0])), {}
+
+
+# ---------------------------------------------------------------- keyword arguments, dict output
+
+
+class KwargsModel(nn.Module):
+    """Keyword-only conditioning, a float knob, split/einsum and a dict of outputs."""
+
+    def __init__(self, dim: int = 12, cond_dim: int = 6):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * dim)
+        self.cond = nn.Linear(cond_dim, dim)
+        self.mix = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, *, cond: torch.Tensor | None = None, scale: float = 1.0) -> dict:
+        a, b = self.proj(x).split(x.shape[-1], dim=-1)
+        h = a * torch.sigmoid(b)
+        if cond is not None:
+            h = h + self.cond(cond)[:, None, :]
+        h = torch.einsum("bnd,de->bne", h, self.mix.t().t())
+        h = self.norm(x + h * scale)
+        return {"eps": h, "energy": (h * h).mean(dim=(1, 2))}
+
+
+def kwargs_model() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = KwargsModel().eval()
+    return model, (torch.randn(2, 5, 12),), {"cond": torch.randn(2, 6), "scale": 0.5}
+
+
+ZOO = {
+    "unet": unet,
+    "dit": dit,
+    "mha": mha,
+    "dataclass": dataclass_model,
+    "kwargs": kwargs_model,
+}
