@@ -229,6 +229,7 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = No
     batch = _batch_size(in_tensors) if dynamic_batch else None
     if batch == 1:
         in_tensors = [torch.cat([t, t]) if _is_batched(t, 1) else t for t in in_tensors]
+        batch = 2
     call = CallSpec(params, defaults, in_spec, {"kind": "tuple", "items": []}, tuple(objects))
     reference = _run_eager(model, call, in_tensors)
     out_spec, ref_tensors, out_objects = structure.flatten(reference)

@@ -1,0 +1,113 @@
+"""Analyses of a captured graph: structure (residual blocks, long skips, stacks, attention sites)
+found from the data flow alone, and a symbolic cost model.
+
+``analyse(captured)`` runs them all; the submodules expose each one on a networkx view
+(:func:`graph.to_networkx`) for passes that need only one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import sympy
+from torch import fx
+
+from .attention import AttentionSite, find_attention
+from .blocks import ResidualBlock, SkipEdge, Stack, find_blocks, find_stacks
+from .cost import B, Cost, GraphCost, NodeCost, evaluate, graph_cost
+from .graph import batch_symbol, to_networkx
+
+if TYPE_CHECKING:
+    from ..capture import CapturedGraph
+
+__all__ = [
+    "AttentionSite", "B", "Cost", "GraphAnalysis", "GraphCost", "NodeCost", "ResidualBlock", "SkipEdge",
+    "Stack", "analyse", "evaluate", "find_attention", "find_blocks", "find_stacks", "graph_cost",
+    "to_networkx",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphAnalysis:
+    """Everything :func:`analyse` finds in one graph; node references are FX node names."""
+
+    residual_blocks: tuple[ResidualBlock, ...]
+    skip_edges: tuple[SkipEdge, ...]
+    stacks: tuple[Stack, ...]
+    attention_sites: tuple[AttentionSite, ...]
+    cost: GraphCost
+
+    def summary(self) -> str:
+        """A few readable lines: op counts, cost, then one table per structure."""
+        ops = Counter(c.op for c in self.cost.nodes)
+        lines = [f"ops: {len(self.cost.nodes)} ("
+                 + ", ".join(f"{name} {n}" for name, n in ops.most_common()) + ")"]
+        lines += _cost_lines(self.cost)
+        lines.append(f"residual blocks: {len(self.residual_blocks)}")
+        lines += _table(["label", "entry", "exit", "heavy ops", "side inputs"],
+                        [[b.label or "(root)", b.entry, b.exit, len(b.heavy_ops), len(b.side_inputs)]
+                         for b in self.residual_blocks])
+        lines.append(f"skip edges: {len(self.skip_edges)}")
+        lines += _table(["kind", "source", "join", "source shape", "join shape"],
+                        [[e.kind, e.source, e.join, _shape(e.source_shape), _shape(e.join_shape)]
+                         for e in self.skip_edges])
+        lines.append(f"stacks: {len(self.stacks)}")
+        lines += _table(["label", "units", "blocks per unit", "exits"],
+                        [[s.label or "(root)", s.count, s.period, " ".join(b.exit for b in s.blocks)]
+                         for s in self.stacks])
+        lines.append(f"attention sites: {len(self.attention_sites)}")
+        lines += _table(["label", "kind", "heads", "seq", "q/k/v", "out proj"],
+                        [[a.label or "(root)", a.kind, a.heads if a.heads is not None else "?",
+                          a.seq_len if a.seq_len is not None else "?",
+                          f"{a.q} (fused)" if a.fused_qkv else f"{a.q} / {a.k} / {a.v}", a.out_proj or "-"]
+                         for a in self.attention_sites])
+        return "\n".join(lines)
+
+
+def analyse(graph: CapturedGraph | fx.GraphModule) -> GraphAnalysis:
+    """Run every analysis on a captured graph or a bare GraphModule (whose batch symbol is then the
+    first input's leading dim, when symbolic)."""
+    if isinstance(graph, fx.GraphModule):
+        gm, batch = graph, batch_symbol(graph)
+    else:
+        gm, batch = graph.graph_module, graph.batch_symbol()
+    g = to_networkx(gm)
+    blocks, skips = find_blocks(g)
+    return GraphAnalysis(blocks, skips, find_stacks(g, blocks, skips), find_attention(g, batch),
+                         graph_cost(gm, batch))
+
+
+def _cost_lines(cost: GraphCost) -> list[str]:
+    flops, moved = sympy.expand(cost.flops), sympy.expand(cost.bytes)
+    if B not in flops.free_symbols | moved.free_symbols:
+        return [f"cost (static batch): {_si(evaluate(flops, 1))}FLOP, {_si(evaluate(moved, 1))}B moved"]
+    lines = [f"FLOPs: {_si(evaluate(flops.coeff(B, 1), 1))}FLOP per sample"
+             f" + {_si(evaluate(flops.coeff(B, 0), 1))}FLOP independent of the batch",
+             f"bytes: {_si(evaluate(moved.coeff(B, 1), 1))}B per sample"
+             f" + {_si(evaluate(moved.coeff(B, 0), 1))}B independent of the batch (weights, constants)"]
+    if sympy.degree(flops, B) > 1 or sympy.degree(moved, B) > 1:
+        lines.append(f"(not linear in the batch: FLOPs = {flops})")
+    if cost.unknown:
+        lines.append("ops without a cost formula (counted as 0 FLOPs): " + ", ".join(cost.unknown))
+    return lines
+
+
+def _si(value: int) -> str:
+    for scale, prefix in ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}"
+    return f"{value} "
+
+
+def _shape(shape: tuple | None) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")" if shape is not None else "?"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    if not rows:
+        return []
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]

@@ -1,0 +1,223 @@
+"""The ``graphopt`` command: inspect, optimize and export a model named on the command line.
+
+A model is named as ``package.module:factory`` or ``path/to/file.py:factory``: a callable returning
+``(model, args)`` or ``(model, args, kwargs)`` with example inputs. Errors print one line; exit
+status 2 means the command was malformed (bad spec, unknown pass, unwritable path), 1 that the work
+failed (the model cannot be captured, a pass broke verification, ONNX parity failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+
+from .errors import GraphoptError, UsageError
+
+
+def load_model_spec(spec: str) -> tuple[nn.Module, tuple, dict]:
+    """Resolve a ``module:factory`` or ``file.py:factory`` spec and call the factory."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UsageError(f"model spec {spec!r} must be package.module:factory or path/to/file.py:factory")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise UsageError(f"model file {path} does not exist")
+        name = "graphopt_user_" + "".join(c if c.isalnum() else "_" for c in str(path.resolve()))
+        module = sys.modules.get(name)
+        if module is None:
+            import_spec = importlib.util.spec_from_file_location(name, path)
+            if import_spec is None or import_spec.loader is None:
+                raise UsageError(f"cannot import {path} as Python")
+            module = importlib.util.module_from_spec(import_spec)
+            sys.modules[name] = module  # dataclass outputs defined there must be importable by name
+            sys.path.insert(0, str(path.resolve().parent))
+            try:
+                import_spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise GraphoptError(f"importing {path} raised {type(e).__name__}: {e}") from e
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise UsageError(f"cannot import module {target!r}: {e}") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"{target} has no callable {attr!r}")
+    result = factory()
+    if isinstance(result, nn.Module):
+        raise UsageError(f"{spec} returned only a model; return (model, example_args) or (model, args, kwargs)")
+    if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], nn.Module):
+        raise UsageError(f"{spec} must return (model, example_args) or (model, example_args, example_kwargs)")
+    model, args = result[0], result[1]
+    kwargs = result[2] if len(result) == 3 else {}
+    args = args if isinstance(args, tuple) else (tuple(args) if isinstance(args, list) else (args,))
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"{spec}: example kwargs must be a dict")
+    return model, args, kwargs
+
+
+def _status(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _cmd_inspect(ns: argparse.Namespace) -> int:
+    from . import capture
+    from .analysis import analyse
+
+    model, args, kwargs = load_model_spec(ns.model)
+    _status(f"capturing {type(model).__name__} ...")
+    captured = capture(model, args, kwargs, dynamic_batch=not ns.static)
+    analysis = analyse(captured)
+    rng = captured.guards.batch_range()
+    batch = "static" if rng is None else f"[{rng[0]}, {'inf' if rng[1] is None else rng[1]}]"
+    if ns.json:
+        print(json.dumps(analysis.to_json(), indent=2, default=str))
+        return 0
+    print(f"{type(model).__name__}: {len(captured.graph_module.graph.nodes)} nodes, captured in "
+          f"{captured.capture_time_s:.2f}s, batch {batch}")
+    print(analysis.summary())
+    return 0
+
+
+def _cmd_optimize(ns: argparse.Namespace) -> int:
+    from . import optimize, passes as registry
+
+    pipeline = registry.resolve(ns.passes)  # unknown names fail before the model is built
+    out = Path(ns.out) if ns.out else None
+    if out is not None:
+        from .emit import _check_writable_target
+
+        _check_writable_target(out, ns.overwrite)
+    model, args, kwargs = load_model_spec(ns.model)
+    _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline)} ...")
+    optimized = optimize(model, args, kwargs, passes=pipeline, target=ns.target, dynamic_batch=not ns.static)
+    print(optimized.report.table())
+    if out is not None:
+        start = time.perf_counter()
+        optimized.save(out, overwrite=ns.overwrite)
+        print(f"saved to {out} in {time.perf_counter() - start:.2f}s")
+    return 0
+
+
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from . import export_onnx, load, optimize, passes as registry
+    from .onnx import _check_path
+
+    _check_path(Path(ns.out), overwrite=True)
+    if Path(ns.model).is_dir():
+        _status(f"loading {ns.model} ...")
+        optimized = load(ns.model)
+    else:
+        pipeline = registry.resolve(ns.passes)
+        model, args, kwargs = load_model_spec(ns.model)
+        _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline) or 'no passes'} ...")
+        optimized = optimize(model, args, kwargs, passes=pipeline, dynamic_batch=not ns.static)
+    _status("exporting to ONNX and checking it with onnxruntime ...")
+    report = export_onnx(optimized, ns.out, opset=ns.opset)
+    print(f"wrote {report.path} (opset {report.opset}, inputs {', '.join(report.inputs)}, "
+          f"outputs {', '.join(report.outputs)}) in {report.export_time_s:.1f}s")
+    print(report.line())
+    return 0
+
+
+def _cmd_passes(ns: argparse.Namespace) -> int:
+    from . import passes as registry
+
+    for name, exact, doc in registry.describe():
+        print(f"{name:8s} {'exact' if exact else 'approx':6s} {doc}")
+    print(f"default pipeline: {','.join(registry.DEFAULT_PIPELINE)}")
+    return 0
+
+
+def _passes_arg(text: str) -> list[str]:
+    return [] if text.strip().lower() == "none" else [p.strip() for p in text.split(",") if p.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphopt", description=__doc__.split("\n\n")[0],
+                                     epilog="MODEL is package.module:factory or path/to/file.py:factory, a "
+                                            "callable returning (model, example_args[, example_kwargs]).")
+    parser.add_argument("--verbose", "-v", action="store_true", help="print full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="capture a model and summarise its graph",
+                       description="Capture MODEL and print op counts, residual blocks, skip edges, stacks, "
+                                   "attention sites and FLOPs per sample.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--static", action="store_true", help="capture with a static batch size")
+    p.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("optimize", help="run passes, print the report, save the optimized model",
+                       description="Capture MODEL, run the passes (each verified against the model), print "
+                                   "the per-pass report and optionally save the result (.pt2 + report.json).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--passes", type=_passes_arg, default=None,
+                   help="comma-separated pass names, or 'none' (default: the exact pipeline; see 'graphopt passes')")
+    p.add_argument("--out", "-o", help="directory to save the optimized model to")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--target", choices=("cpu", "cuda"), default="cpu", help="device to optimize for")
+    p.add_argument("--static", action="store_true", help="capture with a static batch size")
+    p.set_defaults(run=_cmd_optimize)
+
+    p = sub.add_parser("export", help="export to ONNX and check parity with onnxruntime",
+                       description="Optimize MODEL (or load a directory saved by 'graphopt optimize --out') and "
+                                   "export it to ONNX with a dynamic batch axis; onnxruntime's outputs are "
+                                   "compared with torch's and the max error printed.")
+    p.add_argument("model", metavar="MODEL", help="a model spec, or a directory saved by 'graphopt optimize'")
+    p.add_argument("--out", "-o", required=True, help="the .onnx file to write")
+    p.add_argument("--passes", type=_passes_arg, default=None, help="passes to run first (default: exact pipeline)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--static", action="store_true", help="capture with a static batch size")
+    p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("passes", help="list the available passes", description="List the registered passes.")
+    p.set_defaults(run=_cmd_passes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.run(ns)
+    except UsageError as e:
+        _report(ns, e)
+        return 2
+    except GraphoptError as e:
+        _report(ns, e)
+        return 1
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unexpected failure in user code: still one line unless --verbose
+        _report(ns, e, prefix=f"unexpected {type(e).__name__}: ")
+        return 1
+
+
+def _report(ns: argparse.Namespace, err: BaseException, prefix: str = "") -> None:
+    if ns.verbose:
+        traceback.print_exception(err)
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    print(f"graphopt: error: {prefix}{message}", file=sys.stderr)
+    if prefix and not ns.verbose:
+        print("graphopt: run with --verbose for the full traceback", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,382 @@
+"""Emission: the optimized model as an nn.Module with the original call signature, saved and loaded.
+
+``optimize`` captures, runs the pass pipeline (verified after each pass) and returns an
+:class:`OptimizedModule`. Calls bind to the original forward signature, are checked against what
+the graph was captured for (dtypes, static sizes, the symbolic batch's range, non-tensor
+arguments), and come back in the original output structure. A call outside the captured range is
+re-captured for its shapes (counted in the report) when the original model is at hand; a loaded
+module, which has no Python model, says so instead of guessing.
+
+A saved directory holds ``model.pt2`` (torch.export's format: the program and its weights, loaded
+without unpickling code), ``graphopt.json`` (call structure), ``examples.safetensors`` (example
+inputs and the original model's outputs on them, so loading can prove the weights arrived intact)
+and ``report.json``. It is written under a temporary name and renamed, so a failed save leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import safetensors.torch
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from . import structure
+from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards, capture
+from .errors import InputError, LoadError, OutputPathError, SaveError, UsageError
+from .pipeline import Pass, PassReport, run_passes
+
+FORMAT = "graphopt-optimized"
+FORMAT_VERSION = 1
+TARGETS = ("cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizationReport:
+    """Everything ``optimize`` measured: capture time, one :class:`PassReport` per pass, re-captures."""
+
+    model: str
+    target: str
+    example_batch: int | None
+    batch_range: tuple[int, int | None] | None
+    capture_time_s: float
+    passes: tuple[PassReport, ...]
+    recaptures: int = 0
+
+    @property
+    def flops_before(self) -> float:
+        return self.passes[0].flops_before if self.passes else float("nan")
+
+    @property
+    def flops_after(self) -> float:
+        return self.passes[-1].flops_after if self.passes else float("nan")
+
+    def table(self) -> str:
+        """The per-pass table: matches, nodes before/after, FLOPs before/after, max error, time."""
+        batch = f"batch {self.example_batch}" if self.example_batch else "per call"
+        rng = self.batch_range
+        dyn = f"dynamic batch [{rng[0]}, {'inf' if rng[1] is None else rng[1]}]" if rng else "static shapes"
+        lines = [f"{self.model} on {self.target}: captured in {self.capture_time_s:.2f}s, {dyn}, "
+                 f"{self.recaptures} re-capture(s)"]
+        head = ("pass", "kind", "hits", "nodes", f"FLOPs ({batch})", "max abs err", "max rel err", "time")
+        rows = [head]
+        for p in self.passes:
+            kind = "exact" if p.exact else "approx"
+            if p.skipped:
+                rows.append((p.name, kind, "-", f"{p.nodes_before}", "-", "-", "-", "skipped"))
+                continue
+            rows.append((p.name, kind, str(p.hits), f"{p.nodes_before} -> {p.nodes_after}",
+                         f"{_flops(p.flops_before)} -> {_flops(p.flops_after)}", f"{p.max_abs_error:.2e}",
+                         f"{p.max_rel_error:.2e}", f"{p.time_s:.3f}s"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        for p in self.passes:
+            if p.rule_hits:
+                lines.append(f"{p.name}: " + ", ".join(f"{r} x{n}" for r, n in p.rule_hits))
+            for miss in p.near_misses[:5]:
+                lines.append(f"{p.name}: near-miss {miss.rule} at {miss.node}"
+                             + (f" ({miss.module})" if miss.module else "") + f": {miss.reason}")
+            if len(p.near_misses) > 5:
+                lines.append(f"{p.name}: ... {len(p.near_misses) - 5} more near-misses")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["passes"] = [p.to_json() for p in self.passes]
+        return data
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "OptimizationReport":
+        data = dict(data)
+        data["passes"] = tuple(PassReport.from_json(p) for p in data["passes"])
+        data["batch_range"] = tuple(data["batch_range"]) if data["batch_range"] else None
+        return OptimizationReport(**data)
+
+
+def _flops(value: float) -> str:
+    if value != value:
+        return "?"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g}{unit}"
+    return f"{value:.0f}"
+
+
+class OptimizedModule(nn.Module):
+    """An optimized model: call it like the original; ``.report``, ``.save(dir)``.
+
+    ``graph_module`` is the optimized graph of the main variant (the one captured at
+    ``optimize`` time); calls outside its range run re-captured variants.
+    """
+
+    def __init__(self, captured: CapturedGraph, report: OptimizationReport, *, source: nn.Module | None = None,
+                 passes: Sequence[Pass] = (), flops: Callable[[fx.GraphModule], float] | None = None):
+        super().__init__()
+        self.variants = nn.ModuleList([captured.graph_module])
+        self._captured = [captured]
+        self._report = report
+        self._source = source
+        self._passes = tuple(passes)
+        self._flops = flops
+        self._recaptures = 0
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.variants[0]
+
+    @property
+    def captured(self) -> CapturedGraph:
+        return self._captured[0]
+
+    @property
+    def report(self) -> OptimizationReport:
+        return dataclasses.replace(self._report, recaptures=self._recaptures)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        main = self._captured[0]
+        spec, tensors, objects = main.call.flatten_call(args, kwargs)
+        reason = ""
+        for variant in self._captured:
+            reason = _mismatch(variant, spec, tensors, objects)
+            if not reason:
+                return variant.call.rebuild_output(variant.run(tensors))
+        variant = self._recapture(args, kwargs, reason)
+        return variant.call.rebuild_output(variant.run(tensors))
+
+    def _recapture(self, args: tuple, kwargs: dict, reason: str) -> CapturedGraph:
+        if self._source is None:
+            raise InputError(f"this call is outside what the module was captured for ({reason}); a loaded "
+                             "module cannot re-capture: optimize the original model with such inputs")
+        main = self._captured[0]
+        source_device = next(iter(self.graph_module.buffers()), None)
+        captured = capture(self._source, args, kwargs, dynamic_batch=main.dynamic_batch)
+        run_passes(captured, self._passes, flops=self._flops)
+        if source_device is not None:
+            captured.graph_module.to(source_device.device)
+        self._captured.append(captured)
+        self.variants.append(captured.graph_module)
+        self._recaptures += 1
+        return captured
+
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the main variant to ``directory`` (atomically); returns the path."""
+        return save(self, directory, overwrite=overwrite)
+
+
+def _mismatch(variant: CapturedGraph, spec: dict, tensors: list[torch.Tensor], objects: list[Any]) -> str:
+    if spec != variant.call.in_spec:
+        return (f"arguments {structure.describe(spec)} differ from the captured "
+                f"{structure.describe(variant.call.in_spec)}")
+    if len(objects) != len(variant.call.objects) or any(
+            a is not b and not _equal(a, b) for a, b in zip(objects, variant.call.objects)):
+        return "a non-tensor argument differs from the captured one"
+    return variant.guards.mismatch(tensors) or ""
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None,
+             passes: Iterable[str | Pass] | None = None, target: str = "cpu",
+             dynamic_batch: bool = True) -> OptimizedModule:
+    """Capture ``model`` on the example inputs, run ``passes`` (default: the exact pipeline) and emit.
+
+    ``passes`` are names from :mod:`graphopt.passes` or :class:`Pass` objects. Each exact pass is
+    verified against the original model's outputs; the report records FLOPs, errors and times.
+    ``target="cuda"`` moves the model and inputs to the GPU before capture.
+    """
+    from . import passes as registry
+    from .analysis.cost import graph_cost
+
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    pipeline = registry.resolve(passes)
+    if target == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("target='cuda' but torch sees no CUDA device")
+        model = model.to("cuda")
+        args, kwargs = _to_device((args, kwargs or {}), "cuda")
+    captured = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
+    batch = captured.example_inputs[0].shape[0] if captured.example_inputs[0].dim() else None
+
+    symbol = captured.batch_symbol()
+
+    def flops(gm: fx.GraphModule) -> float:
+        return float(graph_cost(gm, symbol).at(batch or 1)[0])
+
+    reports = run_passes(captured, pipeline, flops=flops)
+    report = OptimizationReport(type(model).__name__, target, batch, captured.guards.batch_range(),
+                                captured.capture_time_s, reports)
+    return OptimizedModule(captured, report, source=model, passes=pipeline, flops=flops)
+
+
+def _to_device(value: Any, device: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+# ------------------------------------------------------------------------------- save / load
+
+
+def export_program(captured: CapturedGraph) -> torch.export.ExportedProgram:
+    """Re-export an (optimized) captured graph as an ExportedProgram with the same dynamic dims."""
+    dims = tuple({d: Dim.AUTO for d, s in enumerate(g.shape) if isinstance(s, str)} or None
+                 for g in captured.guards.tensors)
+    return torch.export.export(captured.graph_module, tuple(captured.example_inputs), dynamic_shapes=dims,
+                               strict=False)
+
+
+def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save ``module`` to ``directory``; a failure leaves neither a partial nor a clobbered directory."""
+    target = Path(directory)
+    _check_writable_target(target, overwrite)
+    captured = module.captured
+    call = captured.call
+    if structure.has_objects(call.in_spec):
+        raise SaveError("the captured arguments hold non-JSON objects "
+                        f"({structure.describe(call.in_spec)}); pass such settings as numbers, strings or tensors")
+    defaults_spec, default_tensors, default_objects = structure.flatten(call.defaults)
+    if default_tensors or default_objects:
+        raise SaveError("a forward() default is a tensor or an object; graphopt saves only plain defaults")
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "graphopt_version": _version(), "torch_version": torch.__version__,
+        "params": [list(p) for p in call.params], "defaults": defaults_spec,
+        "in_spec": call.in_spec, "out_spec": call.out_spec, "dynamic_batch": captured.dynamic_batch,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        program = export_program(captured)
+        torch.export.save(program, tmp / "model.pt2")
+        tensors = {f"input_{i}": t.detach().cpu().contiguous() for i, t in enumerate(captured.example_inputs)}
+        tensors.update({f"output_{i}": t.detach().cpu().contiguous()
+                        for i, t in enumerate(captured.reference_outputs)})
+        safetensors.torch.save_file(tensors, str(tmp / "examples.safetensors"))
+        (tmp / "report.json").write_text(json.dumps(module.report.to_json(), indent=2, default=str))
+        # graphopt.json last: a directory without it is never mistaken for a complete save.
+        (tmp / "graphopt.json").write_text(json.dumps(meta, indent=2))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _check_writable_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise OutputPathError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{target} exists and is not a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot write {target}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {target}: no write permission in {parent}")
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def load(directory: str | os.PathLike, *, verify: bool = True) -> OptimizedModule:
+    """Load a directory written by :func:`save`. Never unpickles code.
+
+    With ``verify`` the loaded program is run on the saved example inputs and must reproduce the
+    saved outputs, so a damaged weight file is caught here, not in a generated image.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise LoadError(f"{path} is not a directory saved by graphopt")
+    meta = _read_json(path / "graphopt.json")
+    if meta.get("format") != FORMAT:
+        raise LoadError(f"{path / 'graphopt.json'} is not a graphopt save (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LoadError(f"{path} was saved in format version {meta.get('format_version')}, this graphopt "
+                        f"reads version {FORMAT_VERSION}; re-run optimize and save")
+    for name in ("model.pt2", "examples.safetensors", "report.json"):
+        if not (path / name).is_file():
+            raise LoadError(f"{path} is incomplete: {name} is missing")
+    try:
+        program = torch.export.load(path / "model.pt2")
+    except Exception as e:
+        raise LoadError(f"{path / 'model.pt2'} is corrupted or truncated ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    try:
+        tensors = safetensors.torch.load_file(str(path / "examples.safetensors"))
+    except Exception as e:
+        raise LoadError(f"{path / 'examples.safetensors'} is corrupted or truncated ({e})") from e
+    try:
+        report = OptimizationReport.from_json(_read_json(path / "report.json"))
+        call = CallSpec(params=tuple((str(n), str(k)) for n, k in meta["params"]),
+                        defaults=structure.unflatten(meta["defaults"], []),
+                        in_spec=meta["in_spec"], out_spec=meta["out_spec"])
+        n_in = structure.count_tensors(call.in_spec)
+        n_out = structure.count_tensors(call.out_spec)
+        inputs = tuple(tensors[f"input_{i}"] for i in range(n_in))
+        outputs = tuple(tensors[f"output_{i}"] for i in range(n_out))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
+    gm = program.module()
+    _annotate_modules(gm)
+    captured = CapturedGraph(gm, call, _guards(gm, program), inputs, outputs, 0.0,
+                             dynamic_batch=bool(meta.get("dynamic_batch", True)))
+    if verify:
+        from .verify import compare
+
+        try:
+            with torch.no_grad():
+                cmp = compare(captured.run(inputs), outputs)
+        except Exception as e:
+            raise LoadError(f"{path / 'model.pt2'} does not run on its saved example inputs ({e})") from e
+        if not cmp.within:
+            raise LoadError(f"{path} does not reproduce its saved outputs ({cmp.line()}): corrupted weights?")
+    return OptimizedModule(captured, report)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path.parent} is not a complete graphopt save: {path.name} is missing") from None
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{path} is corrupted ({e})") from e
+    if not isinstance(data, dict):
+        raise LoadError(f"{path} is corrupted (expected a JSON object)")
+    return data
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+

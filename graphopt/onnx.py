@@ -1,0 +1,187 @@
+"""ONNX export: torch.onnx's dynamo exporter, onnx.checker, then onnxruntime against torch.
+
+The graph exported is the captured (and, for an OptimizedModule, optimized) flat-tensor graph, so
+ONNX inputs and outputs are the model's tensor arguments and tensor outputs in order, named after
+the forward parameters. The batch axis stays dynamic when it was captured dynamic, and parity is
+checked at the example batch and at a second batch size. The file is written next to its target
+under a temporary name and moved into place only after the checks pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import CapturedGraph, capture
+from .errors import OnnxExportError, OnnxParityError, OutputPathError, UsageError
+from .verify import Comparison, compare
+
+# onnxruntime reorders reductions and fuses ops, so parity is looser than an exact pass's check.
+ONNX_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxReport:
+    """What export_onnx wrote and measured."""
+
+    path: str
+    opset: int
+    provider: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    export_time_s: float
+
+    def line(self) -> str:
+        sizes = ",".join(map(str, self.batch_sizes))
+        return (f"ONNX parity ({self.provider}, batch {sizes}): max abs err {self.max_abs_error:.2e}, "
+                f"max rel err {self.max_rel_error:.2e} -> {self.path}")
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwargs: dict[str, Any] | None = None,
+                *, dynamic_batch: bool = True, opset: int | None = None, atol: float | None = None,
+                rtol: float | None = None, overwrite: bool = True) -> OnnxReport:
+    """Export an :class:`OptimizedModule` (or a plain nn.Module with example ``args``) to ONNX at ``path``.
+
+    Raises :class:`OutputPathError` before any work when ``path`` cannot be written,
+    :class:`OnnxExportError` when export or the checker fails, :class:`OnnxParityError` when
+    onnxruntime's outputs leave the tolerance; in every failure no file is left at ``path``.
+    """
+    from .emit import OptimizedModule, export_program
+
+    target = Path(path)
+    _check_path(target, overwrite)
+    if isinstance(model, OptimizedModule):
+        captured = model.captured
+    elif isinstance(model, nn.Module):
+        if args == () and not kwargs:
+            raise UsageError("export_onnx of a plain nn.Module needs example args")
+        captured = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
+    else:
+        raise UsageError(f"expected an nn.Module or OptimizedModule, got {type(model).__name__}")
+
+    start = time.perf_counter()
+    input_names = _unique(captured.call.input_names())
+    output_names = _unique(captured.call.output_names())
+    workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tmp = workdir / target.name
+        try:
+            program = export_program(captured)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                onnx_program = torch.onnx.export(program, tuple(captured.example_inputs), dynamo=True,
+                                                 input_names=input_names, output_names=output_names,
+                                                 opset_version=opset, verbose=False)
+                onnx_program.save(str(tmp))
+        except Exception as e:
+            raise OnnxExportError(f"torch.onnx could not export the model ({type(e).__name__}: "
+                                  f"{_first_line(e)})") from e
+        import onnx
+
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as e:
+            raise OnnxExportError(f"onnx.checker rejected the exported model: {_first_line(e)}") from e
+        provider, cmp, sizes = _parity(tmp, captured, input_names, atol, rtol)
+        if not cmp.within:
+            raise OnnxParityError(f"onnxruntime ({provider}) disagrees with torch: {cmp.line()}")
+        opset_used = _opset(tmp)
+        for item in workdir.iterdir():  # the model and any external-data file beside it
+            os.replace(item, target.parent / item.name)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return OnnxReport(str(target), opset_used, provider, tuple(input_names), tuple(output_names), sizes,
+                      cmp.max_abs_error, cmp.max_rel_error, time.perf_counter() - start)
+
+
+def _check_path(target: Path, overwrite: bool) -> None:
+    if target.is_dir():
+        raise OutputPathError(f"cannot write ONNX to {target}: it is a directory")
+    if target.exists() and not overwrite:
+        raise OutputPathError(f"{target} already exists")
+    if not target.parent.is_dir():
+        raise OutputPathError(f"cannot write {target}: folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {target}: no write permission in {target.parent}")
+
+
+def _parity(path: Path, captured: CapturedGraph, names: list[str], atol: float | None,
+            rtol: float | None) -> tuple[str, Comparison, tuple[int, ...]]:
+    """Run onnxruntime at the example batch and (when dynamic) one more batch size; compare with torch."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:
+        raise OnnxExportError(f"onnxruntime could not load the exported model: {_first_line(e)}") from e
+    provider = session.get_providers()[0]
+    feeds = [(captured.example_inputs, captured.reference_outputs)]
+    symbol = captured.batch_symbol()
+    if symbol is not None:
+        batch = int(captured.example_inputs[0].shape[0])
+        lo, hi = captured.guards.ranges.get(symbol, (batch, None))
+        other = batch + 1 if hi is None or batch + 1 <= hi else batch - 1
+        if other >= lo and other != batch:
+            grown = tuple(_resize_batch(t, g.shape, symbol, other)
+                          for t, g in zip(captured.example_inputs, captured.guards.tensors))
+            with torch.no_grad():
+                feeds.append((grown, captured.run(grown)))
+    results: list[Comparison] = []
+    sizes = []
+    for inputs, reference in feeds:
+        try:
+            outs = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
+        except Exception as e:
+            raise OnnxExportError(f"onnxruntime failed to run the exported model: {_first_line(e)}") from e
+        a, r = ONNX_TOLERANCE.get(reference[0].dtype, (0.0, 0.0))
+        results.append(compare([torch.from_numpy(o) for o in outs], reference,
+                               atol=a if atol is None else atol, rtol=r if rtol is None else rtol))
+        sizes.append(int(inputs[0].shape[0]) if inputs[0].dim() else 0)
+    failed = [c for c in results if not c.within]
+    worst = failed[0] if failed else max(results, key=lambda c: c.max_abs_error)
+    return provider, worst, tuple(sizes)
+
+
+def _resize_batch(t: torch.Tensor, shape: tuple, symbol: str, size: int) -> torch.Tensor:
+    if not shape or shape[0] != symbol:
+        return t
+    reps = -(-size // t.shape[0])
+    return torch.cat([t] * reps)[:size]
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}_{k}")
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    for line in str(e).splitlines():
+        if line.strip() and not line.startswith("["):
+            return line.strip()[:300]
+    return type(e).__name__

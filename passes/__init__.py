@@ -1,0 +1,47 @@
+"""The passes graphopt ships, registered by name (installed as ``graphopt.passes``).
+
+The registry is a read-only mapping built once from the pass objects; a caller who wants a pass of
+their own passes the :class:`graphopt.pipeline.Pass` object itself wherever a name is accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+from types import MappingProxyType
+from typing import Iterable, Mapping
+
+from graphopt.errors import UnknownPassError
+from graphopt.pipeline import Pass
+
+from .dce import DCE
+from .fold import FOLD
+from .noop import NOOP
+
+REGISTRY: Mapping[str, Pass] = MappingProxyType({p.name: p for p in (NOOP, FOLD, DCE)})
+
+# The exact pipeline, in the order each pass's docstring argues for.
+DEFAULT_PIPELINE: tuple[str, ...] = ("noop", "fold", "dce")
+
+
+def get(name: str) -> Pass:
+    """The registered pass called ``name``; an unknown name raises UnknownPassError with suggestions."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UnknownPassError(f"unknown pass '{name}'{hint}; available: {', '.join(REGISTRY)}") from None
+
+
+def resolve(passes: Iterable[str | Pass] | None) -> tuple[Pass, ...]:
+    """Names or Pass objects -> Pass objects; None means :data:`DEFAULT_PIPELINE`."""
+    if passes is None:
+        passes = DEFAULT_PIPELINE
+    if isinstance(passes, str):
+        passes = [p for p in passes.split(",") if p.strip()]
+    return tuple(p if isinstance(p, Pass) else get(p.strip()) for p in passes)
+
+
+def describe() -> list[tuple[str, bool, str]]:
+    """(name, exact, first docstring line) for every registered pass."""
+    return [(p.name, p.exact, (p.doc.strip().splitlines() or [""])[0]) for p in REGISTRY.values()]
