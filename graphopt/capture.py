@@ -11,8 +11,10 @@ of the module whose forward produced it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import io
 import linecache
 import math
 import os
@@ -26,6 +28,7 @@ from torch import nn
 from torch.export import Dim
 
 from . import structure
+from .logs import quiet
 from .errors import CaptureError, InputError, SignatureError, UsageError
 from .structure import Spec
 
@@ -88,8 +91,10 @@ class CallSpec:
         return _leaf_names(self.in_spec, "", top=True)
 
     def output_names(self) -> list[str]:
-        names = _leaf_names(self.out_spec, "out", top=False)
-        return names if len(names) > 1 or self.out_spec["kind"] != "tensor" else ["out"]
+        """``out`` for a single tensor, field or key names for dicts and dataclasses, ``out_i`` for tuples."""
+        if self.out_spec["kind"] in ("dict", "dataclass", "namedtuple"):
+            return _leaf_names(self.out_spec, "", top=True)
+        return _leaf_names(self.out_spec, "out", top=False)
 
 
 def _leaf_names(spec: Spec, prefix: str, top: bool) -> list[str]:
@@ -280,7 +285,9 @@ def _export(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor], batch
     for b in attempts:
         dims = tuple({0: Dim.AUTO} if _is_batched(t, b) else None for t in tensors)
         try:
-            with warnings.catch_warnings():
+            # torch.export prints the partial graph of a failed trace to stderr; the CaptureError
+            # below says what the user needs, so that dump is dropped.
+            with warnings.catch_warnings(), quiet(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 return torch.export.export(flat, tuple(tensors), dynamic_shapes=(dims,), strict=False)
         except Exception as e:  # torch.export raises many types; all become one clear error

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -192,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(ns)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"graphopt: warning: {message}", file=sys.stderr)
+
+
+def _run(ns: argparse.Namespace) -> int:
     try:
         return ns.run(ns)
     except UsageError as e:

@@ -32,6 +32,7 @@ from torch.export import Dim
 
 from . import structure
 from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards, capture
+from .logs import quiet
 from .errors import InputError, LoadError, OutputPathError, SaveError, UsageError
 from .pipeline import Pass, PassReport, run_passes
 
@@ -159,9 +160,10 @@ class OptimizedModule(nn.Module):
         if self._source is None:
             raise InputError(f"this call is outside what the module was captured for ({reason}); a loaded "
                              "module cannot re-capture: optimize the original model with such inputs")
-        main = self._captured[0]
         source_device = next(iter(self.graph_module.buffers()), None)
-        captured = capture(self._source, args, kwargs, dynamic_batch=main.dynamic_batch)
+        # static: the dynamic capture already covers every batch torch.export could prove, so this
+        # variant is for exactly these shapes (batch 1, which export specialises, is the usual case)
+        captured = capture(self._source, args, kwargs, dynamic_batch=False)
         run_passes(captured, self._passes, flops=self._flops)
         if source_device is not None:
             captured.graph_module.to(source_device.device)
@@ -245,8 +247,9 @@ def export_program(captured: CapturedGraph) -> torch.export.ExportedProgram:
     """Re-export an (optimized) captured graph as an ExportedProgram with the same dynamic dims."""
     dims = tuple({d: Dim.AUTO for d, s in enumerate(g.shape) if isinstance(s, str)} or None
                  for g in captured.guards.tensors)
-    return torch.export.export(captured.graph_module, tuple(captured.example_inputs), dynamic_shapes=dims,
-                               strict=False)
+    with quiet():
+        return torch.export.export(captured.graph_module, tuple(captured.example_inputs), dynamic_shapes=dims,
+                                   strict=False)
 
 
 def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -347,7 +350,12 @@ def load(directory: str | os.PathLike, *, verify: bool = True) -> OptimizedModul
         raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
     gm = program.module()
     _annotate_modules(gm)
-    captured = CapturedGraph(gm, call, _guards(gm, program), inputs, outputs, 0.0,
+    guards = _guards(gm, program)
+    n_outputs = len(program.graph_signature.user_outputs)
+    if len(guards.tensors) != n_in or n_outputs != n_out:
+        raise LoadError(f"{path} has inconsistent metadata: graphopt.json describes {n_in} inputs and {n_out} "
+                        f"outputs, model.pt2 has {len(guards.tensors)} and {n_outputs}")
+    captured = CapturedGraph(gm, call, guards, inputs, outputs, 0.0,
                              dynamic_batch=bool(meta.get("dynamic_batch", True)))
     if verify:
         from .verify import compare

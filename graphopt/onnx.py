@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .capture import CapturedGraph, capture
+from .logs import quiet
 from .errors import OnnxExportError, OnnxParityError, OutputPathError, UsageError
 from .verify import Comparison, compare
 
@@ -79,7 +80,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
         tmp = workdir / target.name
         try:
             program = export_program(captured)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet():
                 warnings.simplefilter("ignore")
                 onnx_program = torch.onnx.export(program, tuple(captured.example_inputs), dynamo=True,
                                                  input_names=input_names, output_names=output_names,

@@ -128,7 +128,7 @@ def rule_pass(name: str, rules: Sequence[Rule], *, exact: bool = True, doc: str 
                         continue
                     replacement = rule.rewrite(node)
                     node.replace_all_uses_with(replacement)
-                    gm.graph.erase_node(node)
+                    _erase_with_dead_inputs(gm.graph, node)
                     ctx.hit(rule.name)
                     ctx.near_misses.pop((rule.name, node.name), None)
                     changed = True
@@ -137,6 +137,15 @@ def rule_pass(name: str, rules: Sequence[Rule], *, exact: bool = True, doc: str 
                 return
 
     return Pass(name, exact, transform, doc)
+
+
+def _erase_with_dead_inputs(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node`` and the pure nodes that fed only it (what a bypassing rewrite leaves behind)."""
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for inp in inputs:
+        if not inp.users and inp.op == "call_function" and not inp.is_impure():
+            _erase_with_dead_inputs(graph, inp)
 
 
 @dataclasses.dataclass(frozen=True)

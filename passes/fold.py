@@ -89,7 +89,7 @@ def _fold(gm: fx.GraphModule, ctx: PassContext) -> None:
             index += 1
         name = f"_folded_{index}"
         taken.add(name)
-        gm.register_buffer(name, value.detach().clone().contiguous())
+        gm.register_buffer(name, value.detach().clone())  # clone keeps strides: same kernels, same bits
         with gm.graph.inserting_before(node):
             replacement = gm.graph.get_attr(name)
         replacement.meta.update(node.meta)

@@ -95,7 +95,7 @@ def test_kwargs_and_constants_are_part_of_the_call_spec():
     model, args, kwargs = zoo.kwargs_model()
     captured = graphopt.capture(model, args, kwargs)
     assert captured.call.input_names() == ["x", "cond"]
-    assert captured.call.output_names() == ["out_eps", "out_energy"]
+    assert captured.call.output_names() == ["eps", "energy"]
     spec, tensors, _ = captured.call.flatten_call(args, kwargs)
     assert spec == captured.call.in_spec and len(tensors) == 2
     other, _, _ = captured.call.flatten_call(args, {**kwargs, "scale": 2.0})

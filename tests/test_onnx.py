@@ -1,0 +1,52 @@
+import onnx
+import pytest
+import torch
+
+import graphopt
+from graphopt import OnnxParityError, OutputPathError, UsageError
+from tests import zoo
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    return {name: graphopt.optimize(*factory()) for name, factory in zoo.ZOO.items()}
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_onnx_round_trip_with_dynamic_batch(optimized, tmp_path, name):
+    opt = optimized[name]
+    path = tmp_path / f"{name}.onnx"
+    report = graphopt.export_onnx(opt, path)
+    assert path.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert report.max_abs_error < 1e-4 and len(report.batch_sizes) == 2
+    model = onnx.load(str(path))
+    inputs = [i.name for i in model.graph.input]
+    assert inputs == list(opt.captured.call.input_names())
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param, "the batch axis is symbolic in the ONNX graph"
+
+
+def test_plain_module_exports_without_passes(tmp_path):
+    model, args, kwargs = zoo.kwargs_model()
+    report = graphopt.export_onnx(model, tmp_path / "plain.onnx", args, kwargs)
+    assert report.inputs == ("x", "cond") and report.outputs == ("eps", "energy")
+    with pytest.raises(UsageError, match="needs example args"):
+        graphopt.export_onnx(model, tmp_path / "other.onnx")
+
+
+def test_unwritable_paths_fail_before_any_work(optimized, tmp_path):
+    opt = optimized["kwargs"]
+    with pytest.raises(OutputPathError, match="does not exist"):
+        graphopt.export_onnx(opt, tmp_path / "no" / "such" / "m.onnx")
+    with pytest.raises(OutputPathError, match="is a directory"):
+        graphopt.export_onnx(opt, tmp_path)
+    (tmp_path / "m.onnx").write_text("old")
+    with pytest.raises(OutputPathError, match="already exists"):
+        graphopt.export_onnx(opt, tmp_path / "m.onnx", overwrite=False)
+    assert (tmp_path / "m.onnx").read_text() == "old"
+
+
+def test_parity_failure_is_clear_and_leaves_no_file(optimized, tmp_path):
+    with pytest.raises(OnnxParityError, match="onnxruntime .* disagrees with torch"):
+        graphopt.export_onnx(optimized["dit"], tmp_path / "m.onnx", atol=-1.0, rtol=0.0)
+    assert list(tmp_path.iterdir()) == []
