@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sympy
 from torch import fx
@@ -66,6 +66,25 @@ class GraphAnalysis:
         return "\n".join(lines)
 
 
+    def to_json(self) -> dict[str, Any]:
+        """The analysis as plain JSON data: node names, shapes, and costs as strings of ``B``."""
+        def block(b: ResidualBlock) -> dict[str, Any]:
+            return {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.name != "signature"}
+
+        return {
+            "ops": dict(Counter(c.op for c in self.cost.nodes).most_common()),
+            "residual_blocks": [block(b) for b in self.residual_blocks],
+            "skip_edges": [dataclasses.asdict(e) for e in self.skip_edges],
+            "stacks": [{"label": s.label, "count": s.count, "period": s.period,
+                        "units": [[b.exit for b in unit] for unit in s.units]} for s in self.stacks],
+            "attention_sites": [dataclasses.asdict(a) for a in self.attention_sites],
+            "cost": {"batch_symbol": self.cost.batch_symbol, "flops": str(self.cost.flops),
+                     "bytes": str(self.cost.bytes), "unknown_ops": list(self.cost.unknown),
+                     "by_module": {k: {"flops": str(c.flops), "bytes": str(c.bytes)}
+                                   for k, c in self.cost.by_module().items()}},
+        }
+
+
 def analyse(graph: CapturedGraph | fx.GraphModule) -> GraphAnalysis:
     """Run every analysis on a captured graph or a bare GraphModule (whose batch symbol is then the
     first input's leading dim, when symbolic)."""
@@ -82,13 +101,14 @@ def analyse(graph: CapturedGraph | fx.GraphModule) -> GraphAnalysis:
 def _cost_lines(cost: GraphCost) -> list[str]:
     flops, moved = sympy.expand(cost.flops), sympy.expand(cost.bytes)
     if B not in flops.free_symbols | moved.free_symbols:
-        return [f"cost (static batch): {_si(evaluate(flops, 1))}FLOP, {_si(evaluate(moved, 1))}B moved"]
-    lines = [f"FLOPs: {_si(evaluate(flops.coeff(B, 1), 1))}FLOP per sample"
-             f" + {_si(evaluate(flops.coeff(B, 0), 1))}FLOP independent of the batch",
-             f"bytes: {_si(evaluate(moved.coeff(B, 1), 1))}B per sample"
-             f" + {_si(evaluate(moved.coeff(B, 0), 1))}B independent of the batch (weights, constants)"]
-    if sympy.degree(flops, B) > 1 or sympy.degree(moved, B) > 1:
-        lines.append(f"(not linear in the batch: FLOPs = {flops})")
+        lines = [f"cost (static batch): {_si(evaluate(flops, 1))}FLOP, {_si(evaluate(moved, 1))}B moved"]
+    else:
+        lines = [f"FLOPs: {_si(evaluate(flops.coeff(B, 1), 1))}FLOP per sample"
+                 f" + {_si(evaluate(flops.coeff(B, 0), 1))}FLOP independent of the batch",
+                 f"bytes: {_si(evaluate(moved.coeff(B, 1), 1))}B per sample"
+                 f" + {_si(evaluate(moved.coeff(B, 0), 1))}B independent of the batch (weights, constants)"]
+        if sympy.degree(flops, B) > 1 or sympy.degree(moved, B) > 1:
+            lines.append(f"(not linear in the batch: FLOPs = {flops}, bytes = {moved})")
     if cost.unknown:
         lines.append("ops without a cost formula (counted as 0 FLOPs): " + ", ".join(cost.unknown))
     return lines

@@ -1,12 +1,13 @@
 """Attention sites: fused ``scaled_dot_product_attention`` calls and softmax(QK^T)V written out.
 
-The explicit form is ``scores = matmul(q, k)`` (matmul, bmm or einsum), an optional rescale by a
-number (``mul``/``div``), ``p = softmax(scores)``, then ``out = matmul(p, v)``. For either kind the
-query, key and value sources are found by walking back from the operands through layout ops (view,
-reshape, permute, transpose, (un)squeeze, select, slice, unbind/chunk/split and their getitems,
-unflatten, flatten, contiguous, clone, expand) and scalar rescales, to the op that produced them,
-usually a projection; q, k and v sharing one projection is a fused qkv. The output projection is the
-first linear or conv reached from the output through layout ops.
+The explicit form is ``scores = matmul(q, k)`` (matmul, bmm, baddbmm or einsum), an optional
+rescale by a number (``mul``/``div``) and mask (an added bias, ``masked_fill``, ``where``),
+``p = softmax(scores)``, then ``out = matmul(p, v)``. For either kind the query, key and value
+sources are found by walking back from the operands through layout ops (view, reshape, permute,
+transpose, (un)squeeze, select, slice, unbind/chunk/split and their getitems, unflatten, flatten,
+contiguous, clone, expand) and scalar rescales, to the op that produced them, usually a projection;
+q, k and v sharing one projection is a fused qkv. The output projection is the first linear or conv
+reached from the output through layout ops.
 
 Heads come from the shapes: a 4-d ``[N, H, L, E]`` layout gives ``H``; a 3-d ``[N*H, L, E]`` layout
 gives ``H`` when the leading size is an integer multiple of the batch symbol.
@@ -25,6 +26,7 @@ from .graph import CONVS, LAYOUT, SDPA, common_module, in_graph_order, is_scalar
 _SCORES = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm"})
 _SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
 _CASTS = frozenset({"to", "_to_copy", "type_as", "dropout"})
+_MASKING = frozenset({"add", "masked_fill", "where"})
 _PROJECTIONS = frozenset({"linear", "addmm", "mm", "matmul", "einsum"}) | CONVS
 
 Size = int | str
@@ -44,9 +46,9 @@ class AttentionSite:
     kind: str  # "sdpa" or "softmax"
     node: str
     nodes: tuple[str, ...]
-    q: str | None
-    k: str | None
-    v: str | None
+    q: str
+    k: str
+    v: str
     fused_qkv: bool
     out_proj: str | None
     heads: int | None
@@ -63,8 +65,9 @@ def find_attention(g: nx.DiGraph, batch_symbol: str | None = None) -> tuple[Atte
         name = g.nodes[n]["name"]
         if name in SDPA:
             q, k, v = (a.name for a in g.nodes[n]["fx"].args[:3])
-            sites.append(_site(g, "sdpa", n, (n,), q, k, v, g.nodes[q]["shape"], g.nodes[k]["shape"],
-                               g.nodes[q]["shape"][-1], batch_symbol))
+            q_shape, k_shape = g.nodes[q]["shape"], g.nodes[k]["shape"]
+            sites.append(_site(g, "sdpa", n, (n,), (q, k, v), q_shape[:-1] + k_shape[-2:-1], q_shape[-1],
+                               batch_symbol))
         elif name in _SOFTMAX and (site := _softmax_site(g, n, batch_symbol)) is not None:
             sites.append(site)
     return tuple(sites)
@@ -72,11 +75,8 @@ def find_attention(g: nx.DiGraph, batch_symbol: str | None = None) -> tuple[Atte
 
 def _softmax_site(g: nx.DiGraph, softmax: str, batch_symbol: str | None) -> AttentionSite | None:
     core = [softmax]
-    scores = g.nodes[softmax]["fx"].args[0]
-    while is_scalar_scale(scores) or _name(g, scores.name) in _CASTS:
-        core.append(scores.name)
-        scores = scores.args[0]
-    if _name(g, scores.name) not in _SCORES:
+    scores = _scores(g, g.nodes[softmax]["fx"].args[0], core)
+    if scores is None:
         return None
     out, p = _consumer_matmul(g, softmax)
     if out is None:
@@ -85,23 +85,37 @@ def _softmax_site(g: nx.DiGraph, softmax: str, batch_symbol: str | None) -> Atte
     v = next((o for o in _operands(out) if o is not p), None)
     if q is None or k is None or v is None:
         return None
-    shp = g.nodes[scores.name]["shape"]
     nodes = in_graph_order(g, core + [scores.name, out.name])
-    return _site(g, "softmax", out.name, nodes, q.name, k.name, v.name, shp, None, head_dim, batch_symbol,
-                 scores_shape=shp)
+    return _site(g, "softmax", out.name, nodes, (q.name, k.name, v.name), g.nodes[scores.name]["shape"],
+                 head_dim, batch_symbol)
 
 
-def _site(g: nx.DiGraph, kind: str, node: str, nodes: tuple[str, ...], q: str, k: str, v: str,
-          q_shape: tuple | None, k_shape: tuple | None, head_dim: Size | None, batch_symbol: str | None,
-          scores_shape: tuple | None = None) -> AttentionSite:
-    sq, sk, sv = (_source(g, x) for x in (q, k, v))
-    fused = sq == sk == sv and g.nodes[sq]["name"] in _PROJECTIONS
-    if scores_shape is not None:  # [..., L, S]
-        lead, seq_len, kv_len = scores_shape[:-2], scores_shape[-2], scores_shape[-1]
-    else:  # q [..., L, E], k [..., S, E]
-        lead, seq_len, kv_len = q_shape[:-2], q_shape[-2], k_shape[-2]
-    return AttentionSite(kind, node, nodes, sq, sk, sv, fused, _out_projection(g, node),
-                         _heads(lead, batch_symbol), seq_len, kv_len, head_dim,
+def _scores(g: nx.DiGraph, node: fx.Node, core: list[str]) -> fx.Node | None:
+    """The QK^T matmul under ``node``, through scalar rescales, casts and masking (an added bias,
+    masked_fill, where); the nodes passed are appended to ``core``."""
+    name = _name(g, node.name)
+    if name in _SCORES:
+        return node
+    if is_scalar_scale(node) or name in _CASTS:
+        candidates = node.args[:1]
+    elif name in _MASKING:
+        candidates = [a for a in node.args if isinstance(a, fx.Node)]
+    else:
+        return None
+    for candidate in candidates:
+        if isinstance(candidate, fx.Node) and (found := _scores(g, candidate, core)) is not None:
+            core.append(node.name)
+            return found
+    return None
+
+
+def _site(g: nx.DiGraph, kind: str, node: str, nodes: tuple[str, ...], qkv: tuple[str, str, str],
+          scores_shape: tuple[Size, ...], head_dim: Size | None, batch_symbol: str | None) -> AttentionSite:
+    """The site around ``node``; ``scores_shape`` is the shape of QK^T, ``[..., L, S]``."""
+    q, k, v = (_source(g, x) for x in qkv)
+    fused = q == k == v and g.nodes[q]["name"] in _PROJECTIONS
+    return AttentionSite(kind, node, nodes, q, k, v, fused, _out_projection(g, node),
+                         _heads(scores_shape[:-2], batch_symbol), scores_shape[-2], scores_shape[-1], head_dim,
                          common_module(g.nodes[m]["module"] for m in nodes))
 
 

@@ -163,7 +163,7 @@ def _residual_candidate(g: nx.DiGraph, n: str, dependent: set[str]) -> ResidualB
         return None
     entry, shortcut, branch = found
     region = (nx.descendants(g, entry) & ancestors[branch]) | {entry, branch, n}
-    heavy = [m for m in region - {entry} if g.nodes[m]["name"] in HEAVY and _is_heavy(g, m)]
+    heavy = [m for m in region - {entry} if _is_heavy(g, m)]
     if not heavy:
         return None
     if shortcut is not None:
@@ -177,8 +177,9 @@ def _residual_candidate(g: nx.DiGraph, n: str, dependent: set[str]) -> ResidualB
 
 
 def _is_heavy(g: nx.DiGraph, n: str) -> bool:
+    name = g.nodes[n]["name"]
     # A one-operand einsum only permutes or sums: layout, not a projection.
-    return g.nodes[n]["name"] != "einsum" or len(g.nodes[n]["fx"].args[1]) >= 2
+    return name in HEAVY and (name != "einsum" or len(g.nodes[n]["fx"].args[1]) >= 2)
 
 
 def _projection_input(g: nx.DiGraph, n: str) -> str | None:
@@ -237,7 +238,7 @@ def _predecessor(g: nx.DiGraph, block: ResidualBlock, by_exit: dict[str, Residua
         if n in by_exit and n != block.exit:
             found.append(n)
             continue
-        if g.nodes[n]["name"] in HEAVY or g.nodes[n]["op"] != "call_function":
+        if _is_heavy(g, n) or g.nodes[n]["op"] != "call_function":
             continue
         stack.extend(p for p in g.predecessors(n) if (n, p) not in skip_sources)
     if not found:

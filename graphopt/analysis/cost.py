@@ -44,7 +44,7 @@ import sympy
 import torch
 from torch import fx
 
-from .graph import arg, is_tensor_valued, module_path, op_name
+from .graph import arg, is_tensor_valued, module_path, op_name, tensor_inputs
 
 B = sympy.Symbol("B", integer=True, positive=True)
 
@@ -155,7 +155,7 @@ def graph_cost(gm: fx.GraphModule, batch_symbol: str | None = None) -> GraphCost
     metadata asserts compute nothing at run time), with ``batch_symbol`` (the graph's batch size
     symbol, e.g. ``"s87"``) replaced by :data:`B`."""
     sizes = _Sizes(batch_symbol)
-    nodes = tuple(node_cost(n, sizes) for n in gm.graph.nodes
+    nodes = tuple(_node_cost(n, sizes) for n in gm.graph.nodes
                   if n.op == "call_function" and is_tensor_valued(n))
     return GraphCost(nodes, batch_symbol)
 
@@ -185,15 +185,20 @@ class _Sizes:
                            for t in tensors if isinstance(t, torch.Tensor)))
 
 
-def node_cost(node: fx.Node, sizes: _Sizes | None = None) -> NodeCost:
+def node_cost(node: fx.Node, batch_symbol: str | None = None) -> NodeCost:
     """The cost of one node (see the module docstring for the formulas)."""
-    sizes = sizes or _Sizes(None)
+    return _node_cost(node, _Sizes(batch_symbol))
+
+
+def _node_cost(node: fx.Node, sizes: _Sizes) -> NodeCost:
     name, module = op_name(node), module_path(node)
     zero = sympy.Integer(0)
     if node.op != "call_function" or name in _FREE or not is_tensor_valued(node) or name in _VIEWS \
             or _is_noop(node, name):
         return NodeCost(node.name, name, module, zero, zero)
-    inputs = [n for n in node.all_input_nodes if is_tensor_valued(n)]
+    if any("val" not in n.meta for n in node.all_input_nodes):  # a node a pass made without metadata
+        return NodeCost(node.name, name, module, zero, zero, known=False)
+    inputs = tensor_inputs(node)
     if name in ("embedding", "index_select", "gather"):
         # A gather reads only the rows it writes, not the whole table.
         moved = 2 * sizes.nbytes(node) + sum((sizes.nbytes(n) for n in inputs[1:]), zero)

@@ -28,9 +28,9 @@ HEAVY = frozenset({
 })
 CONVS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_convolution",
                    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
-MATMULS = frozenset({"mm", "bmm", "matmul", "einsum"})
 SDPA = frozenset(n for n in HEAVY if "scaled_dot_product" in n)
-# Ops that only rearrange or alias data (reshape may copy, but moves no arithmetic).
+# Ops that only rearrange data: what the structural walks step through (the cost model tells
+# copies such as contiguous and clone apart from true views).
 LAYOUT = frozenset({
     "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze",
     "select", "unbind", "chunk", "split", "split_with_sizes", "getitem", "unflatten", "flatten",
@@ -50,9 +50,8 @@ def op_name(node: fx.Node) -> str:
     """``"linear"`` for ``aten.linear.default``; ``"ns::name"`` for other namespaces; the Python name
     for plain callables (``getitem``)."""
     target = node.target
-    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
-        name = target._opname if isinstance(target, torch._ops.OpOverload) else target.__name__
-        return name if target.namespace == "aten" else f"{target.namespace}::{name}"
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname if target.namespace == "aten" else f"{target.namespace}::{target._opname}"
     if callable(target):
         return getattr(target, "__name__", str(target))
     return str(target)
@@ -143,8 +142,8 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 def input_dependent(gm: fx.GraphModule) -> set[str]:
-    """Names of nodes whose value depends on a graph input; the rest are constants or parameters
-    (and their functions), which constant folding can precompute."""
+    """Names of nodes whose value depends on a graph input, shape arguments included; the rest are
+    constants or parameters (and their functions), which constant folding can precompute."""
     dependent: set[str] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(src.name in dependent for src in node.all_input_nodes):
