@@ -74,7 +74,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
 
     start = time.perf_counter()
     input_names = _unique(captured.call.input_names())
-    output_names = _unique(captured.call.output_names())
+    # ONNX names are one namespace: an output called like an input (a denoiser's `sample`) gets `out_`
+    output_names = _unique([f"out_{n}" if n in input_names else n for n in captured.call.output_names()])
     workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tmp = workdir / target.name

@@ -50,3 +50,9 @@ def test_parity_failure_is_clear_and_leaves_no_file(optimized, tmp_path):
     with pytest.raises(OnnxParityError, match="onnxruntime .* disagrees with torch"):
         graphopt.export_onnx(optimized["dit"], tmp_path / "m.onnx", atol=-1.0, rtol=0.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_named_like_an_input_gets_a_distinct_onnx_name(optimized, tmp_path):
+    report = graphopt.export_onnx(optimized["dataclass"], tmp_path / "m.onnx")
+    assert report.inputs == ("sample", "timestep")
+    assert report.outputs == ("out_sample", "log_variance")
