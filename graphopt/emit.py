@@ -281,6 +281,7 @@ def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bo
         (tmp / "report.json").write_text(json.dumps(module.report.to_json(), indent=2, default=str))
         # graphopt.json last: a directory without it is never mistaken for a complete save.
         (tmp / "graphopt.json").write_text(json.dumps(meta, indent=2))
+        _default_permissions(tmp)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -298,6 +299,15 @@ def _check_writable_target(target: Path, overwrite: bool) -> None:
         raise OutputPathError(f"cannot write {target}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot write {target}: no write permission in {parent}")
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp and safetensors create owner-only entries; a saved model gets the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for item in directory.iterdir():
+        item.chmod(0o666 & ~umask)
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

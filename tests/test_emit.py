@@ -113,6 +113,9 @@ def test_save_and_load_round_trip(optimized_zoo, tmp_path, name):
         _assert_same(loaded(*big_args, **big_kwargs), model(*big_args, **big_kwargs))
     assert [p.name for p in loaded.report.passes] == [p.name for p in opt.report.passes]
     assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temp directories left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's owner-only mode
 
 
 def test_loaded_module_cannot_recapture(optimized_zoo, tmp_path):
