@@ -28,8 +28,8 @@ from torch import nn
 from torch.export import Dim
 
 from . import structure
+from .errors import CaptureError, InputError, SignatureError, UsageError, first_line
 from .logs import quiet
-from .errors import CaptureError, InputError, SignatureError, UsageError
 from .structure import Spec
 
 _WRAPPED = "model"  # attribute name of the user's model inside the flat wrapper
@@ -274,7 +274,7 @@ def _run_eager(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor]) ->
         module_path, source = _locate(e, model)
         where = (f" in module '{module_path}'" if module_path else "") + (f" at {source}" if source else "")
         raise InputError(f"the model raised {type(e).__name__} on the example inputs{where}: "
-                         f"{_first_line(e)}") from e
+                         f"{first_line(e)}") from e
 
 
 def _export(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor], batch: int | None):
@@ -294,7 +294,7 @@ def _export(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor], batch
             first_error = first_error or e
             last = e
     module_path, source = _locate(last, model)
-    raise CaptureError(f"torch.export could not capture the model ({type(last).__name__}: {_first_line(last)})",
+    raise CaptureError(f"torch.export could not capture the model ({type(last).__name__}: {first_line(last)})",
                        module_path=module_path, source=source, hint=_hint(last)) from last
 
 
@@ -316,14 +316,6 @@ def _hint(e: BaseException) -> str:
         if any(n in text for n in needles):
             return hint
     return "check that the model runs eagerly on the same inputs, then try dynamic_batch=False"
-
-
-def _first_line(e: BaseException) -> str:
-    for line in str(e).splitlines():
-        if line.strip():
-            line = line.strip()
-            return line if len(line) <= 240 else line[:237] + "..."
-    return type(e).__name__
 
 
 _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, inspect) if m.__file__) + (
@@ -382,9 +374,3 @@ def _guards(gm: torch.fx.GraphModule, ep: torch.export.ExportedProgram) -> Input
         shape = tuple(str(s.node.expr) if isinstance(s, torch.SymInt) else int(s) for s in val.shape)
         tensors.append(TensorGuard(str(val.dtype).removeprefix("torch."), val.device.type, shape))
     return InputGuards(tuple(tensors), ranges)
-
-
-def user_placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-

@@ -94,14 +94,15 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
 
 
 def _cmd_optimize(ns: argparse.Namespace) -> int:
-    from . import optimize, passes as registry
+    from . import optimize
+    from . import passes as registry
 
     pipeline = registry.resolve(ns.passes)  # unknown names fail before the model is built
     out = Path(ns.out) if ns.out else None
     if out is not None:
-        from .emit import _check_writable_target
+        from .emit import check_save_target
 
-        _check_writable_target(out, ns.overwrite)
+        check_save_target(out, ns.overwrite)
     model, args, kwargs = load_model_spec(ns.model)
     _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline)} ...")
     optimized = optimize(model, args, kwargs, passes=pipeline, target=ns.target, dynamic_batch=not ns.static)
@@ -114,10 +115,11 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
 
 
 def _cmd_export(ns: argparse.Namespace) -> int:
-    from . import export_onnx, load, optimize, passes as registry
-    from .onnx import _check_path
+    from . import export_onnx, load, optimize
+    from . import passes as registry
+    from .onnx import check_onnx_path
 
-    _check_path(Path(ns.out), overwrite=True)
+    check_onnx_path(Path(ns.out), overwrite=True)
     if Path(ns.model).is_dir():
         _status(f"loading {ns.model} ...")
         optimized = load(ns.model)

@@ -17,11 +17,11 @@ nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -32,8 +32,8 @@ from torch.export import Dim
 
 from . import structure
 from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards, capture
+from .errors import InputError, LoadError, OutputPathError, SaveError, UsageError, first_line
 from .logs import quiet
-from .errors import InputError, LoadError, OutputPathError, SaveError, UsageError
 from .pipeline import Pass, PassReport, run_passes
 
 FORMAT = "graphopt-optimized"
@@ -160,13 +160,13 @@ class OptimizedModule(nn.Module):
         if self._source is None:
             raise InputError(f"this call is outside what the module was captured for ({reason}); a loaded "
                              "module cannot re-capture: optimize the original model with such inputs")
-        source_device = next(iter(self.graph_module.buffers()), None)
+        device = next(itertools.chain(self.graph_module.parameters(), self.graph_module.buffers()), None)
         # static: the dynamic capture already covers every batch torch.export could prove, so this
         # variant is for exactly these shapes (batch 1, which export specialises, is the usual case)
         captured = capture(self._source, args, kwargs, dynamic_batch=False)
         run_passes(captured, self._passes, flops=self._flops)
-        if source_device is not None:
-            captured.graph_module.to(source_device.device)
+        if device is not None:  # follow a .to() the caller applied to this module
+            captured.graph_module.to(device.device)
         self._captured.append(captured)
         self.variants.append(captured.graph_module)
         self._recaptures += 1
@@ -255,7 +255,7 @@ def export_program(captured: CapturedGraph) -> torch.export.ExportedProgram:
 def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save ``module`` to ``directory``; a failure leaves neither a partial nor a clobbered directory."""
     target = Path(directory)
-    _check_writable_target(target, overwrite)
+    check_save_target(target, overwrite)
     captured = module.captured
     call = captured.call
     if structure.has_objects(call.in_spec):
@@ -289,7 +289,7 @@ def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bo
     return target
 
 
-def _check_writable_target(target: Path, overwrite: bool) -> None:
+def check_save_target(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
         raise OutputPathError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
     if target.exists() and not target.is_dir():
@@ -342,7 +342,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True) -> OptimizedModul
         program = torch.export.load(path / "model.pt2")
     except Exception as e:
         raise LoadError(f"{path / 'model.pt2'} is corrupted or truncated ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+                        f"{first_line(e)})") from e
     try:
         tensors = safetensors.torch.load_file(str(path / "examples.safetensors"))
     except Exception as e:

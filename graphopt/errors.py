@@ -8,6 +8,15 @@ rest (the request was fine but the work failed).
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 240) -> str:
+    """The first meaningful line of an exception's message (torch's exporters prefix log lines with '[')."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line and not line.startswith("["):
+            return line if len(line) <= limit else line[: limit - 3] + "..."
+    return type(e).__name__
+
+
 class GraphoptError(Exception):
     """Base class of every error graphopt raises on purpose."""
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .capture import CapturedGraph, capture
+from .errors import OnnxExportError, OnnxParityError, OutputPathError, UsageError, first_line
 from .logs import quiet
-from .errors import OnnxExportError, OnnxParityError, OutputPathError, UsageError
 from .verify import Comparison, compare
 
 # onnxruntime reorders reductions and fuses ops, so parity is looser than an exact pass's check.
@@ -62,7 +62,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
     from .emit import OptimizedModule, export_program
 
     target = Path(path)
-    _check_path(target, overwrite)
+    check_onnx_path(target, overwrite)
     if isinstance(model, OptimizedModule):
         captured = model.captured
     elif isinstance(model, nn.Module):
@@ -89,13 +89,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
                 onnx_program.save(str(tmp))
         except Exception as e:
             raise OnnxExportError(f"torch.onnx could not export the model ({type(e).__name__}: "
-                                  f"{_first_line(e)})") from e
+                                  f"{first_line(e)})") from e
         import onnx
 
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
-            raise OnnxExportError(f"onnx.checker rejected the exported model: {_first_line(e)}") from e
+            raise OnnxExportError(f"onnx.checker rejected the exported model: {first_line(e)}") from e
         provider, cmp, sizes = _parity(tmp, captured, input_names, atol, rtol)
         if not cmp.within:
             raise OnnxParityError(f"onnxruntime ({provider}) disagrees with torch: {cmp.line()}")
@@ -108,7 +108,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
                       cmp.max_abs_error, cmp.max_rel_error, time.perf_counter() - start)
 
 
-def _check_path(target: Path, overwrite: bool) -> None:
+def check_onnx_path(target: Path, overwrite: bool) -> None:
     if target.is_dir():
         raise OutputPathError(f"cannot write ONNX to {target}: it is a directory")
     if target.exists() and not overwrite:
@@ -129,7 +129,7 @@ def _parity(path: Path, captured: CapturedGraph, names: list[str], atol: float |
     try:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as e:
-        raise OnnxExportError(f"onnxruntime could not load the exported model: {_first_line(e)}") from e
+        raise OnnxExportError(f"onnxruntime could not load the exported model: {first_line(e)}") from e
     provider = session.get_providers()[0]
     feeds = [(captured.example_inputs, captured.reference_outputs)]
     symbol = captured.batch_symbol()
@@ -148,7 +148,7 @@ def _parity(path: Path, captured: CapturedGraph, names: list[str], atol: float |
         try:
             outs = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
         except Exception as e:
-            raise OnnxExportError(f"onnxruntime failed to run the exported model: {_first_line(e)}") from e
+            raise OnnxExportError(f"onnxruntime failed to run the exported model: {first_line(e)}") from e
         a, r = ONNX_TOLERANCE.get(reference[0].dtype, (0.0, 0.0))
         results.append(compare([torch.from_numpy(o) for o in outs], reference,
                                atol=a if atol is None else atol, rtol=r if rtol is None else rtol))
@@ -180,10 +180,3 @@ def _unique(names: list[str]) -> list[str]:
         seen[n] = k + 1
         out.append(n if k == 0 else f"{n}_{k}")
     return out
-
-
-def _first_line(e: BaseException) -> str:
-    for line in str(e).splitlines():
-        if line.strip() and not line.startswith("["):
-            return line.strip()[:300]
-    return type(e).__name__

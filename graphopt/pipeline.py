@@ -253,8 +253,3 @@ def _dump(directory: str, index: int, name: str, when: str, gm: fx.GraphModule) 
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / f"{index:02d}-{name}-{when}.py").write_text(gm.code)
-
-
-def replace_with_input(index: int = 0) -> Callable[[fx.Node], Any]:
-    """A rewrite that replaces a node with its ``index``-th positional argument."""
-    return lambda node: node.args[index]

@@ -1,6 +1,5 @@
 import onnx
 import pytest
-import torch
 
 import graphopt
 from graphopt import OnnxParityError, OutputPathError, UsageError

@@ -104,8 +104,9 @@ def test_debug_switch_logs_rule_hits(monkeypatch, caplog):
 
 
 def test_unknown_pass_names_suggest_the_closest():
-    from graphopt import UnknownPassError
     from graphopt.passes import resolve
+
+    from graphopt import UnknownPassError
 
     with pytest.raises(UnknownPassError, match="did you mean 'fold'"):
         resolve(["fodl"])

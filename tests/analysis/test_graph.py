@@ -5,8 +5,7 @@ import torch
 
 import graphopt
 from graphopt.analysis import analyse
-from graphopt.analysis.graph import (batch_symbol, common_module, input_dependent, op_name, shape,
-                                     to_networkx)
+from graphopt.analysis.graph import batch_symbol, common_module, input_dependent, op_name, shape, to_networkx
 
 
 def _node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:

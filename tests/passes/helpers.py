@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from graphopt.passes import get
 
 import graphopt
-from graphopt.passes import get
 from graphopt.pipeline import PassReport, run_passes
 
 

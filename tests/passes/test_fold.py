@@ -54,8 +54,9 @@ class Noisy(nn.Module):
 
 
 def test_fold_never_folds_random_ops():
-    import graphopt
     from graphopt.passes import get
+
+    import graphopt
     from graphopt.pipeline import run_passes
 
     captured = graphopt.capture(Noisy().eval(), (torch.randn(2, 3),))

@@ -49,8 +49,9 @@ def test_noop_declines_with_reasons():
 
 
 def run_one_near_misses():
-    import graphopt
     from graphopt.passes import get
+
+    import graphopt
     from graphopt.pipeline import run_passes
 
     captured = graphopt.capture(NearMisses().eval(), (torch.randn(2, 3), torch.tensor([1, 2])))
