@@ -210,3 +210,21 @@ def test_load_reports_truncated_program_and_damaged_weights(saved, tmp_path):
     with pytest.raises(LoadError, match="does not reproduce its saved outputs"):
         graphopt.load(copy)
     assert graphopt.load(copy, verify=False) is not None
+
+
+class BatchBranch(torch.nn.Module):
+    """Branches on the batch size: torch.export narrows the proven range instead of guessing."""
+
+    def forward(self, x):
+        if x.shape[0] > 3:
+            return x * 2
+        return x * 3
+
+
+def test_a_branch_on_the_batch_size_never_gives_a_wrong_result():
+    opt = graphopt.optimize(BatchBranch().eval(), (torch.ones(2, 4),))
+    assert opt.report.batch_range == (2, 3)
+    assert torch.equal(opt(torch.ones(3, 4)), torch.full((3, 4), 3.0))
+    assert opt.report.recaptures == 0
+    assert torch.equal(opt(torch.ones(5, 4)), torch.full((5, 4), 2.0))
+    assert opt.report.recaptures == 1
