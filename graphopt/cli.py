@@ -25,10 +25,16 @@ from .errors import GraphoptError, UsageError
 
 
 def load_model_spec(spec: str) -> tuple[nn.Module, tuple, dict]:
-    """Resolve a ``module:factory`` or ``file.py:factory`` spec and call the factory."""
+    """Resolve a reference model name, a ``module:factory`` or a ``file.py:factory`` spec."""
+    from .models import REFERENCES, load
+
+    if spec in REFERENCES:
+        ref = load(spec)
+        return ref.model, ref.example_inputs, {}
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise UsageError(f"model spec {spec!r} must be package.module:factory or path/to/file.py:factory")
+        raise UsageError(f"model {spec!r} is not a reference model ({', '.join(REFERENCES)}) nor a "
+                         "package.module:factory or path/to/file.py:factory spec")
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target)
         if not path.is_file():
@@ -136,6 +142,27 @@ def _cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    from . import passes as registry
+    from .bench import run_bench
+
+    if ns.passes is not None:
+        registry.resolve(ns.passes)
+    seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
+    result = run_bench(ns.model, steps=ns.steps, method=ns.sampler, batch=ns.batch, samples=ns.samples,
+                       seeds=seeds, repeats=ns.repeats, out_dir=ns.out, passes=ns.passes)
+    print(result.summary())
+    print(f"wrote {Path(ns.out) / (ns.model + '-bench.json')}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _cmd_passes(ns: argparse.Namespace) -> int:
     from . import passes as registry
 
@@ -151,8 +178,9 @@ def _passes_arg(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphopt", description=__doc__.split("\n\n")[0],
-                                     epilog="MODEL is package.module:factory or path/to/file.py:factory, a "
-                                            "callable returning (model, example_args[, example_kwargs]).")
+                                     epilog="MODEL is a reference model name (unet-digits, dit-digits, "
+                                            "classifier-digits), package.module:factory or path/to/file.py:factory "
+                                            "(a callable returning (model, example_args[, example_kwargs])).")
     parser.add_argument("--verbose", "-v", action="store_true", help="print full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -186,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--static", action="store_true", help="capture with a static batch size")
     p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("bench", help="latency, NFE, FD, FLOPs and a sample grid for a reference generator",
+                       description="Sample a reference generator (unet-digits, dit-digits): median latency per "
+                                   "image after warm-up, NFE, Frechet distance to held-out digits over seeds (with "
+                                   "floor and ceiling), parameters, FLOPs per image, and a PNG grid; writes JSON.")
+    p.add_argument("model", metavar="MODEL", help="unet-digits or dit-digits")
+    p.add_argument("--steps", type=_positive, default=16, help="sampler steps (default 16)")
+    p.add_argument("--sampler", choices=("euler", "heun", "ddim"), default="heun", help="ODE method (default heun)")
+    p.add_argument("--batch", type=_positive, default=64, help="images per denoiser call (default 64)")
+    p.add_argument("--samples", type=_positive, default=500, help="samples per FD seed (default 500)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated FD seeds (default 0,1)")
+    p.add_argument("--repeats", type=_positive, default=5, help="timed latency runs (default 5)")
+    p.add_argument("--passes", type=_passes_arg, default=None, help="optimize the denoiser with these passes first")
+    p.add_argument("--out", "-o", default="bench-out", help="folder for the JSON and the PNG grid")
+    p.set_defaults(run=_cmd_bench)
 
     p = sub.add_parser("passes", help="list the available passes", description="List the registered passes.")
     p.set_defaults(run=_cmd_passes)

@@ -103,7 +103,7 @@ def test_export_from_a_spec_with_chosen_passes(model_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, code, message", [
-    (["inspect", "no_colon_here"], 2, "must be package.module:factory"),
+    (["inspect", "no_colon_here"], 2, "is not a reference model"),
     (["inspect", "/no/such/file.py:make"], 2, "does not exist"),
     (["inspect", "no_such_package_xyz.mod:make"], 2, "cannot import module"),
     (["inspect", "{file}:missing"], 2, "no callable 'missing'"),
