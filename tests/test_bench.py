@@ -1,0 +1,34 @@
+import json
+
+import pytest
+
+from graphopt import UsageError
+from graphopt.bench import run_bench
+from graphopt.cli import main
+
+
+@pytest.mark.parametrize("name", ["unet-digits", "dit-digits"])
+def test_bench_reports_every_figure_and_writes_json_and_grid(tmp_path, name):
+    result = run_bench(name, steps=2, method="euler", batch=8, samples=16, seeds=(0, 1), repeats=1,
+                       out_dir=tmp_path, progress=False)
+    assert result.nfe == 2 and result.latency_ms_per_image > 0 and result.parameters > 100_000
+    assert result.fd["samples"] == 16 and len(result.fd["values"]) == 2
+    assert 0 < result.fd_floor < result.fd_ceiling and result.flops_per_image > 0
+    data = json.loads((tmp_path / f"{name}-bench.json").read_text())
+    assert data["nfe"] == 2 and data["conditions"]["device"] == "cpu"
+    assert (tmp_path / f"{name}-grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_with_passes_reports_fidelity(tmp_path):
+    result = run_bench("dit-digits", steps=1, method="euler", batch=4, samples=8, seeds=(0,), repeats=1,
+                       out_dir=tmp_path, passes=["noop", "fold", "dce"], progress=False)
+    assert result.passes == ("noop", "fold", "dce") and result.psnr_vs_original > 60  # exact passes
+
+
+def test_bench_rejects_non_generators(tmp_path, capsys):
+    with pytest.raises(UsageError, match="reference generator"):
+        run_bench("classifier-digits", out_dir=tmp_path)
+    assert main(["bench", "nope", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as info:  # argparse rejects it before any work
+        main(["bench", "dit-digits", "--steps", "0"])
+    assert info.value.code == 2
