@@ -21,7 +21,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .errors import GraphoptError, UsageError
+from .errors import GraphoptError, OutputPathError, UsageError
 
 
 def load_model_spec(spec: str) -> tuple[nn.Module, tuple, dict]:
@@ -156,6 +156,24 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_autotune(ns: argparse.Namespace) -> int:
+    from .autotune import clear, export_bundle, format_listing, import_bundle, list_caches
+
+    if ns.list:
+        print(format_listing(list_caches(ns.cache_dir)))
+    elif ns.export:
+        if not Path(ns.export).parent.is_dir():
+            raise OutputPathError(f"cannot write {ns.export}: folder {Path(ns.export).parent} does not exist")
+        count = export_bundle(ns.export, ns.cache_dir)
+        print(f"exported {count} entries to {ns.export}")
+    elif ns.import_:
+        count = import_bundle(ns.import_, ns.cache_dir)
+        print(f"imported {count} entries from {ns.import_}")
+    else:
+        print(f"removed {clear(ns.cache_dir)} cache file(s)")
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -229,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=_passes_arg, default=None, help="optimize the denoiser with these passes first")
     p.add_argument("--out", "-o", default="bench-out", help="folder for the JSON and the PNG grid")
     p.set_defaults(run=_cmd_bench)
+
+    p = sub.add_parser("autotune", help="manage the per-GPU kernel tuning cache",
+                       description="List, export, import or clear the kernel tuning cache (one JSON file per GPU "
+                                   "under the user cache dir; GRAPHOPT_CACHE_DIR overrides). A bundle exported on one "
+                                   "GPU serves every identical GPU of a fleet.")
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--list", action="store_true", help="list every cached kernel, shape bucket and best config")
+    action.add_argument("--export", metavar="FILE", help="write all device caches into one bundle file")
+    action.add_argument("--import", dest="import_", metavar="FILE", help="merge a bundle into the cache")
+    action.add_argument("--clear", action="store_true", help="delete the cache files")
+    p.add_argument("--cache-dir", default=None, help="use this cache folder instead of the default")
+    p.set_defaults(run=_cmd_autotune)
 
     p = sub.add_parser("passes", help="list the available passes", description="List the registered passes.")
     p.set_defaults(run=_cmd_passes)

@@ -144,3 +144,38 @@ def test_usage_errors_exit_2_and_every_subcommand_has_help(capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "graphopt.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "inspect" in result.stdout
+
+
+def _tuned_cache(directory):
+    from graphopt.autotune import CacheEntry, Config, DeviceKey, Timing, TuningCache
+
+    device = DeviceKey("NVIDIA H100", (9, 0), 132, "12.4", "2.13.0", "3.9.0", "0.1.0")
+    entry = CacheEntry.from_timings("layernorm", "abc123", (16, 256), "cfg", [
+        Timing(Config(BLOCK=128, num_warps=4), 0.02), Timing(Config(BLOCK=256, num_warps=8), 0.015)])
+    TuningCache(device, directory).put(entry)
+
+
+def test_autotune_cache_list_export_import_clear(tmp_path, capsys):
+    src, dst, bundle = tmp_path / "a", tmp_path / "b", tmp_path / "fleet.json"
+    _tuned_cache(src)
+    assert main(["autotune", "--list", "--cache-dir", str(src)]) == 0
+    listing = capsys.readouterr().out
+    assert "NVIDIA H100" in listing and "layernorm" in listing and "'BLOCK': 256" in listing
+    assert main(["autotune", "--export", str(bundle), "--cache-dir", str(src)]) == 0
+    assert main(["autotune", "--import", str(bundle), "--cache-dir", str(dst)]) == 0
+    assert "imported 1 entries" in capsys.readouterr().out
+    assert main(["autotune", "--list", "--cache-dir", str(dst)]) == 0
+    assert "layernorm" in capsys.readouterr().out
+    assert main(["autotune", "--clear", "--cache-dir", str(dst)]) == 0
+    assert main(["autotune", "--list", "--cache-dir", str(dst)]) == 0
+    assert "no tuning cache entries" in capsys.readouterr().out
+
+
+def test_autotune_bad_requests(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{]")
+    assert main(["autotune", "--import", str(tmp_path / "bad.json"), "--cache-dir", str(tmp_path)]) == 2
+    assert "malformed tuning bundle" in capsys.readouterr().err
+    assert main(["autotune", "--export", str(tmp_path / "no" / "x.json"), "--cache-dir", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["autotune"])  # one action is required
+    assert info.value.code == 2
