@@ -1,3 +1,10 @@
+import os
+
+# The suite runs on CPUs: Triton kernels run under Triton's interpreter. triton.jit reads this when it
+# decorates a function, and torch imports triton early (torch.utils.flop_counter does), so it is set
+# here, before anything imports torch. A GPU run sets TRITON_INTERPRET=0 to compile instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -1,0 +1,183 @@
+"""ReLU linear attention (LiT, arXiv 2501.12976), the attention part only.
+
+Per (batch, head), with Q in R^{Nq x D}, K in R^{Nk x D}, V in R^{Nk x Dv} and phi = ReLU::
+
+    S = sum_j phi(K_j)^T V_j     (D x Dv)        z = sum_j phi(K_j)     (D)
+    O_i = phi(Q_i) S / (phi(Q_i) . z + eps)
+
+which equals sum_j (phi(Q_i) . phi(K_j)) V_j / (sum_j phi(Q_i) . phi(K_j) + eps): softmax attention with
+the kernel exp(q . k) replaced by phi(q) . phi(k), reassociated so that it costs O(N D Dv), not O(N^2 D).
+``eps`` keeps a query whose phi(Q_i) . z is 0 (every feature <= 0) at an output of 0 instead of 0/0.
+
+Two stages, both tiled over the head dimensions so that any D, Dv fit (LiT's few-head models have
+D = 288 and a D x Dv state no program could hold):
+
+1. ``linear_attention_state_kernel``, grid (D/BLOCK_D, Dv/BLOCK_DV, B*H): one program reduces its
+   (BLOCK_D x BLOCK_DV) tile of S over all keys, ``BLOCK_N`` at a time; the programs of the first Dv tile
+   also reduce their slice of z. The state is fp32 in a (B, H, D, Dv) workspace.
+2. ``linear_attention_apply_kernel``, grid (Nq/BLOCK_M, Dv/BLOCK_DV, B*H): one program computes the
+   numerator phi(Q) S and the denominator phi(Q) . z for ``BLOCK_M`` queries and one Dv tile, walking D
+   ``BLOCK_D`` at a time, and divides.
+
+Products accumulate in fp32. Stage 1 multiplies in the input dtype (IEEE for fp32); stage 2 multiplies
+phi(Q) by the fp32 state, in IEEE fp32 for fp32 inputs and in TF32 for fp16/bf16 inputs, whose output
+rounding is coarser than TF32's anyway (casting the state to fp16 instead could overflow: it is a sum
+over all tokens).
+
+The op's depthwise-convolution branch (LiT adds DWC(V), kernel 5, over V reshaped to H x W to the
+attention output before the output projection) is NOT in this kernel: it stays on ATen's depthwise
+conv2d, which is already a single efficient kernel, and is added by the caller.
+
+Not supported: causal masking (linear attention over a prefix needs a scan, not a sum), other feature
+maps than ReLU, backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_device, check_dot_blocks, check_float, check_shape, pick_config
+
+
+@triton.jit
+def linear_attention_state_kernel(k_ptr, v_ptr, kv_ptr, ksum_ptr,
+                                  H, N_K, D, D_V,
+                                  stride_kb, stride_kh, stride_kn, stride_kd,
+                                  stride_vb, stride_vh, stride_vn, stride_vd,
+                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_d = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    k_base = k_ptr + (pid_bh // H) * stride_kb + (pid_bh % H) * stride_kh
+    v_base = v_ptr + (pid_bh // H) * stride_vb + (pid_bh % H) * stride_vh
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < D_V
+
+    kv = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
+    ksum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(0, N_K, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_K
+        # phi(K)^T loaded transposed (BLOCK_D x BLOCK_N); masked entries are 0 and relu(0) = 0
+        k_t = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                      mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        k_t = tl.maximum(k_t, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        kv = tl.dot(k_t, v, kv, input_precision="ieee")
+        ksum += tl.sum(k_t.to(tl.float32), axis=1)
+
+    kv_base = kv_ptr + pid_bh * D * D_V
+    tl.store(kv_base + offs_d[:, None] * D_V + offs_dv[None, :], kv, mask=d_ok[:, None] & dv_ok[None, :])
+    if pid_dv == 0:
+        tl.store(ksum_ptr + pid_bh * D + offs_d, ksum, mask=d_ok)
+
+
+@triton.jit
+def linear_attention_apply_kernel(q_ptr, kv_ptr, ksum_ptr, o_ptr,
+                                  H, N_Q, D, D_V, eps,
+                                  stride_qb, stride_qh, stride_qm, stride_qd,
+                                  stride_ob, stride_oh, stride_om, stride_od,
+                                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    q_base = q_ptr + (pid_bh // H) * stride_qb + (pid_bh % H) * stride_qh
+    kv_base = kv_ptr + pid_bh * D * D_V
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < N_Q
+    dv_ok = offs_dv < D_V
+
+    num = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        offs_d = start + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.maximum(q.to(tl.float32), 0.0)
+        kv = tl.load(kv_base + offs_d[:, None] * D_V + offs_dv[None, :], mask=d_ok[:, None] & dv_ok[None, :],
+                     other=0.0)
+        ksum = tl.load(ksum_ptr + pid_bh * D + offs_d, mask=d_ok, other=0.0)
+        num = tl.dot(q, kv, num, input_precision=DOT_PRECISION)
+        den += tl.sum(q * ksum[None, :], axis=1)
+
+    out = num / (den + eps)[:, None]
+    o_base = o_ptr + (pid_bh // H) * stride_ob + (pid_bh % H) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & dv_ok[None, :])
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6,
+                     config: Mapping[str, int] | None = None) -> torch.Tensor:
+    """ReLU linear attention per (batch, head): phi(Q) S / (phi(Q) . z + eps), S = phi(K)^T V, z = sum phi(K).
+
+    ``q``: (B, H, Nq, D); ``k``: (B, H, Nk, D); ``v``: (B, H, Nk, Dv); one fp32/fp16/bf16 dtype, any
+    strides. Returns a new contiguous (B, H, Nq, Dv) tensor. ``config``: one of :func:`configs`
+    (default: the first). The DWC branch of LiT's attention is not included (see the module docstring).
+    """
+    op = "linear_attention"
+    check_device(op, linear_attention_apply_kernel, q=q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(op, name, t, like=q)
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must have shape (B, H, N, D), got {tuple(t.shape)}")
+    batch, heads, n_q, d = q.shape
+    n_k, d_v = k.shape[2], v.shape[3]
+    check_shape(op, "k", k, (batch, heads, n_k, d), "q's batch, heads and head dim")
+    check_shape(op, "v", v, (batch, heads, n_k, d_v), "k's batch, heads and length")
+    if batch * heads > 65535:
+        raise ValueError(f"{op}: batch * heads = {batch * heads} exceeds the grid's third axis (65535)")
+    cfg = pick_config(op, configs, config)
+    check_dot_blocks(op, cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")
+    blocks = {name: cfg[name] for name in ("BLOCK_D", "BLOCK_DV")}
+    launch = {name: cfg[name] for name in ("num_warps", "num_stages")}
+
+    o = torch.empty(batch, heads, n_q, d_v, device=q.device, dtype=q.dtype)
+    if o.numel() == 0:
+        return o
+    if d == 0 or n_k == 0:
+        return o.zero_()  # S = 0 and z = 0: every output is 0 / eps = 0
+    kv = torch.empty(batch, heads, d, d_v, device=q.device, dtype=torch.float32)
+    ksum = torch.empty(batch, heads, d, device=q.device, dtype=torch.float32)
+    state_grid = (triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(d_v, cfg["BLOCK_DV"]), batch * heads)
+    linear_attention_state_kernel[state_grid](
+        k, v, kv, ksum, heads, n_k, d, d_v, *k.stride(), *v.stride(),
+        BLOCK_N=cfg["BLOCK_N"], **blocks, **launch)
+    apply_grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(d_v, cfg["BLOCK_DV"]), batch * heads)
+    linear_attention_apply_kernel[apply_grid](
+        q, kv, ksum, o, heads, n_q, d, d_v, eps, *q.stride(), *o.stride(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=cfg["BLOCK_M"], **blocks, **launch)
+    return o
+
+
+def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                               eps: float = 1e-6) -> torch.Tensor:
+    """The module docstring's state form in plain torch, in fp32, cast back to ``q.dtype``."""
+    phi_q, phi_k = torch.relu(q.float()), torch.relu(k.float())
+    state = phi_k.transpose(-2, -1) @ v.float()  # (B, H, D, Dv)
+    z = phi_k.sum(dim=-2)  # (B, H, D)
+    den = (phi_q * z[..., None, :]).sum(-1, keepdim=True)
+    return ((phi_q @ state) / (den + eps)).to(q.dtype)
+
+
+def configs() -> list[dict[str, int]]:
+    """Tile sizes of both stages (keys per step, queries per program, D and Dv tiles), warps, stages.
+
+    The first is the untuned default. Every block is at least 16 (``tl.dot``).
+    """
+    return [
+        {"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DV": 64, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_DV": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 32, "BLOCK_DV": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_DV": 32, "num_warps": 2, "num_stages": 2},
+        {"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_DV": 16, "num_warps": 1, "num_stages": 1},
+    ]
