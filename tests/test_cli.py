@@ -179,3 +179,11 @@ def test_autotune_bad_requests(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["autotune"])  # one action is required
     assert info.value.code == 2
+
+
+def test_reference_models_are_named_directly(capsys):
+    assert main(["inspect", "unet-digits"]) == 0
+    out = capsys.readouterr().out
+    assert "EDMUNet" in out and "skip edges: 6" in out
+    assert main(["optimize", "dit-digits"]) == 0
+    assert "SiT on cpu" in capsys.readouterr().out
