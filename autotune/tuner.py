@@ -245,9 +245,9 @@ def hash_source(*parts: str | bytes | Callable[..., object]) -> str:
             data = part.encode()
         elif isinstance(part, bytes):
             data = part
-        else:  # a Triton JITFunction keeps its source in .src; a plain function has it on disk
+        else:  # a Triton JITFunction keeps its source in .src; an interpreted one wraps the function as .fn
             src = getattr(part, "src", None)
-            data = (src if isinstance(src, str) else inspect.getsource(part)).encode()
+            data = (src if isinstance(src, str) else inspect.getsource(getattr(part, "fn", part))).encode()
         h.update(len(data).to_bytes(8, "little") + data)  # length-prefixed: ("ab","c") != ("a","bc")
     return h.hexdigest()[:16]
 

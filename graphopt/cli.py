@@ -159,6 +159,14 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 def _cmd_autotune(ns: argparse.Namespace) -> int:
     from .autotune import clear, export_bundle, format_listing, import_bundle, list_caches
 
+    actions = [flag for flag, on in (("--list", ns.list), ("--export", ns.export), ("--import", ns.import_),
+                                     ("--clear", ns.clear)) if on]
+    if ns.model and actions:
+        raise UsageError(f"give either MODEL (to tune it) or {actions[0]}, not both")
+    if ns.model:
+        return _tune_model(ns)
+    if not actions:
+        raise UsageError("name a MODEL to tune, or one of --list, --export FILE, --import FILE, --clear")
     if ns.list:
         print(format_listing(list_caches(ns.cache_dir)))
     elif ns.export:
@@ -172,6 +180,51 @@ def _cmd_autotune(ns: argparse.Namespace) -> int:
     else:
         print(f"removed {clear(ns.cache_dir)} cache file(s)")
     return 0
+
+
+def _tune_model(ns: argparse.Namespace) -> int:
+    import torch
+
+    batches = _batches(ns.batch)
+    if ns.budget_s is not None and not ns.budget_s > 0:
+        raise UsageError(f"--budget-s must be a positive number of seconds, got {ns.budget_s}")
+    if not torch.cuda.is_available():
+        print("graphopt autotune: no CUDA GPU here (torch.cuda.is_available() is False); kernels are tuned on "
+              "the GPU they will run on", file=sys.stderr)
+        return 1
+    device = torch.device(ns.device)
+    if device.type != "cuda":
+        raise UsageError(f"--device must be a CUDA device such as cuda:0, got {ns.device}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {ns.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    from . import optimize
+    from . import passes as registry
+    from .autotune import TuningCache, gpu_device_key
+    from .autotune.model_tuning import format_table, tune_model
+
+    pipeline = registry.resolve(ns.passes)
+    with torch.cuda.device(device):
+        model, args, kwargs = load_model_spec(ns.model)
+        _status(f"optimizing {type(model).__name__} for {torch.cuda.get_device_name(device)} ...")
+        start = time.perf_counter()
+        optimized = optimize(model, args, kwargs, passes=pipeline, target="cuda")
+        print(optimized.report.table())
+        cache = TuningCache(gpu_device_key(device), ns.cache_dir)
+        _status(f"tuning for batch {', '.join(map(str, batches))} into {cache.path} ...")
+        rows = tune_model(optimized, batches, cache=cache, budget_s=ns.budget_s, force=ns.force)
+    print(format_table(rows))
+    print(f"tuned {len(rows)} kernel shapes in {time.perf_counter() - start:.1f}s; cache: {cache.path}")
+    return 0
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch takes comma-separated positive integers, got {text!r}") from None
+    if not batches or min(batches) < 1:
+        raise UsageError(f"--batch takes comma-separated positive integers, got {text!r}")
+    return list(dict.fromkeys(batches))
 
 
 def _positive(text: str) -> int:
@@ -248,11 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="bench-out", help="folder for the JSON and the PNG grid")
     p.set_defaults(run=_cmd_bench)
 
-    p = sub.add_parser("autotune", help="manage the per-GPU kernel tuning cache",
-                       description="List, export, import or clear the kernel tuning cache (one JSON file per GPU "
-                                   "under the user cache dir; GRAPHOPT_CACHE_DIR overrides). A bundle exported on one "
-                                   "GPU serves every identical GPU of a fleet.")
-    action = p.add_mutually_exclusive_group(required=True)
+    p = sub.add_parser("autotune", help="tune a model's kernels for this GPU; manage the tuning cache",
+                       description="With MODEL: optimize it for CUDA, run it at each --batch size, time every "
+                                   "candidate config of each kernel it runs (CUDA events, median of repeats) and "
+                                   "store the fastest in this GPU's cache, which later runs on this GPU use; prints "
+                                   "kernel, shape, best config, time and speedup over the default config. Without "
+                                   "MODEL: list, export, import or clear the cache (one JSON file per GPU under the "
+                                   "user cache dir; GRAPHOPT_CACHE_DIR overrides). A bundle exported on one GPU "
+                                   "serves every identical GPU of a fleet.")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="the model to tune (see 'graphopt --help')")
+    p.add_argument("--device", default="cuda", help="the GPU to tune for (default: the current one, e.g. cuda:0)")
+    p.add_argument("--batch", default="1,8,16", help="comma-separated batch sizes to tune for (default 1,8,16)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-time budget in seconds for the whole run (default: time every config)")
+    p.add_argument("--force", action="store_true", help="re-time kernels that already have a cache entry")
+    p.add_argument("--passes", type=_passes_arg, default=None, help="passes to run first (default: exact pipeline)")
+    action = p.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="list every cached kernel, shape bucket and best config")
     action.add_argument("--export", metavar="FILE", help="write all device caches into one bundle file")
     action.add_argument("--import", dest="import_", metavar="FILE", help="merge a bundle into the cache")

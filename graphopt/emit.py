@@ -32,7 +32,7 @@ from torch.export import Dim
 
 from . import structure
 from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards, capture
-from .errors import InputError, LoadError, OutputPathError, SaveError, UsageError, first_line
+from .errors import InputError, LoadError, OutputPathError, SaveError, UsageError, VerificationError, first_line
 from .logs import quiet
 from .pipeline import Pass, PassReport, run_passes
 
@@ -52,6 +52,8 @@ class OptimizationReport:
     capture_time_s: float
     passes: tuple[PassReport, ...]
     recaptures: int = 0
+    lowering: dict[str, Any] | None = None
+    """target="cuda": the :class:`~graphopt.autotune.lower.LoweringReport` as JSON (regions, kernels, error)."""
 
     @property
     def flops_before(self) -> float:
@@ -83,6 +85,8 @@ class OptimizationReport:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        if self.lowering is not None:
+            lines.append(_lowering_line(self.lowering))
         for p in self.passes:
             if p.rule_hits:
                 lines.append(f"{p.name}: " + ", ".join(f"{r} x{n}" for r, n in p.rule_hits))
@@ -106,6 +110,25 @@ class OptimizationReport:
         return OptimizationReport(**data)
 
 
+def _lowering_line(data: dict[str, Any]) -> str:
+    kinds: dict[str, int] = {}
+    for r in data["regions"]:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    kind_text = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+    aten = ", ".join(f"{op} x{n}" for op, n in data["left_on_aten"]) or "nothing"
+    line = (f"lower: {data['nodes_lowered']} nodes -> {len(data['regions'])} kernel calls ({kind_text}), "
+            f"{data['kernels']} distinct generated kernels, max abs err {data['max_abs_error']:.2e}, "
+            f"max rel err {data['max_rel_error']:.2e}, {data['time_s']:.2f}s; left on ATen: {aten}")
+    by_reason: dict[str, list[str]] = {}
+    for node, reason in data["declined"]:
+        by_reason.setdefault(reason, []).append(node)
+    for reason, nodes in by_reason.items():
+        line += f"\nlower: {len(nodes)} region(s) left on ATen ({', '.join(nodes)}): {reason}"
+    if data.get("dump_dir"):
+        line += f"\nlower: kernel sources in {data['dump_dir']}"
+    return line
+
+
 def _flops(value: float) -> str:
     if value != value:
         return "?"
@@ -126,6 +149,7 @@ class OptimizedModule(nn.Module):
                  passes: Sequence[Pass] = (), flops: Callable[[fx.GraphModule], float] | None = None):
         super().__init__()
         self.variants = nn.ModuleList([captured.graph_module])
+        self.lowered = nn.ModuleList()  # target="cuda": the variants with regions on Triton kernels
         self._captured = [captured]
         self._report = report
         self._source = source
@@ -141,6 +165,18 @@ class OptimizedModule(nn.Module):
     def captured(self) -> CapturedGraph:
         return self._captured[0]
 
+    def _lower_variant(self, captured: CapturedGraph) -> dict[str, Any]:
+        """Lower ``captured`` (the next variant) onto Triton kernels, checked region by region."""
+        gm, report = lower_captured(captured)
+        self.lowered.append(gm)
+        return report
+
+    def kernel_modules(self) -> list[nn.Module]:
+        """The kernel call sites of every lowered variant (empty unless target="cuda")."""
+        from graphopt.autotune.lower import _Tuned
+
+        return [m for gm in self.lowered for m in gm.modules() if isinstance(m, _Tuned)]
+
     @property
     def report(self) -> OptimizationReport:
         return dataclasses.replace(self._report, recaptures=self._recaptures)
@@ -149,12 +185,17 @@ class OptimizedModule(nn.Module):
         main = self._captured[0]
         spec, tensors, objects = main.call.flatten_call(args, kwargs)
         reason = ""
-        for variant in self._captured:
+        for i, variant in enumerate(self._captured):
             reason = _mismatch(variant, spec, tensors, objects)
             if not reason:
-                return variant.call.rebuild_output(variant.run(tensors))
-        variant = self._recapture(args, kwargs, reason)
-        return variant.call.rebuild_output(variant.run(tensors))
+                return variant.call.rebuild_output(self._run(i, tensors))
+        self._recapture(args, kwargs, reason)
+        return self._captured[-1].call.rebuild_output(self._run(len(self._captured) - 1, tensors))
+
+    def _run(self, i: int, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if i < len(self.lowered):
+            return tuple(self.lowered[i](*tensors))
+        return self._captured[i].run(tensors)
 
     def _recapture(self, args: tuple, kwargs: dict, reason: str) -> CapturedGraph:
         if self._source is None:
@@ -169,6 +210,8 @@ class OptimizedModule(nn.Module):
             captured.graph_module.to(device.device)
         self._captured.append(captured)
         self.variants.append(captured.graph_module)
+        if len(self.lowered):
+            self._lower_variant(captured)
         self._recaptures += 1
         return captured
 
@@ -201,7 +244,14 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
 
     ``passes`` are names from :mod:`graphopt.passes` or :class:`Pass` objects. Each exact pass is
     verified against the original model's outputs; the report records FLOPs, errors and times.
-    ``target="cuda"`` moves the model and inputs to the GPU before capture.
+
+    ``target="cuda"`` moves the model and inputs to the GPU before capture and then lowers the graph:
+    pointwise chains and norms with their epilogues run as generated Triton kernels, attention on the
+    flash kernel, matmuls and convolutions stay on ATen (see :mod:`graphopt.autotune.lower`). Each
+    kernel is checked against the ATen ops it replaces on the example inputs, within the dtype's
+    tolerance. Kernels use the tuned configs ``graphopt autotune`` stored for this GPU, else defaults.
+    Under ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on the CPU instead (slow;
+    for testing).
     """
     from . import passes as registry
     from .analysis.cost import graph_cost
@@ -210,10 +260,10 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     pipeline = registry.resolve(passes)
     if target == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("target='cuda' but torch sees no CUDA device")
-        model = model.to("cuda")
-        args, kwargs = _to_device((args, kwargs or {}), "cuda")
+        _check_cuda_target()
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+            args, kwargs = _to_device((args, kwargs or {}), "cuda")
     captured = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
     batch = captured.example_inputs[0].shape[0] if captured.example_inputs[0].dim() else None
 
@@ -225,7 +275,53 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     reports = run_passes(captured, pipeline, flops=flops)
     report = OptimizationReport(type(model).__name__, target, batch, captured.guards.batch_range(),
                                 captured.capture_time_s, reports)
-    return OptimizedModule(captured, report, source=model, passes=pipeline, flops=flops)
+    module = OptimizedModule(captured, report, source=model, passes=pipeline, flops=flops)
+    if target == "cuda":
+        module._report = dataclasses.replace(report, lowering=module._lower_variant(captured))
+    return module
+
+
+def _check_cuda_target() -> None:
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("target='cuda' but torch sees no CUDA device (set TRITON_INTERPRET=1 to run the "
+                         "generated kernels in Triton's interpreter on the CPU, for testing)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise UsageError("target='cuda' generates Triton kernels and Triton is not installed: "
+                         "pip install 'graphopt[triton]'") from None
+
+
+def lower_captured(captured: CapturedGraph) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Lower a captured graph onto kernels and check it on the example inputs; (module, report JSON).
+
+    Every kernel is compared with the ATen ops it replaces on the same inputs, then the whole graph
+    with the original model's outputs; either beyond the dtype's tolerance raises
+    :class:`VerificationError` naming the kernel and where it came from.
+    """
+    import time
+
+    from graphopt.autotune.lower import LoweringReport, check_regions, lower
+
+    from .verify import compare
+
+    start = time.perf_counter()
+    result = lower(captured.graph_module)
+    outputs, errors = check_regions(result.graph_module, captured.example_inputs)
+    for region in result.regions:
+        if region.name in errors and not errors[region.name][2]:
+            abs_err, rel_err, _ = errors[region.name]
+            where = f" ({', '.join(region.modules)})" if region.modules else ""
+            raise VerificationError(f"kernel {region.kernel} for {' '.join(region.ops)}{where} differs from the ATen "
+                                    f"ops it replaces: max abs err {abs_err:.3g}, max rel err {rel_err:.3g}")
+    cmp = compare(outputs, captured.reference_outputs)
+    if not cmp.within:
+        raise VerificationError(f"the lowered graph differs from the original model: {cmp.line()}")
+    nodes = sum(len(r.ops) for r in result.regions)
+    report = LoweringReport(result.regions, len(result.library), nodes, result.partition.left_on_aten,
+                            result.declined, cmp.max_abs_error, cmp.max_rel_error, time.perf_counter() - start,
+                            str(result.library.directory) if result.library.dumped else None)
+    return result.graph_module, report.to_json()
 
 
 def _to_device(value: Any, device: str) -> Any:
@@ -320,12 +416,18 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def load(directory: str | os.PathLike, *, verify: bool = True) -> OptimizedModule:
+def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cpu") -> OptimizedModule:
     """Load a directory written by :func:`save`. Never unpickles code.
 
     With ``verify`` the loaded program is run on the saved example inputs and must reproduce the
-    saved outputs, so a damaged weight file is caught here, not in a generated image.
+    saved outputs, so a damaged weight file is caught here, not in a generated image. ``target="cuda"``
+    moves it to the GPU and lowers it onto Triton kernels as ``optimize`` does (the saved program is
+    the portable graph; kernels are generated for the machine that loads it).
     """
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "cuda":
+        _check_cuda_target()
     path = Path(directory)
     if not path.is_dir():
         raise LoadError(f"{path} is not a directory saved by graphopt")
@@ -359,6 +461,9 @@ def load(directory: str | os.PathLike, *, verify: bool = True) -> OptimizedModul
     except (KeyError, TypeError, ValueError) as e:
         raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
     gm = program.module()
+    if target == "cuda" and torch.cuda.is_available():
+        gm = gm.to("cuda")
+        inputs, outputs = _to_device(inputs, "cuda"), _to_device(outputs, "cuda")
     _annotate_modules(gm)
     guards = _guards(gm, program)
     n_outputs = len(program.graph_signature.user_outputs)
@@ -377,7 +482,10 @@ def load(directory: str | os.PathLike, *, verify: bool = True) -> OptimizedModul
             raise LoadError(f"{path / 'model.pt2'} does not run on its saved example inputs ({e})") from e
         if not cmp.within:
             raise LoadError(f"{path} does not reproduce its saved outputs ({cmp.line()}): corrupted weights?")
-    return OptimizedModule(captured, report)
+    module = OptimizedModule(captured, report)
+    if target == "cuda":
+        module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(captured))
+    return module
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -145,7 +145,8 @@ class SiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
-        c = self.t_embedder(timestep_embedding(t, self.config.freq_dim)) + self.y_embedder(y)
+        # the frequencies are computed in fp32 (precise at t*1000) and meet the weights in their dtype
+        c = self.t_embedder(timestep_embedding(t, self.config.freq_dim).to(x.dtype)) + self.y_embedder(y)
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))

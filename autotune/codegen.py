@@ -1,0 +1,318 @@
+"""Triton source for one pointwise or norm region of a captured graph.
+
+Where it belongs: between :mod:`.regions` (which nodes run together) and :mod:`.lower` (which loads
+the source, launches it and tunes it). The output is plain, readable Python: one ``@triton.jit``
+function per region, its operands named ``in0_ptr`` / ``out0_ptr``, one line per graph node with the
+ATen op it came from.
+
+Index math. A region iterates over its *domain*, the shape of its outputs, with one flat index
+``x``. An operand of shape S and strides T (both aligned to the domain's rank, S_k = 1 where it is
+broadcast) is read at::
+
+    offset(x) = sum_{k : S_k != 1}  ((x // inner_k) mod D_k) * T_k,      inner_k = prod_{j > k} D_j
+
+Adjacent domain dimensions are merged first where the operand allows it (both broadcast in it, or
+both dense with T_k = T_{k+1} D_{k+1}: then idx_k T_k + idx_{k+1} T_{k+1} is one index over the pair), so a contiguous operand of the full shape reads at ``x`` and a
+per-sample (B, 1, C) shift inside a (B, N, C) domain at ``C*(x // (N*C)) + x % C``. Sizes and strides
+are sympy expressions straight from the capture's fake tensors: static sizes become literals and the
+batch stays a symbol (an argument of the kernel), so one kernel serves every batch.
+
+Norm regions (LayerNorm, GroupNorm, RMSNorm) run one program per normalised row of ``ROW`` elements:
+the domain's flat index is ``row * ROW + r`` because the normalised dimensions are the innermost
+ones (GroupNorm's groups are runs of whole channels). The kernel makes three passes over the row,
+``RBLOCK`` elements at a time: the mean, the centred variance (two-pass, as the hand-written norms),
+then the normalised value with the affine and every epilogue op, stored where the graph needs it::
+
+    LayerNorm, GroupNorm:  y = (x - mean) / sqrt(var + eps) * w + b
+    RMSNorm:               y = x / sqrt(mean(x^2) + eps) * w
+
+Values are computed in fp32 and stored in each output's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+
+import sympy
+import torch
+from sympy.printing.pycode import PythonCodePrinter
+from torch import fx
+
+from .regions import POINTWISE, Operand, Region, op_name, shape_of, strides_of
+
+aten = torch.ops.aten
+
+
+class FloorDiv(sympy.Function):
+    """``a // b`` for non-negative integers, kept unevaluated so it prints as Triton integer division."""
+
+    is_integer = True
+
+    @classmethod
+    def eval(cls, a: sympy.Expr, b: sympy.Expr) -> sympy.Expr | None:
+        if b == 1:
+            return a
+        if isinstance(a, FloorDiv):
+            return FloorDiv(a.args[0], a.args[1] * b)
+        return None
+
+
+class ModIndex(sympy.Function):
+    """``a % b`` for non-negative integers."""
+
+    is_integer = True
+
+    @classmethod
+    def eval(cls, a: sympy.Expr, b: sympy.Expr) -> sympy.Expr | None:
+        return sympy.Integer(0) if b == 1 else None
+
+
+class _Printer(PythonCodePrinter):
+    def _print_FloorDiv(self, e: FloorDiv) -> str:
+        return f"({self._print(e.args[0])} // {self._print(e.args[1])})"
+
+    def _print_ModIndex(self, e: ModIndex) -> str:
+        return f"({self._print(e.args[0])} % {self._print(e.args[1])})"
+
+    def _print_Symbol(self, e: sympy.Symbol) -> str:
+        return str(e)
+
+
+def pyexpr(e: sympy.Expr) -> str:
+    return _Printer().doprint(e)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedKernel:
+    """One region's kernel: its source and what the launcher needs to call it.
+
+    ``inputs`` and ``outputs`` are the region's operands in argument order; ``symbols`` the size
+    symbols the index math needs (passed after the pointers, then ``xnumel`` or ``ROWS``);
+    ``row`` the normalised row length of a norm region (``None`` for a pointwise one).
+    """
+
+    name: str
+    source: str
+    region: Region
+    inputs: tuple[Operand, ...]
+    outputs: tuple[Operand, ...]
+    symbols: tuple[sympy.Symbol, ...]
+    row: int | None
+
+    @property
+    def block_key(self) -> str:
+        return "XBLOCK" if self.row is None else "RBLOCK"
+
+
+def operands(region: Region) -> tuple[tuple[Operand, ...], tuple[Operand, ...]]:
+    """The region's inputs and outputs aligned to its domain (GroupNorm's per-channel affine included)."""
+    rank = len(region.domain)
+    norm = region.norm
+    special: dict[fx.Node, Operand] = {}
+    if norm is not None and norm.target is aten.group_norm.default:
+        # weight and bias are (C,): per channel, i.e. dimension 1 of (N, C, *spatial), not the last one
+        for p in norm.args[2:4]:
+            if isinstance(p, fx.Node):
+                c = shape_of(p)[0]
+                shape = (sympy.Integer(1), c) + (sympy.Integer(1),) * (rank - 2)
+                special[p] = Operand(p, shape, (sympy.Integer(0), strides_of(p)[0]) + (sympy.Integer(0),) * (rank - 2))
+    ins = tuple(special.get(n) or _aligned(n, rank) for n in region.inputs)
+    outs = tuple(_aligned(n, rank) for n in region.outputs)
+    return ins, outs
+
+
+def _aligned(node: fx.Node, rank: int) -> Operand:
+    shape, strides = shape_of(node), strides_of(node)
+    pad = rank - len(shape)
+    one, zero = sympy.Integer(1), sympy.Integer(0)
+    return Operand(node, (one,) * pad + shape, (zero,) * pad + strides)
+
+
+def merged_dims(domain: Sequence[sympy.Expr], ops: Sequence[Operand]) -> list[list[int]]:
+    """Groups of adjacent domain dimensions that all of ``ops`` let the kernel index as one."""
+    keep = [k for k, d in enumerate(domain) if d != 1] or [len(domain) - 1]
+    groups = [[keep[0]]]
+    for k in keep[1:]:
+        j = groups[-1][-1]
+        if all(_mergeable(op, j, k) for op in ops):
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
+
+
+def _mergeable(op: Operand, j: int, k: int) -> bool:
+    bj, bk = op.shape[j] == 1, op.shape[k] == 1
+    if bj or bk:
+        return bj and bk
+    return sympy.simplify(op.strides[j] - op.strides[k] * op.shape[k]) == 0
+
+
+def offset(op: Operand, domain: Sequence[sympy.Expr], groups: list[list[int]], x: sympy.Symbol) -> sympy.Expr:
+    """Where ``op`` holds the element at flat domain index ``x`` (the module docstring's formula)."""
+    sizes = [sympy.Mul(*(domain[k] for k in g)) for g in groups]
+    total = sympy.Integer(0)
+    for i, g in enumerate(groups):
+        if all(op.shape[k] == 1 for k in g):
+            continue
+        inner = sympy.Mul(*sizes[i + 1:])
+        idx = FloorDiv(x, inner)
+        if i > 0:  # the outermost index needs no wrap: x < numel
+            idx = ModIndex(idx, sizes[i])
+        total += idx * op.strides[g[-1]]
+    return total
+
+
+def generate(region: Region) -> GeneratedKernel:
+    """The Triton kernel of a pointwise or norm region."""
+    if region.kind not in ("pointwise", "norm"):
+        raise ValueError(f"no code generation for {region.kind} regions")
+    ins, outs = operands(region)
+    x = sympy.Symbol("xindex", integer=True, nonnegative=True)
+    # merging is per operand: an operand's offset depends on the domain and its own layout only
+    offsets = [offset(op, region.domain, merged_dims(region.domain, [op]), x) for op in ins + outs]
+    symbols = tuple(sorted({s for e in offsets for s in e.free_symbols if s != x}, key=str))
+    body = _Body(region, ins, outs, [pyexpr(e) for e in offsets])
+    if region.kind == "pointwise":
+        numel_arg, lines, row = "xnumel", body.pointwise(), None
+    else:
+        row = _row_length(region)
+        numel_arg, lines = "ROWS", body.norm(row)
+    params = [f"in{i}_ptr" for i in range(len(ins))] + [f"out{i}_ptr" for i in range(len(outs))]
+    params += [numel_arg] + [str(s) for s in symbols] + [f"{'XBLOCK' if row is None else 'RBLOCK'}: tl.constexpr"]
+    stem = "_".join(dict.fromkeys(region.ops()))[:48]
+    digest = hashlib.sha256("\n".join(lines + params).encode()).hexdigest()[:8]
+    name = f"fused_{stem}_{digest}"
+    domain = ", ".join(pyexpr(d) for d in region.domain)
+    header = [
+        f"# graphopt: {region.kind} region of {len(region.nodes)} ops over the domain ({domain})",
+        "# generated from the captured graph; sizes are literals, the batch stays a symbol",
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}({', '.join(params)}):",
+    ]
+    source = "\n".join(header + ["    " + line for line in lines]) + "\n"
+    return GeneratedKernel(name, source, region, ins, outs, symbols, row)
+
+
+def _row_length(region: Region) -> int:
+    norm = region.norm
+    assert norm is not None
+    shape = [int(s) for s in shape_of(norm.args[0])[1:]]
+    if norm.target is aten.group_norm.default:
+        return math.prod(shape) // int(norm.args[1])  # C/G channels of every group, all their pixels
+    normalized = norm.args[1]
+    return math.prod(int(s) for s in normalized)
+
+
+def norm_params(norm: fx.Node) -> tuple[object, object, float]:
+    """(weight, bias, eps) of a layer_norm / group_norm / rms_norm node, defaults filled in."""
+    def arg(i: int, name: str, default: object = None) -> object:
+        return norm.args[i] if len(norm.args) > i else norm.kwargs.get(name, default)
+
+    if norm.target is aten.rms_norm.default:
+        eps = arg(3, "eps")
+        # rms_norm's default eps is the dtype's machine epsilon
+        return arg(2, "weight"), None, float(torch.finfo(norm.meta["val"].dtype).eps if eps is None else eps)
+    return arg(2, "weight"), arg(3, "bias"), float(arg(4, "eps", 1e-5))
+
+
+class _Body:
+    """The statements of one kernel; ``v<i>`` is the i-th region node's value, ``in<i>`` a loaded input."""
+
+    def __init__(self, region: Region, ins: Sequence[Operand], outs: Sequence[Operand], offsets: list[str]):
+        self.region, self.ins, self.outs = region, ins, outs
+        self.in_offsets = offsets[:len(ins)]
+        # an output's offset lacks the index only when the domain is one element: lane 0 writes it
+        self.out_offsets = [o if "xindex" in o else "xindex" for o in offsets[len(ins):]]
+        self.names = {n: f"v{i}" for i, n in enumerate(region.nodes)}
+        self.names.update({op.node: f"in{i}" for i, op in enumerate(ins)})
+        self.computed: dict[str, str] = {}
+
+    def _load(self, i: int, mask: str, other: str = "1.0") -> str:
+        if "xindex" not in self.in_offsets[i]:  # one element broadcast to all: a scalar load, always in bounds
+            return f"in{i} = tl.load(in{i}_ptr + {self.in_offsets[i]}).to(tl.float32)"
+        # masked-off lanes are never stored; 1.0 keeps log / div / rsqrt of them finite and quiet
+        return f"in{i} = tl.load(in{i}_ptr + {self.in_offsets[i]}, mask={mask}, other={other}).to(tl.float32)"
+
+    def _arg(self, a: object) -> str:
+        if isinstance(a, fx.Node):
+            return self.names[a]
+        if isinstance(a, bool):
+            return "1.0" if a else "0.0"
+        if isinstance(a, (int, float)):
+            return repr(float(a))
+        return repr(a)  # strings (gelu's approximate=) go to the emitter as they are
+
+    def _node(self, n: fx.Node) -> str:
+        args = [self._arg(a) for a in n.args]
+        kwargs = {k: (v if isinstance(v, str) else self._arg(v)) for k, v in n.kwargs.items()}
+        if n.target is aten.gelu.default and len(args) > 1:
+            kwargs["approximate"], args = n.args[1], args[:1]
+        if n.target is aten.pow.Tensor_Scalar:
+            expr = POINTWISE[n.target](args[0], float(n.args[1]))
+        else:
+            expr = POINTWISE[n.target](*args, **kwargs)
+        if (same := self.computed.get(expr)) is not None:  # e.g. one silu(c) read by every adaLN projection
+            self.names[n] = same
+            return f"# {op_name(n)}: same value as {same}"
+        self.computed[expr] = self.names[n]
+        return f"{self.names[n]} = {expr}  # {op_name(n)}"
+
+    def _stores(self, mask: str) -> list[str]:
+        return [f"tl.store(out{i}_ptr + {self.out_offsets[i]}, {self.names[op.node]}.to(out{i}_ptr.dtype.element_ty), "
+                f"mask={mask})" for i, op in enumerate(self.outs)]
+
+    def _epilogue(self, nodes: Sequence[fx.Node], mask: str, skip: int | None = None) -> list[str]:
+        lines = [self._load(i, mask) for i in range(len(self.ins)) if i != skip]
+        lines += [self._node(n) for n in nodes]
+        return lines + self._stores(mask)
+
+    def pointwise(self) -> list[str]:
+        return [
+            "xindex = tl.program_id(0).to(tl.int64) * XBLOCK + tl.arange(0, XBLOCK)",
+            "xmask = xindex < xnumel",
+            *self._epilogue(self.region.nodes, "xmask"),
+        ]
+
+    def norm(self, row: int) -> list[str]:
+        norm, *epilogue = self.region.nodes
+        x = self.ins.index(next(op for op in self.ins if op.node is norm.args[0]))
+        rms = norm.target is aten.rms_norm.default
+        weight, bias, eps = norm_params(norm)
+        v = self.names[norm]
+        load_x = self._load(x, "rmask", other="0.0")
+        lines = [
+            "row = tl.program_id(0).to(tl.int64)",
+            "rbase = tl.arange(0, RBLOCK)",
+        ]
+        loop = [f"for roff in range(0, {row}, RBLOCK):",
+                "    rindex = roff + rbase",
+                f"    rmask = rindex < {row}",
+                f"    xindex = row * {row} + rindex"]
+        if rms:
+            lines += ["acc = tl.zeros([RBLOCK], dtype=tl.float32)", *loop, f"    {load_x}", f"    acc += in{x} * in{x}",
+                      f"rstd = tl.rsqrt(tl.sum(acc, axis=0) / {row} + {eps!r})", "mean = 0.0"]
+        else:
+            lines += ["acc = tl.zeros([RBLOCK], dtype=tl.float32)", *loop, f"    {load_x}", f"    acc += in{x}",
+                      f"mean = tl.sum(acc, axis=0) / {row}",
+                      "acc = tl.zeros([RBLOCK], dtype=tl.float32)", *loop, f"    {load_x}",
+                      f"    d = tl.where(rmask, in{x} - mean, 0.0)",  # padding would add mean^2 per column
+                      "    acc += d * d",
+                      f"rstd = tl.rsqrt(tl.sum(acc, axis=0) / {row} + {eps!r})"]
+        value = f"(in{x} - mean) * rstd"
+        if isinstance(weight, fx.Node):
+            value += f" * {self.names[weight]}"
+        if isinstance(bias, fx.Node):
+            value += f" + {self.names[bias]}"
+        body = [load_x, f"{v} = {value}  # {op_name(norm)}"] + self._epilogue(epilogue, "rmask", skip=x)
+        # the affine parameters are loaded with the other inputs, before the normalised value uses them
+        loads = [s for s in body if s.startswith("in") and "tl.load" in s]
+        rest = [s for s in body if s not in loads]
+        return lines + loop + ["    " + s for s in loads + rest]

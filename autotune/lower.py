@@ -1,0 +1,548 @@
+"""Lower a captured graph onto Triton: each region becomes one kernel call, the rest stays ATen.
+
+Where it belongs: the last step of ``optimize(..., target="cuda")``, after the rewrite passes. It
+partitions the graph (:mod:`.regions`), generates a kernel per pointwise or norm region
+(:mod:`.codegen`), and rebuilds the graph with one ``call_module`` per region. Attention regions call
+the hand-written flash kernel. Every region keeps its original ATen nodes as an eager fallback, which
+is also the reference its kernel is checked against.
+
+Identical regions (the same ops on the same layouts: one per transformer block) share one source and
+so one compiled kernel: a :class:`KernelLibrary` loads each distinct source once. With
+``GRAPHOPT_DUMP_KERNELS=dir`` the sources are written to ``dir`` (one ``.py`` per kernel and
+``regions.txt`` saying which graph nodes and modules each region came from), readable as they are.
+
+Each region picks its launch config per shape bucket from the tuning cache the first time it sees the
+bucket (:func:`graphopt.autotune.choose`): the tuned config if ``graphopt autotune`` stored one for this
+GPU, else the family's heuristic default. ``tune()`` on a region times every candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import heapq
+import importlib.util
+import math
+import operator
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sympy
+import torch
+from torch import fx, nn
+
+from graphopt.errors import UsageError
+
+from .cache import Config, shape_bucket
+from .codegen import GeneratedKernel, generate
+from .regions import Partition, Region, partition, shape_of, strides_of
+from .tuner import (
+    DEFAULT_CACHE,
+    CacheArg,
+    Timer,
+    TuneResult,
+    choose,
+    cuda_event_timer,
+    hash_source,
+    tune,
+)
+
+DUMP_ENV = "GRAPHOPT_DUMP_KERNELS"
+
+
+def pointwise_configs() -> list[dict[str, int]]:
+    """Elements per program and warps for a generated pointwise kernel; the first is the default."""
+    return [
+        {"XBLOCK": 1024, "num_warps": 4, "num_stages": 1},
+        {"XBLOCK": 512, "num_warps": 4, "num_stages": 1},
+        {"XBLOCK": 2048, "num_warps": 8, "num_stages": 1},
+        {"XBLOCK": 256, "num_warps": 2, "num_stages": 1},
+        {"XBLOCK": 4096, "num_warps": 8, "num_stages": 1},
+        {"XBLOCK": 128, "num_warps": 1, "num_stages": 1},
+    ]
+
+
+def norm_configs() -> list[dict[str, int]]:
+    """Row elements per loop step and warps for a generated norm kernel."""
+    return [
+        {"RBLOCK": 1024, "num_warps": 4, "num_stages": 1},
+        {"RBLOCK": 256, "num_warps": 2, "num_stages": 1},
+        {"RBLOCK": 512, "num_warps": 4, "num_stages": 1},
+        {"RBLOCK": 2048, "num_warps": 8, "num_stages": 1},
+        {"RBLOCK": 4096, "num_warps": 8, "num_stages": 1},
+        {"RBLOCK": 128, "num_warps": 1, "num_stages": 1},
+        {"RBLOCK": 1024, "num_warps": 8, "num_stages": 1},
+    ]
+
+
+def _prune_blocks(key: str) -> Callable[[Sequence[Config], tuple[int, ...]], list[Config]]:
+    """Cost model: a block much larger than the work only masks lanes off; try the best-fitting first."""
+
+    def prune(configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
+        work = shape[-1]
+        fit = max(128, 1 << max(work - 1, 0).bit_length())
+        kept = [c for c in configs if c[key] <= fit] or [min(configs, key=lambda c: c[key])]
+        # one step over the whole row (or one program for tiny tensors) first: the best untuned guess
+        return sorted(kept, key=lambda c: abs(math.log2(c[key]) - math.log2(min(fit, 1024 if key == "XBLOCK" else 4096))))
+
+    return prune
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningOptions:
+    """How lowered kernels pick configs: ``cache`` to read (and write when tuning), ``autotune`` to time
+    candidates the first time a shape bucket is met rather than use the cached or default config."""
+
+    cache: CacheArg = DEFAULT_CACHE
+    autotune: bool = False
+    timer: Timer = cuda_event_timer
+    budget_s: float | None = None
+
+
+class KernelLibrary:
+    """Loads each distinct generated source once; writes them to ``dump_dir`` when given.
+
+    Without a dump directory the sources go to a private temporary directory (Triton reads a kernel's
+    source from its file), removed when the library is garbage-collected.
+    """
+
+    def __init__(self, dump_dir: str | os.PathLike | None = None):
+        if dump_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="graphopt-kernels-")
+            self._tmp = tmp
+            self.directory, self.dumped = Path(tmp.name), False
+        else:
+            self._tmp = None
+            self.directory, self.dumped = Path(dump_dir), True
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"{DUMP_ENV}={dump_dir}: cannot create the folder ({e.strerror})") from e
+        self._loaded: dict[str, Any] = {}
+
+    @staticmethod
+    def from_env() -> KernelLibrary:
+        return KernelLibrary(os.environ.get(DUMP_ENV) or None)
+
+    def __len__(self) -> int:
+        return len(self._loaded)
+
+    def load(self, kernel: GeneratedKernel) -> Any:
+        """The ``@triton.jit`` function of ``kernel`` (compiled by Triton on first launch, once per signature)."""
+        if (fn := self._loaded.get(kernel.source)) is not None:
+            return fn
+        path = self.directory / f"{kernel.name}.py"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(kernel.source)
+        os.replace(tmp, path)  # a reader never sees half a file
+        spec = importlib.util.spec_from_file_location(f"graphopt_generated.{kernel.name}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        fn = getattr(module, kernel.name)
+        self._loaded[kernel.source] = fn
+        return fn
+
+    def write_index(self, text: str) -> None:
+        if self.dumped:
+            (self.directory / "regions.txt").write_text(text)
+
+
+class _Tuned(nn.Module):
+    """A kernel call site: picks and remembers a config per shape bucket; ``tune()`` times them all."""
+
+    kernel_name: str
+    source_hash: str
+
+    def __init__(self, options: TuningOptions):
+        super().__init__()
+        self.options = options
+        self._chosen: dict[tuple[int, ...], Config] = {}
+
+    def configs(self) -> list[dict[str, int]]:
+        raise NotImplementedError
+
+    def prune(self, configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
+        return list(configs)
+
+    def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _config(self, shape: tuple[int, ...], inputs: Sequence[torch.Tensor]) -> Config:
+        bucket = shape_bucket(shape)
+        if (cfg := self._chosen.get(bucket)) is None:
+            o = self.options
+            cfg = choose(self.kernel_name, self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
+                         autotune=o.autotune, prune=self.prune, timer=o.timer, cache=o.cache,
+                         budget_s=o.budget_s).config
+            self._chosen[bucket] = cfg
+        return cfg
+
+    def tune(self, *inputs: torch.Tensor, timer: Timer = cuda_event_timer, cache: CacheArg = DEFAULT_CACHE,
+             budget_s: float | None = None, force: bool = False) -> TuneResult:
+        """Time every candidate config on ``inputs``; the winner is stored and used from now on."""
+        shape = self.tuning_shape(*inputs)
+        result = tune(self.kernel_name, self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
+                      prune=self.prune, timer=timer, cache=cache, budget_s=budget_s, force=force)
+        self._chosen[shape_bucket(shape)] = result.config
+        return result
+
+    def default_config(self, *inputs: torch.Tensor) -> Config:
+        """The untuned heuristic choice at these inputs' shape."""
+        return Config(self.prune([Config(c) for c in self.configs()], self.tuning_shape(*inputs))[0])
+
+
+class FusedRegion(_Tuned):
+    """A generated pointwise or norm kernel in place of the region's ATen nodes.
+
+    Called with the region's inputs, returns its outputs as a tuple, allocated with the strides the
+    eager ops would have given them. Inputs laid out otherwise than at capture (the kernel's index math
+    assumes the captured strides) run the eager fallback instead, counted in ``fallbacks``.
+    """
+
+    def __init__(self, kernel: GeneratedKernel, library: KernelLibrary, fallback: fx.GraphModule,
+                 options: TuningOptions):
+        super().__init__(options)
+        self.generated = kernel
+        self.kernel_name, self.source_hash = kernel.name, hash_source(kernel.source)
+        self._library = library  # keeps the kernel's source file alive
+        self.fn = library.load(kernel)
+        self.fallback = fallback
+        self.fallbacks = 0
+        region = kernel.region
+        symbols = sorted({s for n in (*region.inputs, *region.outputs)
+                          for e in (*shape_of(n), *strides_of(n)) for s in e.free_symbols} | set(kernel.symbols),
+                         key=str)
+        self._symbols = tuple(symbols)
+        self._binders = _binders(self._symbols, region.inputs)
+        geometry = [[list(shape_of(n)), list(strides_of(n))] for n in (*region.inputs, *region.outputs)]
+        numel = sympy.Mul(*region.domain)
+        self._geometry = sympy.lambdify(self._symbols, [geometry, numel], modules="math")
+        self._dtypes = tuple(n.meta["val"].dtype for n in region.outputs)
+        self._n_in = len(region.inputs)
+
+    def extra_repr(self) -> str:
+        return f"{self.kernel_name}: {' '.join(self.generated.region.ops())}"
+
+    def configs(self) -> list[dict[str, int]]:
+        return pointwise_configs() if self.generated.row is None else norm_configs()
+
+    def prune(self, configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
+        return _prune_blocks(self.generated.block_key)(configs, shape)
+
+    def _layout(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int] | None:
+        values = [b(inputs) for b in self._binders]
+        geometry, numel = self._geometry(*values)
+        for t, (shape, strides) in zip(inputs, geometry):
+            if tuple(t.shape) != tuple(shape) or any(
+                    s != 1 and a != b for s, a, b in zip(shape, t.stride(), strides)):
+                return None
+        return values, geometry[self._n_in:], int(numel)
+
+    def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
+        layout = self._layout(inputs)
+        if layout is None:
+            raise ValueError(f"{self.kernel_name}: inputs are not laid out as at capture")
+        return self._shape(layout[2])
+
+    def _shape(self, numel: int) -> tuple[int, ...]:
+        row = self.generated.row
+        return (numel,) if row is None else (numel // row, row)
+
+    def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        layout = self._layout(inputs)
+        if layout is None:
+            raise ValueError(f"{self.kernel_name}: inputs are not laid out as at capture")
+        values, out_geometry, numel = layout
+        device = inputs[0].device
+        outs = tuple(torch.empty_strided(shape, strides, dtype=dtype, device=device)
+                     for (shape, strides), dtype in zip(out_geometry, self._dtypes))
+        if numel == 0:
+            return outs
+        cfg = dict(config)
+        row = self.generated.row
+        if row is None:
+            grid = (triton_cdiv(numel, cfg["XBLOCK"]),)
+            self.fn[grid](*inputs, *outs, numel, *self._kernel_symbols(values), **cfg)
+        else:
+            self.fn[(numel // row,)](*inputs, *outs, numel // row, *self._kernel_symbols(values), **cfg)
+        return outs
+
+    def _kernel_symbols(self, values: Sequence[int]) -> list[int]:
+        return [values[self._symbols.index(s)] for s in self.generated.symbols]
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        layout = self._layout(inputs)
+        if layout is None:
+            self.fallbacks += 1
+            return tuple(self.fallback(*inputs))
+        return self.launch(self._config(self._shape(layout[2]), inputs), *inputs)
+
+
+class AttentionRegion(_Tuned):
+    """``scaled_dot_product_attention`` (no mask, no dropout, not causal) on the flash kernel."""
+
+    def __init__(self, node: fx.Node, options: TuningOptions):
+        super().__init__(options)
+        from .kernels import attention as attention_module
+        from .kernels._launch import is_compiled
+
+        module = _kernel_module("attention")
+        if not is_compiled(module.attention_kernel) and node.args[0].meta["val"].dtype == torch.bfloat16:
+            raise _Decline("Triton's interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584); "
+                           "bf16 attention runs on ATen under TRITON_INTERPRET=1")
+        self._attention = attention_module
+        self.scale = node.kwargs.get("scale")
+        self.kernel_name = "attention"
+        self.source_hash = hash_source(module.attention_kernel, module._attend_block)
+        self._configs = module.configs
+
+    def extra_repr(self) -> str:
+        return f"flash attention, scale={self.scale}"
+
+    def configs(self) -> list[dict[str, int]]:
+        return self._configs()
+
+    def tuning_shape(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+        return (q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3])
+
+    def launch(self, config: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self._attention(q, k, v, scale=self.scale, config=config),)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.launch(self._config(self.tuning_shape(q, k, v), (q, k, v)), q, k, v)
+
+
+def _kernel_module(name: str) -> Any:
+    return importlib.import_module(f"{__package__}.kernels.{name}")
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _binders(symbols: Sequence[sympy.Symbol], inputs: Sequence[fx.Node]) -> list[Callable[[Sequence[torch.Tensor]], int]]:
+    """For each size symbol, how to read its value off the inputs (a dim equal to it, or solved from one)."""
+    binders = []
+    for s in symbols:
+        direct, solved = None, None
+        for i, n in enumerate(inputs):
+            for d, e in enumerate(shape_of(n)):
+                if e == s and direct is None:
+                    direct = functools.partial(_dim, i, d, None)
+                elif solved is None and e.free_symbols == {s}:
+                    y = sympy.Symbol("y")
+                    roots = sympy.solve(sympy.Eq(e, y), s)
+                    if len(roots) == 1:  # e.g. the batch of a CFG-doubled tensor, 2*s0
+                        solved = functools.partial(_dim, i, d, sympy.lambdify(y, roots[0], modules="math"))
+        if (found := direct or solved) is None:
+            raise _Decline(f"size symbol {s} cannot be read off the region's inputs")
+        binders.append(found)
+    return binders
+
+
+def _dim(i: int, d: int, inverse: Callable[[int], float] | None, tensors: Sequence[torch.Tensor]) -> int:
+    size = int(tensors[i].shape[d])
+    return size if inverse is None else int(inverse(size))
+
+
+class _Decline(Exception):
+    """A region that cannot be lowered; the reason goes into the report and its nodes stay on ATen."""
+
+
+# -------------------------------------------------------------------------------------------- lowering
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredRegion:
+    name: str
+    kind: str
+    kernel: str
+    ops: tuple[str, ...]
+    modules: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweringReport:
+    """What lowering did: regions by kind, distinct kernels, what stayed on ATen, the measured error."""
+
+    regions: tuple[LoweredRegion, ...]
+    kernels: int
+    nodes_lowered: int
+    left_on_aten: tuple[tuple[str, int], ...]
+    declined: tuple[tuple[str, str], ...]
+    max_abs_error: float
+    max_rel_error: float
+    time_s: float
+    dump_dir: str | None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.regions:
+            out[r.kind] = out.get(r.kind, 0) + 1
+        return out
+
+    def line(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))
+        aten = ", ".join(f"{op} x{n}" for op, n in self.left_on_aten) or "nothing"
+        return (f"lowered {self.nodes_lowered} nodes into {len(self.regions)} regions ({kinds or 'none'}) using "
+                f"{self.kernels} distinct kernels in {self.time_s:.2f}s; max abs err {self.max_abs_error:.2e}, "
+                f"max rel err {self.max_rel_error:.2e}; on ATen: {aten}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> LoweringReport:
+        data = dict(data)
+        data["regions"] = tuple(LoweredRegion(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
+                                for r in data["regions"])
+        data["left_on_aten"] = tuple(tuple(x) for x in data["left_on_aten"])
+        data["declined"] = tuple(tuple(x) for x in data["declined"])
+        return LoweringReport(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowered:
+    graph_module: fx.GraphModule
+    partition: Partition
+    regions: tuple[LoweredRegion, ...]
+    declined: tuple[tuple[str, str], ...]
+    library: KernelLibrary
+
+
+def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
+          options: TuningOptions = TuningOptions()) -> Lowered:
+    """A new GraphModule running ``gm``'s regions as kernels (``gm`` is left as it was).
+
+    The new module shares ``gm``'s parameters. Regions whose kernel cannot be built are left on ATen
+    and listed in ``declined`` with the reason.
+    """
+    library = library or KernelLibrary.from_env()
+    part = partition(gm)
+    kernels: dict[str, nn.Module] = {}
+    placed: dict[fx.Node, tuple[str, Region]] = {}
+    lowered: list[LoweredRegion] = []
+    declined: list[tuple[str, str]] = []
+    for region in part.regions:
+        name = f"r{len(kernels)}"
+        try:
+            if region.kind == "attention":
+                module: _Tuned = AttentionRegion(region.nodes[0], options)
+            else:
+                module = FusedRegion(generate(region), library, _fallback(region), options)
+        except _Decline as e:
+            declined.append((region.nodes[0].name, str(e)))
+            continue
+        kernels[name] = module
+        for n in region.nodes:
+            placed[n] = (name, region)
+        lowered.append(LoweredRegion(name, region.kind, module.kernel_name, tuple(region.ops()),
+                                     tuple(region.modules())))
+    graph = _rebuild(gm.graph, placed)
+    root = nn.Module()
+    for n in gm.graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            head = str(n.target).split(".")[0]
+            if not hasattr(root, head):
+                setattr(root, head, getattr(gm, head))
+    root.add_module("graphopt_kernels", nn.ModuleDict(kernels))
+    out = fx.GraphModule(root, graph, class_name="LoweredGraph")
+    library.write_index(_index(lowered))
+    return Lowered(out, part, tuple(lowered), tuple(declined), library)
+
+
+def _fallback(region: Region) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, n in enumerate(region.inputs):
+        env[n] = graph.placeholder(f"in{i}")
+        env[n].meta = dict(n.meta)
+    for n in region.nodes:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[n] for n in region.outputs))
+    return fx.GraphModule(nn.Module(), graph, class_name="RegionFallback")
+
+
+def _rebuild(old: fx.Graph, placed: dict[fx.Node, tuple[str, Region]]) -> fx.Graph:
+    """The graph with each placed region as one call; units are emitted in dependency order."""
+    order = {n: i for i, n in enumerate(old.nodes)}
+    units: dict[object, list[fx.Node]] = {}
+    for n in old.nodes:
+        key = placed[n][0] if n in placed else n
+        units.setdefault(key, []).append(n)
+    deps = {key: {placed[a][0] if a in placed else a for m in nodes for a in m.all_input_nodes} - {key}
+            for key, nodes in units.items()}
+    users: dict[object, list[object]] = {key: [] for key in units}
+    for key, ds in deps.items():
+        for d in ds:
+            users[d].append(key)
+    waiting = {key: len(ds) for key, ds in deps.items()}
+    ready = [(order[nodes[0]], i, key) for i, (key, nodes) in enumerate(units.items()) if not waiting[key]]
+    heapq.heapify(ready)
+    tiebreak = {key: i for i, key in enumerate(units)}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    while ready:
+        _, _, key = heapq.heappop(ready)
+        if isinstance(key, str):
+            region = placed[units[key][0]][1]
+            call = graph.call_module(f"graphopt_kernels.{key}", tuple(env[a] for a in region.inputs))
+            call.meta["graphopt_module"] = ", ".join(region.modules())
+            for j, out in enumerate(region.outputs):
+                got = graph.call_function(operator.getitem, (call, j))
+                got.meta = dict(out.meta)
+                env[out] = got
+        else:
+            env[key] = graph.node_copy(key, lambda a: env[a])
+        for u in users[key]:
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, (order[units[u][0]], tiebreak[u], u))
+    graph.lint()
+    return graph
+
+
+def _index(regions: Sequence[LoweredRegion]) -> str:
+    lines = ["# region  kind  kernel  ops  modules"]
+    for r in regions:
+        lines.append(f"{r.name}\t{r.kind}\t{r.kernel}\t{' '.join(r.ops)}\t{', '.join(r.modules)}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- verifying
+
+
+def check_regions(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], dict[str, tuple[float, float, bool]]]:
+    """Run ``lowered`` on ``inputs`` comparing every kernel with its region's eager ops on the same inputs.
+
+    Returns the outputs and, per region, (max abs error, max rel error, within tolerance).
+    """
+    from graphopt.verify import compare
+
+    errors: dict[str, tuple[float, float, bool]] = {}
+
+    class _Check(fx.Interpreter):
+        def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+            got = super().call_module(target, args, kwargs)
+            module = self.fetch_attr(target)
+            if isinstance(module, FusedRegion):
+                want = tuple(module.fallback(*args))
+            elif isinstance(module, AttentionRegion):
+                want = (torch.nn.functional.scaled_dot_product_attention(*args, scale=module.scale),)
+            else:
+                return got
+            cmp = compare(got, want)
+            errors[target.rsplit(".", 1)[-1]] = (cmp.max_abs_error, cmp.max_rel_error, cmp.within)
+            return got
+
+    with torch.no_grad():
+        out = _Check(lowered).run(*inputs)
+    return tuple(out), errors
+

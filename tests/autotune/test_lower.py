@@ -1,0 +1,245 @@
+"""Lowering captured graphs onto generated Triton kernels, run under TRITON_INTERPRET=1.
+
+Every generated region is checked against the ATen ops it replaces (its eager fallback) on the same
+inputs, and the lowered graph against the eager model.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("triton")
+
+from graphopt.autotune import DeviceKey, TuningCache  # noqa: E402
+from graphopt.autotune.lower import (FusedRegion, KernelLibrary, TuningOptions, check_regions, lower,  # noqa: E402
+                                     norm_configs, pointwise_configs)
+from graphopt.autotune.regions import POINTWISE  # noqa: E402
+from graphopt.capture import capture  # noqa: E402
+from graphopt.errors import UsageError  # noqa: E402
+from tests.autotune.kernels.helpers import close  # noqa: E402
+
+aten = torch.ops.aten
+FAKE_GPU = DeviceKey("Fake GPU", (9, 0), 132, "12.4", "2.13.0", "3.9.0", "0.1.0")
+
+
+class Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def lowered(model, *args, library=None, options=TuningOptions(cache=None)):
+    captured = capture(model.eval(), args)
+    result = lower(captured.graph_module, library=library, options=options)
+    outputs, errors = check_regions(result.graph_module, captured.example_inputs)
+    bad = {k: v for k, v in errors.items() if not v[2]}
+    assert not bad, f"kernels differ from their ATen ops: {bad}"
+    for got, want in zip(outputs, captured.reference_outputs):
+        close(got, want)
+    return result, captured
+
+
+POSITIVE = lambda x: x.abs() + 0.5  # noqa: E731 - log, sqrt, rsqrt, pow need a positive domain
+
+UNARY = {
+    "neg": lambda x: -x, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": torch.relu, "exp": torch.exp,
+    "log": lambda x: torch.log(POSITIVE(x)), "sqrt": lambda x: torch.sqrt(POSITIVE(x)),
+    "rsqrt": lambda x: torch.rsqrt(POSITIVE(x)), "reciprocal": lambda x: torch.reciprocal(POSITIVE(x)),
+    "sin": torch.sin, "cos": torch.cos, "abs": torch.abs, "pow2": lambda x: x**2, "pow3": lambda x: x**3,
+    "pow_half": lambda x: POSITIVE(x) ** 0.5, "pow_minus_half": lambda x: POSITIVE(x) ** -0.5,
+    "pow_minus_one": lambda x: POSITIVE(x) ** -1,
+}
+BINARY = {
+    "add": torch.add, "add_alpha": lambda x, y: torch.add(x, y, alpha=2.5), "sub": torch.sub,
+    "sub_alpha": lambda x, y: torch.sub(x, y, alpha=0.5), "mul": torch.mul, "div": lambda x, y: x / POSITIVE(y),
+    "rsub_scalar": lambda x, y: 1 - x * y, "scalar_ops": lambda x, y: (x + 2) * 3 / 4 - y,
+    "scalar_overloads": lambda x, y: (aten.add.Scalar(x, 2) - aten.sub.Scalar(y, 1.5) * aten.mul.Scalar(x, 3)
+                                      / aten.div.Scalar(POSITIVE(y), 2) + aten.rsub.Scalar(x, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNARY))
+def test_every_unary_op_on_odd_sizes(name):
+    result, _ = lowered(Fn(lambda x: UNARY[name](x) + 0.0 * x), torch.randn(3, 7, 13))
+    assert [r.kind for r in result.regions] == ["pointwise"]
+
+
+@pytest.mark.parametrize("name", sorted(BINARY))
+@pytest.mark.parametrize("shapes", [((3, 5, 7), (3, 5, 7)), ((3, 5, 7), (3, 1, 7)), ((3, 5, 7), (7,)),
+                                    ((3, 5, 7), ()), ((3, 1, 7), (1, 5, 1))], ids=str)
+def test_every_binary_op_with_broadcasting(name, shapes):
+    a, b = (torch.randn(s) for s in shapes)
+    result, _ = lowered(Fn(BINARY[name]), a, b)
+    assert result.regions
+
+
+def test_the_op_table_is_covered_by_these_tests():
+    seen = set()
+    for fn, n in [*((f, 1) for f in UNARY.values()), *((f, 2) for f in BINARY.values())]:
+        gm = capture(Fn(fn).eval(), tuple(torch.randn(2, 3) for _ in range(n))).graph_module
+        seen |= {node.target for node in gm.graph.nodes if node.target in POINTWISE}
+    assert not {str(t) for t in set(POINTWISE) - seen}
+
+
+def test_transposed_inputs_and_outputs_keep_eager_strides():
+    x = torch.randn(4, 6, 5).transpose(1, 2)  # (4, 5, 6), not contiguous
+    result, captured = lowered(Fn(lambda x, y: torch.sigmoid(x) * y), x, torch.randn(4, 5, 6))
+    out = result.graph_module(*captured.example_inputs)[0]
+    assert out.stride() == captured.reference_outputs[0].stride()
+
+
+class AdaLN(nn.Module):
+    def __init__(self, dim=40):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, c):
+        shift, scale, gate = self.ada(F.silu(c)).chunk(3, dim=1)
+        h = self.norm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return x + gate.unsqueeze(1) * F.gelu(h, approximate="tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_adaln_block_in_each_dtype(dtype):
+    model = AdaLN().to(dtype)
+    result, _ = lowered(model, torch.randn(3, 5, 40, dtype=dtype) * 2 + 1, torch.randn(3, 40, dtype=dtype))
+    assert [r.kind for r in result.regions] == ["pointwise", "norm"]
+
+
+@pytest.mark.parametrize("module,shape", [
+    (nn.LayerNorm(300), (2, 3, 300)),                              # three loop steps, a masked tail
+    (nn.LayerNorm((5, 7)), (3, 5, 7)),                             # normalised over two dims
+    (nn.LayerNorm(33, elementwise_affine=False), (4, 33)),
+    (nn.GroupNorm(3, 6), (2, 6, 5, 7)),
+    (nn.GroupNorm(1, 4, affine=False), (3, 4, 9)),
+    (nn.RMSNorm(24), (2, 5, 24)),
+    (nn.RMSNorm(24, eps=1e-3, elementwise_affine=False), (2, 5, 24)),
+], ids=["ln-300", "ln-2d", "ln-noaffine", "gn-affine", "gn-1group-1d", "rms", "rms-noaffine"])
+def test_norms_with_a_silu_epilogue(module, shape):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    result, _ = lowered(Fn(lambda x: F.silu(module(x)) * 2), torch.randn(shape) * 3 + 1)
+    assert [r.kind for r in result.regions] == ["norm"]
+
+
+def _single_region(model, *args):
+    captured = capture(model.eval(), args)
+    result = lower(captured.graph_module, options=TuningOptions(cache=None))
+    (site,) = [m for m in result.graph_module.modules() if isinstance(m, FusedRegion)]
+    inputs = [captured.example_inputs[0] if n.op == "placeholder" else getattr(captured.graph_module, n.target)
+              for n in site.generated.region.inputs]
+    return site, inputs
+
+
+@pytest.mark.parametrize("config", pointwise_configs(), ids=str)
+def test_every_pointwise_config(config):
+    site, inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * x + 1), torch.randn(3, 700))
+    close(site.launch(config, *inputs)[0], site.fallback(*inputs)[0])
+
+
+@pytest.mark.parametrize("config", norm_configs(), ids=str)
+def test_every_norm_config(config):
+    site, inputs = _single_region(nn.LayerNorm(300, elementwise_affine=False), torch.randn(3, 300))
+    close(site.launch(config, *inputs)[0], site.fallback(*inputs)[0])
+
+
+class Attention(nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads = heads
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_runs_the_flash_kernel(dtype):
+    result, _ = lowered(Attention().to(dtype), torch.randn(2, 19, 32, dtype=dtype))
+    assert [r.kind for r in result.regions] == ["attention"]
+
+
+def test_bf16_attention_stays_on_aten_in_the_interpreter_and_says_why():
+    result, _ = lowered(Attention().to(torch.bfloat16), torch.randn(2, 7, 32, dtype=torch.bfloat16))
+    assert result.regions == () and "triton-lang/triton#11584" in result.declined[0][1]
+
+
+def test_one_kernel_serves_every_batch():
+    result, captured = lowered(AdaLN(), torch.randn(3, 5, 40), torch.randn(3, 40))
+    for batch in (2, 7):
+        x, c = torch.randn(batch, 5, 40), torch.randn(batch, 40)
+        close(result.graph_module(x, c)[0], captured.graph_module(x, c)[0])
+    sites = [m for m in result.graph_module.modules() if isinstance(m, FusedRegion)]
+    assert sites and all(m.fallbacks == 0 for m in sites)
+
+
+def test_inputs_laid_out_otherwise_than_at_capture_run_the_eager_fallback():
+    site, inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * x), torch.randn(6, 10))
+    transposed = torch.randn(10, 6).t()  # same shape, other strides: the kernel's index math would be wrong
+    close(site(transposed)[0], torch.sigmoid(transposed) * transposed)
+    assert site.fallbacks == 1
+
+
+def test_dumped_kernels_are_readable_files_shared_by_identical_regions(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_DUMP_KERNELS", str(tmp_path / "kernels"))
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([AdaLN(), AdaLN()])
+
+        def forward(self, x, c):
+            for b in self.blocks:
+                x = b(x, c)
+            return x
+
+    result, _ = lowered(Two(), torch.randn(2, 3, 40), torch.randn(2, 40), library=KernelLibrary.from_env())
+    files = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert "regions.txt" in files and len(result.library) == len(files) - 1
+    assert len(result.regions) == 4 and len(result.library) < 4  # both blocks use the same norm kernel
+    index = (tmp_path / "kernels" / "regions.txt").read_text()
+    assert "blocks.0" in index and "blocks.1" in index
+    for name in files:
+        if name.endswith(".py"):
+            assert "@triton.jit" in (tmp_path / "kernels" / name).read_text()
+
+
+def test_a_dump_folder_that_cannot_be_created_is_a_usage_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="GRAPHOPT_DUMP_KERNELS"):
+        KernelLibrary(tmp_path / "file" / "kernels")
+
+
+class FakeTimer:
+    """The n-th timed config takes 1/n ms: the last one timed wins."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, fn, *, warmup, repeats):
+        fn()
+        self.calls += 1
+        return 1.0 / self.calls
+
+
+def test_a_tuned_config_is_stored_and_used_by_the_next_lowering(tmp_path):
+    site, inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * x), torch.randn(3, 700))
+    store = TuningCache(FAKE_GPU, tmp_path)
+    result = site.tune(*inputs, timer=FakeTimer(), cache=store)
+    assert result.source == "tuned" and len(result.timings) >= 2 and result.config != site.default_config(*inputs)
+    assert store.get(site.kernel_name, site.source_hash, result.shape_bucket).best == result.config
+
+    captured = capture(Fn(lambda x: torch.sigmoid(x) * x).eval(), (torch.randn(3, 700),))
+    again = lower(captured.graph_module, options=TuningOptions(cache=store))
+    (fresh,) = [m for m in again.graph_module.modules() if isinstance(m, FusedRegion)]
+    fresh(*inputs)
+    assert list(fresh._chosen.values()) == [result.config]
