@@ -1,17 +1,22 @@
 """Kernels and the autotuner (installed as ``graphopt.autotune``).
 
-:mod:`.cache` stores every config's timing per GPU; :mod:`.tuner` times configs and chooses one.
+:mod:`.regions`, :mod:`.codegen` and :mod:`.lower` turn a captured graph into generated Triton kernels
+(``optimize(..., target="cuda")``); :mod:`.cache` stores every config's timing per GPU; :mod:`.tuner`
+times configs and chooses one; :mod:`.model_tuning` tunes every kernel of a lowered model.
 """
 
 from .cache import (AutotuneError, CacheBundleError, CacheEntry, CacheWarning, Config, DeviceCache, DeviceKey,
                     EntryKey, Timing, TuningCache, cache_dir, clear, export_bundle, format_listing, import_bundle,
                     list_caches, shape_bucket)
+from .lower import KernelLibrary, LoweringReport, TuningOptions, lower
+from .model_tuning import KernelTuning, tune_model
 from .tuner import (DEFAULT_CACHE, NoGpuError, Timer, TuneResult, choose, configs_hash, cuda_event_timer,
                     default_cache, gpu_device_key, hash_source, tune)
 
 __all__ = [
     "AutotuneError", "CacheBundleError", "CacheEntry", "CacheWarning", "Config", "DEFAULT_CACHE", "DeviceCache",
-    "DeviceKey", "EntryKey", "NoGpuError", "Timer", "Timing", "TuneResult", "TuningCache", "cache_dir", "choose",
-    "clear", "configs_hash", "cuda_event_timer", "default_cache", "export_bundle", "format_listing",
-    "gpu_device_key", "hash_source", "import_bundle", "list_caches", "shape_bucket", "tune",
+    "DeviceKey", "EntryKey", "KernelLibrary", "KernelTuning", "LoweringReport", "NoGpuError", "Timer", "Timing",
+    "TuneResult", "TuningCache", "TuningOptions", "cache_dir", "choose", "clear", "configs_hash", "cuda_event_timer",
+    "default_cache", "export_bundle", "format_listing", "gpu_device_key", "hash_source", "import_bundle",
+    "list_caches", "lower", "shape_bucket", "tune", "tune_model",
 ]

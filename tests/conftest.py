@@ -12,5 +12,5 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed_and_env(monkeypatch):
     torch.manual_seed(0)
-    for var in ("GRAPHOPT_DEBUG", "GRAPHOPT_DUMP_GRAPHS", "GRAPHOPT_DISABLE_PASSES"):
+    for var in ("GRAPHOPT_DEBUG", "GRAPHOPT_DUMP_GRAPHS", "GRAPHOPT_DISABLE_PASSES", "GRAPHOPT_DUMP_KERNELS"):
         monkeypatch.delenv(var, raising=False)

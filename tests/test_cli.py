@@ -176,9 +176,29 @@ def test_autotune_bad_requests(tmp_path, capsys):
     assert main(["autotune", "--import", str(tmp_path / "bad.json"), "--cache-dir", str(tmp_path)]) == 2
     assert "malformed tuning bundle" in capsys.readouterr().err
     assert main(["autotune", "--export", str(tmp_path / "no" / "x.json"), "--cache-dir", str(tmp_path)]) == 2
-    with pytest.raises(SystemExit) as info:
-        main(["autotune"])  # one action is required
-    assert info.value.code == 2
+    assert main(["autotune"]) == 2  # a model or an action is required
+    assert "name a MODEL to tune" in capsys.readouterr().err
+    assert main(["autotune", "dit-digits", "--clear", "--cache-dir", str(tmp_path)]) == 2
+    assert "not both" in capsys.readouterr().err
+    for bad in (["--batch", "0"], ["--batch", "1,x"], ["--budget-s", "-1"]):
+        assert main(["autotune", "dit-digits", *bad]) == 2
+        assert capsys.readouterr().err.startswith("graphopt: error: --b")
+
+
+def test_autotune_a_model_without_a_gpu_says_so_in_one_line(model_file, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["autotune", f"{model_file}:make", "--batch", "1,8"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU" in err
+
+
+def test_optimize_for_cuda_lowers_onto_kernels(model_file, capsys):
+    pytest.importorskip("triton")
+    assert main(["optimize", f"{model_file}:make", "--target", "cuda"]) == 0  # TRITON_INTERPRET=1: on the CPU
+    out = capsys.readouterr().out
+    assert "lower: " in out and "norm" in out and "left on ATen: linear" in out
 
 
 def test_reference_models_are_named_directly(capsys):

@@ -228,3 +228,49 @@ def test_a_branch_on_the_batch_size_never_gives_a_wrong_result():
     assert opt.report.recaptures == 0
     assert torch.equal(opt(torch.ones(5, 4)), torch.full((5, 4), 2.0))
     assert opt.report.recaptures == 1
+
+
+# ------------------------------------------------------------------ target="cuda": lowered onto Triton kernels
+# Under TRITON_INTERPRET=1 (the suite's default) the kernels run in Triton's interpreter on the CPU.
+
+
+@pytest.mark.parametrize("name", ["dit", "unet"])
+def test_target_cuda_lowers_and_matches_eager_at_other_batches(name):
+    pytest.importorskip("triton")
+    model, args, kwargs = zoo.ZOO[name]()
+    opt = graphopt.optimize(model, args, kwargs, target="cuda")
+    lowering = opt.report.lowering
+    assert lowering is not None and lowering["kernels"] >= 3 and lowering["max_abs_error"] < 1e-4
+    kinds = {r["kind"] for r in lowering["regions"]}
+    assert {"norm", "pointwise"} <= kinds and ("attention" in kinds) == (name == "dit")
+    assert "lower: " in opt.report.table()
+    for size in (1, 3):  # 1 is outside the captured range: re-captured and lowered again
+        a, k = _grow(args, size), _grow(kwargs, size)
+        with torch.no_grad():
+            _assert_close(opt(*a, **k), model(*a, **k))
+    assert opt.report.recaptures == 1 and len(opt.lowered) == 2
+
+
+def _assert_close(got, want):
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_a_saved_model_is_lowered_again_when_loaded_for_cuda(tmp_path):
+    pytest.importorskip("triton")
+    model, args, kwargs = zoo.ZOO["dit"]()
+    graphopt.optimize(model, args, kwargs).save(tmp_path / "dit")
+    loaded = graphopt.load(tmp_path / "dit", target="cuda")
+    assert loaded.report.target == "cuda" and loaded.report.lowering["regions"]
+    with torch.no_grad():
+        _assert_close(loaded(*args, **kwargs), model(*args, **kwargs))
+    with pytest.raises(UsageError, match="unknown target"):
+        graphopt.load(tmp_path / "dit", target="gpu")
+
+
+def test_target_cuda_without_a_gpu_or_the_interpreter_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, args, kwargs = zoo.ZOO["dit"]()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UsageError, match="no CUDA device"):
+        graphopt.optimize(model, args, kwargs, target="cuda")

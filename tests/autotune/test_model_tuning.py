@@ -1,0 +1,56 @@
+"""Tuning every kernel of a lowered model (graphopt autotune MODEL) with a fake timer, on the CPU."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import graphopt  # noqa: E402
+from graphopt.autotune import TuningCache, shape_bucket  # noqa: E402
+from graphopt.autotune.model_tuning import format_table, tune_model  # noqa: E402
+from graphopt.errors import UsageError  # noqa: E402
+from tests.autotune.test_lower import FAKE_GPU, AdaLN, FakeTimer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lowered_adaln():
+    return graphopt.optimize(AdaLN(dim=300).eval(), (torch.randn(2, 5, 300), torch.randn(2, 300)), target="cuda")
+
+
+def test_every_kernel_is_tuned_once_per_shape_bucket_and_cached(lowered_adaln, tmp_path):
+    store = TuningCache(FAKE_GPU, tmp_path)
+    rows = tune_model(lowered_adaln, [1, 2, 3], timer=FakeTimer(), cache=store, progress=False)
+    # two kernels (silu; norm + epilogue); batch 2 and 3 fall in the same shape buckets, batch 1 has its own
+    assert {r.kind for r in rows} == {"pointwise", "norm"}
+    assert len({(r.kernel, shape_bucket(r.shape)) for r in rows}) == len(rows) == 4
+    assert all(r.source == "tuned" and r.configs_timed >= 1 and r.time_ms <= r.default_ms for r in rows)
+    assert min(r.configs_timed for r in rows) >= 2
+    assert all(math.isfinite(r.speedup) and r.speedup >= 1 for r in rows)
+    assert len(store.entries()) == len(rows)
+
+    again = tune_model(lowered_adaln, [3], timer=_forbidden, cache=store, progress=False)
+    assert {r.source for r in again} == {"cache"}
+
+    table = format_table(rows)
+    assert table.splitlines()[0].split()[:4] == ["kernel", "kind", "batch", "shape"] and "x" in table
+
+
+def _forbidden(fn, *, warmup, repeats):
+    raise AssertionError("a cached kernel was timed again")
+
+
+def test_a_budget_times_only_the_first_config_of_each_kernel(lowered_adaln, tmp_path):
+    def timer(fn, *, warmup, repeats):
+        return 1.0
+
+    rows = tune_model(lowered_adaln, [2], timer=timer, cache=TuningCache(FAKE_GPU, tmp_path), budget_s=1e-9,
+                      progress=False)
+    assert rows and all(r.configs_timed == 1 and r.speedup == 1.0 for r in rows)
+
+
+def test_a_model_not_lowered_for_cuda_has_nothing_to_tune():
+    plain = graphopt.optimize(AdaLN().eval(), (torch.randn(2, 5, 40), torch.randn(2, 40)))
+    with pytest.raises(UsageError, match="target='cuda'"):
+        tune_model(plain, [2], timer=FakeTimer(), cache=None, progress=False)
