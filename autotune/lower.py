@@ -226,6 +226,7 @@ class FusedRegion(_Tuned):
         self._geometry = sympy.lambdify(self._symbols, [geometry, numel], modules="math")
         self._dtypes = tuple(n.meta["val"].dtype for n in region.outputs)
         self._n_in = len(region.inputs)
+        self._layouts: dict[tuple, tuple[list[int], list, int] | None] = {}
 
     def extra_repr(self) -> str:
         return f"{self.kernel_name}: {' '.join(self.generated.region.ops())}"
@@ -237,6 +238,15 @@ class FusedRegion(_Tuned):
         return _prune_blocks(self.generated.block_key)(configs, shape)
 
     def _layout(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int] | None:
+        # per call this is a dict lookup: the sympy-derived geometry is evaluated once per input layout
+        key = tuple((tuple(t.shape), t.stride()) for t in inputs)
+        if key not in self._layouts:
+            if len(self._layouts) >= 64:
+                self._layouts.clear()
+            self._layouts[key] = self._evaluate(inputs)
+        return self._layouts[key]
+
+    def _evaluate(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int] | None:
         values = [b(inputs) for b in self._binders]
         geometry, numel = self._geometry(*values)
         for t, (shape, strides) in zip(inputs, geometry):
