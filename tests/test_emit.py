@@ -90,9 +90,6 @@ def test_optimize_rejects_bad_requests():
         graphopt.optimize(model, args, passes=["dce", "constant-folding"])
     with pytest.raises(UsageError, match="unknown target"):
         graphopt.optimize(model, args, target="tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(UsageError, match="no CUDA device"):
-            graphopt.optimize(model, args, target="cuda")
     with pytest.raises(InputError, match="example inputs"):
         graphopt.optimize(model, (torch.randn(2, 5, 7),))
 
