@@ -50,6 +50,8 @@ from .tuner import (
     tune,
 )
 
+aten = torch.ops.aten
+
 DUMP_ENV = "GRAPHOPT_DUMP_KERNELS"
 
 
@@ -193,6 +195,10 @@ class _Tuned(nn.Module):
         self._chosen[shape_bucket(shape)] = result.config
         return result
 
+    def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the kernel computes, by the eager ops it replaces."""
+        raise NotImplementedError
+
     def default_config(self, *inputs: torch.Tensor) -> Config:
         """The untuned heuristic choice at these inputs' shape."""
         return Config(self.prune([Config(c) for c in self.configs()], self.tuning_shape(*inputs))[0])
@@ -230,6 +236,9 @@ class FusedRegion(_Tuned):
 
     def extra_repr(self) -> str:
         return f"{self.kernel_name}: {' '.join(self.generated.region.ops())}"
+
+    def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.fallback(*inputs))
 
     def configs(self) -> list[dict[str, int]]:
         return pointwise_configs() if self.generated.row is None else norm_configs()
@@ -295,38 +304,96 @@ class FusedRegion(_Tuned):
         return self.launch(self._config(self._shape(layout[2]), inputs), *inputs)
 
 
-class AttentionRegion(_Tuned):
-    """``scaled_dot_product_attention`` (no mask, no dropout, not causal) on the flash kernel."""
+@dataclasses.dataclass(frozen=True)
+class FamilyOp:
+    """How an attention-family op maps onto its hand-written kernel module in :mod:`.kernels`.
 
-    def __init__(self, node: fx.Node, options: TuningOptions):
+    ``tensors``: how many leading arguments are tensors; ``options(node)``: its other arguments as the
+    launcher's keywords; ``shape(*tensors)``: the tuning shape; ``reference``: the eager op it replaces.
+    """
+
+    module: str
+    launcher: str
+    kernels: tuple[str, ...]
+    tensors: int
+    options: Callable[[fx.Node], dict[str, Any]]
+    shape: Callable[..., tuple[int, ...]]
+    reference: Callable[..., torch.Tensor]
+    uses_dot: bool = True
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _heads_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    return (q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3])
+
+
+def family_ops() -> dict[object, FamilyOp]:
+    """The attention-family ops lowering knows, by graph target."""
+    import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.*
+
+    return {
+        aten.scaled_dot_product_attention.default: FamilyOp(
+            "attention", "attention", ("attention_kernel", "_attend_block"), 3,
+            lambda n: {"scale": n.kwargs.get("scale")}, _heads_shape,
+            lambda q, k, v, scale=None: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)),
+        torch.ops.graphopt.linear_attention.default: FamilyOp(
+            "linear_attention", "linear_attention", ("linear_attention_state_kernel", "linear_attention_apply_kernel"),
+            3, lambda n: {"eps": float(_arg(n, 3, "eps", 1e-6))}, _heads_shape,
+            lambda q, k, v, eps=1e-6: torch.ops.graphopt.linear_attention(q, k, v, eps)),
+        torch.ops.graphopt.dynamic_dwconv.default: FamilyOp(
+            "dynamic_dwconv", "dynamic_dwconv", ("dynamic_dwconv_kernel",), 2, lambda n: {},
+            lambda v, w: (v.shape[0] * v.shape[1], v.shape[2], v.shape[3], w.shape[-1]),
+            torch.ops.graphopt.dynamic_dwconv, uses_dot=False),
+    }
+
+
+class FamilyRegion(_Tuned):
+    """An attention-family op (softmax attention, ReLU linear attention, ATConv's dynamic depthwise
+    conv) on its hand-written kernel, with the config tuned per shape bucket."""
+
+    def __init__(self, region: Region, options: TuningOptions):
         super().__init__(options)
-        from .kernels import attention as attention_module
         from .kernels._launch import is_compiled
 
-        module = _kernel_module("attention")
-        if not is_compiled(module.attention_kernel) and node.args[0].meta["val"].dtype == torch.bfloat16:
+        node = region.nodes[0]
+        self.op = family_ops()[node.target]
+        module = _kernel_module(self.op.module)
+        kernels = [getattr(module, k) for k in self.op.kernels]
+        dtype = node.args[0].meta["val"].dtype
+        if self.op.uses_dot and not is_compiled(kernels[0]) and dtype == torch.bfloat16:
             raise _Decline("Triton's interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584); "
-                           "bf16 attention runs on ATen under TRITON_INTERPRET=1")
-        self._attention = attention_module
-        self.scale = node.kwargs.get("scale")
-        self.kernel_name = "attention"
-        self.source_hash = hash_source(module.attention_kernel, module._attend_block)
+                           f"bf16 {self.op.module} runs on ATen under TRITON_INTERPRET=1")
+        self._launcher = getattr(module, self.op.launcher)
         self._configs = module.configs
+        self.kernel_name = self.op.module
+        self.source_hash = hash_source(*kernels)
+        self.options_kw = self.op.options(node)
+        # the op's tensor arguments as positions in the region's (deduplicated) inputs: sdpa(x, x, x) is one input
+        self._arg_index = tuple(region.inputs.index(a) for a in node.args[:self.op.tensors])
 
     def extra_repr(self) -> str:
-        return f"flash attention, scale={self.scale}"
+        return f"{self.kernel_name} {self.options_kw}"
 
     def configs(self) -> list[dict[str, int]]:
         return self._configs()
 
-    def tuning_shape(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
-        return (q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3])
+    def _tensors(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [inputs[i] for i in self._arg_index]
 
-    def launch(self, config: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self._attention(q, k, v, scale=self.scale, config=config),)
+    def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
+        return self.op.shape(*self._tensors(inputs))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.launch(self._config(self.tuning_shape(q, k, v), (q, k, v)), q, k, v)
+    def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self._launcher(*self._tensors(inputs), **self.options_kw, config=config),)
+
+    def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.op.reference(*self._tensors(inputs), **self.options_kw),)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.launch(self._config(self.tuning_shape(*inputs), inputs), *inputs)
 
 
 def _kernel_module(name: str) -> Any:
@@ -444,7 +511,7 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
         name = f"r{len(kernels)}"
         try:
             if region.kind == "attention":
-                module: _Tuned = AttentionRegion(region.nodes[0], options)
+                module: _Tuned = FamilyRegion(region, options)
             else:
                 module = FusedRegion(generate(region), library, _fallback(region), options)
         except _Decline as e:
@@ -542,12 +609,9 @@ def check_regions(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tu
         def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
             got = super().call_module(target, args, kwargs)
             module = self.fetch_attr(target)
-            if isinstance(module, FusedRegion):
-                want = tuple(module.fallback(*args))
-            elif isinstance(module, AttentionRegion):
-                want = (torch.nn.functional.scaled_dot_product_attention(*args, scale=module.scale),)
-            else:
+            if not isinstance(module, _Tuned):
                 return got
+            want = module.reference(*args)
             cmp = compare(got, want)
             errors[target.rsplit(".", 1)[-1]] = (cmp.max_abs_error, cmp.max_rel_error, cmp.within)
             return got

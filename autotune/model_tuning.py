@@ -25,7 +25,7 @@ from graphopt.errors import UsageError
 from graphopt.progress import Progress
 
 from .cache import Config, shape_bucket
-from .lower import AttentionRegion, FusedRegion, _Tuned
+from .lower import FamilyRegion, FusedRegion, _Tuned
 from .tuner import DEFAULT_CACHE, CacheArg, Timer, cuda_event_timer
 
 
@@ -114,7 +114,7 @@ def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_event
 
 
 def _kind(site: nn.Module) -> str:
-    if isinstance(site, AttentionRegion):
+    if isinstance(site, FamilyRegion):
         return "attention"
     assert isinstance(site, FusedRegion)
     return "pointwise" if site.generated.row is None else "norm"

@@ -13,8 +13,10 @@ Three kinds of region:
   element instead of being written out.
 - ``norm``: LayerNorm, GroupNorm or RMSNorm with the elementwise ops that consume it (its epilogue:
   the adaLN modulate, GroupNorm's SiLU). The norm's own input comes from outside the group.
-- ``attention``: scaled-dot-product attention without mask, dropout or causal flag, which runs the
-  flash kernel of :mod:`.kernels.attention`.
+- ``attention``: the attention family, each on its hand-written kernel: scaled-dot-product attention
+  without mask, dropout or causal flag (the flash kernel of :mod:`.kernels.attention`), and graphopt's
+  own ``graphopt::linear_attention`` and ``graphopt::dynamic_dwconv`` ops (:mod:`graphopt.ops`),
+  which approximate passes substitute into graphs.
 
 Matmuls and convolutions are not regions: they stay on ATen (cuBLAS / cuDNN).
 
@@ -174,7 +176,15 @@ def classify(node: fx.Node) -> Literal["pointwise", "norm", "attention"] | None:
         return "norm" if _norm_ok(node) else None
     if node.target in ATTENTION:
         return "attention" if _attention_ok(node) else None
+    if node.target in _kernel_ops():
+        return "attention"  # graphopt's own attention-family ops: their kernels take any valid input
     return None
+
+
+def _kernel_ops() -> tuple[object, ...]:
+    import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.*
+
+    return (torch.ops.graphopt.linear_attention.default, torch.ops.graphopt.dynamic_dwconv.default)
 
 
 def _literal(value: object) -> bool:

@@ -72,6 +72,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
     else:
         raise UsageError(f"expected an nn.Module or OptimizedModule, got {type(model).__name__}")
 
+    custom = sorted({str(n.target).removesuffix(".default") for n in captured.graph_module.graph.nodes
+                     if str(n.target).startswith("graphopt.")})
+    if custom:
+        raise OnnxExportError(f"the graph holds graphopt's own op(s) {', '.join(custom)}, which have no ONNX "
+                              "translation yet; export the model before substituting them")
     start = time.perf_counter()
     input_names = _unique(captured.call.input_names())
     # ONNX names are one namespace: an output called like an input (a denoiser's `sample`) gets `out_`

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graphopt.ops.dynamic_dwconv import dynamic_dwconv_reference  # noqa: F401 - the op's formula, re-exported
+
 from ._launch import check_device, check_float, check_shape, pick_config
 
 
@@ -87,16 +89,6 @@ def dynamic_dwconv(v: torch.Tensor, kernels: torch.Tensor, *,
     dynamic_dwconv_kernel[grid](v, kernels, o, channels, height, width,
                                 *v.stride(), *kernels.stride(), *o.stride(), KERNEL_SIZE=ksize, **cfg)
     return o
-
-
-def dynamic_dwconv_reference(v: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """The module docstring's grouped conv2d (ATConv's own formulation), in fp32, cast back to ``v.dtype``."""
-    batch, channels, height, width = v.shape
-    k = kernels.shape[-1]
-    y = torch.nn.functional.conv2d(v.float().reshape(1, batch * channels, height, width),
-                                   kernels.float().reshape(batch * channels, 1, k, k), padding=k // 2,
-                                   groups=batch * channels)
-    return y.reshape(batch, channels, height, width).to(v.dtype)
 
 
 def configs() -> list[dict[str, int]]:

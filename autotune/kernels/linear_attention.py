@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graphopt.ops.linear_attention import linear_attention_reference  # noqa: F401 - the op's formula, re-exported
+
 from ._launch import check_device, check_dot_blocks, check_float, check_shape, pick_config
 
 
@@ -157,16 +159,6 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
         q, kv, ksum, o, heads, n_q, d, d_v, eps, *q.stride(), *o.stride(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=cfg["BLOCK_M"], **blocks, **launch)
     return o
-
-
-def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                               eps: float = 1e-6) -> torch.Tensor:
-    """The module docstring's state form in plain torch, in fp32, cast back to ``q.dtype``."""
-    phi_q, phi_k = torch.relu(q.float()), torch.relu(k.float())
-    state = phi_k.transpose(-2, -1) @ v.float()  # (B, H, D, Dv)
-    z = phi_k.sum(dim=-2)  # (B, H, D)
-    den = (phi_q * z[..., None, :]).sum(-1, keepdim=True)
-    return ((phi_q @ state) / (den + eps)).to(q.dtype)
 
 
 def configs() -> list[dict[str, int]]:

@@ -243,3 +243,8 @@ def test_a_tuned_config_is_stored_and_used_by_the_next_lowering(tmp_path):
     (fresh,) = [m for m in again.graph_module.modules() if isinstance(m, FusedRegion)]
     fresh(*inputs)
     assert list(fresh._chosen.values()) == [result.config]
+
+
+def test_self_attention_on_one_tensor_passes_it_three_times():
+    result, _ = lowered(Fn(lambda x: F.scaled_dot_product_attention(x, x, x)), torch.randn(2, 2, 9, 16))
+    assert [(r.kind, r.kernel) for r in result.regions] == [("attention", "attention")]

@@ -1,0 +1,15 @@
+"""graphopt's own torch operators: what approximate passes substitute into graphs.
+
+Each op is one module: a ``torch.library.custom_op`` whose default implementation is the plain-torch
+reference (so it runs anywhere, on any device), a fake implementation for ``torch.export``, and a CUDA
+implementation that runs the op's Triton kernel from :mod:`graphopt.autotune.kernels`. Importing this
+package registers them as ``torch.ops.graphopt.<name>``; lowering (``optimize(..., target="cuda")``)
+turns each call into a tuned kernel call site.
+
+ONNX export of graphs holding these ops is not supported yet.
+"""
+
+from .dynamic_dwconv import dynamic_dwconv, dynamic_dwconv_reference
+from .linear_attention import linear_attention, linear_attention_reference
+
+__all__ = ["dynamic_dwconv", "dynamic_dwconv_reference", "linear_attention", "linear_attention_reference"]

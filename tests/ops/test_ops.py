@@ -1,0 +1,71 @@
+"""graphopt's custom ops: reference semantics, export through the fake implementation, save and load."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphopt
+from graphopt.ops import dynamic_dwconv_reference, linear_attention_reference
+
+
+def test_linear_attention_is_the_normalised_kernel_sum():
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6)
+    out = torch.ops.graphopt.linear_attention(q, k, v, 1e-6)
+    scores = torch.relu(q) @ torch.relu(k).transpose(-1, -2)  # the quadratic form it reassociates
+    torch.testing.assert_close(out, (scores @ v) / (scores.sum(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(out, linear_attention_reference(q, k, v))
+    assert out.shape == (2, 3, 5, 6)
+
+
+def test_dynamic_dwconv_gives_each_sample_its_own_kernel():
+    v, w = torch.randn(2, 3, 6, 5), torch.randn(2, 3, 3, 3)
+    out = torch.ops.graphopt.dynamic_dwconv(v, w)
+    for b in range(2):
+        torch.testing.assert_close(out[b], F.conv2d(v[b:b + 1], w[b][:, None], padding=1, groups=3)[0])
+    torch.testing.assert_close(out, dynamic_dwconv_reference(v, w))
+
+
+class UsesOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.gen = nn.Linear(8, 9)
+
+    def forward(self, x):  # x: (B, 16, 8), a 4 x 4 token grid
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        y = torch.ops.graphopt.linear_attention(q, k, v, 1e-6).transpose(1, 2).reshape(b, n, c)
+        kernels = self.gen(x.mean(1))[:, None, :].expand(b, c, 9).reshape(b, c, 3, 3)
+        grid = y.transpose(1, 2).reshape(b, c, 4, 4)
+        return torch.ops.graphopt.dynamic_dwconv(grid, kernels)
+
+
+def test_graphs_holding_the_ops_capture_optimize_save_and_load(tmp_path):
+    model, x = UsesOps().eval(), torch.randn(3, 16, 8)
+    opt = graphopt.optimize(model, (x,))
+    targets = {str(n.target) for n in opt.graph_module.graph.nodes}
+    assert {"graphopt.linear_attention.default", "graphopt.dynamic_dwconv.default"} <= targets
+    with torch.no_grad():
+        assert opt(torch.randn(5, 16, 8)).shape == (5, 8, 4, 4)
+    opt.save(tmp_path / "m")
+    loaded = graphopt.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_lowering_puts_the_ops_on_their_kernels():
+    pytest.importorskip("triton")
+    model, x = UsesOps().eval(), torch.randn(3, 16, 8)
+    opt = graphopt.optimize(model, (x,), target="cuda")  # TRITON_INTERPRET=1 in the suite: on the CPU
+    kernels = {r["kernel"] for r in opt.report.lowering["regions"] if r["kind"] == "attention"}
+    assert kernels == {"linear_attention", "dynamic_dwconv"}
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_export_of_a_graph_with_the_ops_says_why_not(tmp_path):
+    opt = graphopt.optimize(UsesOps().eval(), (torch.randn(3, 16, 8),))
+    with pytest.raises(graphopt.OnnxExportError, match="graphopt.linear_attention.*no ONNX translation"):
+        graphopt.export_onnx(opt, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
