@@ -124,6 +124,19 @@ def operands(region: Region) -> tuple[tuple[Operand, ...], tuple[Operand, ...]]:
     return ins, outs
 
 
+def memory_order(op: Operand) -> list[int]:
+    """The operand's dimensions from the largest stride to the smallest (the batch taken as large)."""
+    big = {s: 1 << 20 for e in (*op.shape, *op.strides) for s in e.free_symbols}
+    size = [int(d.subs(big)) for d in op.shape]
+    stride = [int(st.subs(big)) for st in op.strides]
+    # size-1 dims carry arbitrary strides and no data: they keep their place at the outside
+    return sorted(range(len(stride)), key=lambda k: (size[k] != 1, -stride[k]))
+
+
+def _permuted(op: Operand, order: Sequence[int]) -> Operand:
+    return Operand(op.node, tuple(op.shape[k] for k in order), tuple(op.strides[k] for k in order))
+
+
 def _aligned(node: fx.Node, rank: int) -> Operand:
     shape, strides = shape_of(node), strides_of(node)
     pad = rank - len(shape)
@@ -171,9 +184,16 @@ def generate(region: Region) -> GeneratedKernel:
     if region.kind not in ("pointwise", "norm"):
         raise ValueError(f"no code generation for {region.kind} regions")
     ins, outs = operands(region)
+    domain = region.domain
+    if region.kind == "pointwise":
+        # walk the domain in the first output's memory order: its stores (and same-layout loads) are then
+        # coalesced even when eager gave it a permuted layout (DiT's residual stream after patchify)
+        order = memory_order(outs[0])
+        domain = tuple(domain[k] for k in order)
+        ins, outs = (tuple(_permuted(op, order) for op in ops) for ops in (ins, outs))
     x = sympy.Symbol("xindex", integer=True, nonnegative=True)
     # merging is per operand: an operand's offset depends on the domain and its own layout only
-    offsets = [offset(op, region.domain, merged_dims(region.domain, [op]), x) for op in ins + outs]
+    offsets = [offset(op, domain, merged_dims(domain, [op]), x) for op in ins + outs]
     symbols = tuple(sorted({s for e in offsets for s in e.free_symbols if s != x}, key=str))
     body = _Body(region, ins, outs, [pyexpr(e) for e in offsets])
     if region.kind == "pointwise":
@@ -186,9 +206,9 @@ def generate(region: Region) -> GeneratedKernel:
     stem = "_".join(dict.fromkeys(region.ops()))[:48]
     digest = hashlib.sha256("\n".join(lines + params).encode()).hexdigest()[:8]
     name = f"fused_{stem}_{digest}"
-    domain = ", ".join(pyexpr(d) for d in region.domain)
+    shown = ", ".join(pyexpr(d) for d in region.domain)
     header = [
-        f"# graphopt: {region.kind} region of {len(region.nodes)} ops over the domain ({domain})",
+        f"# graphopt: {region.kind} region of {len(region.nodes)} ops over the domain ({shown})",
         "# generated from the captured graph; sizes are literals, the batch stays a symbol",
         "import triton",
         "import triton.language as tl",

@@ -13,7 +13,10 @@ so one compiled kernel: a :class:`KernelLibrary` loads each distinct source once
 
 Each region picks its launch config per shape bucket from the tuning cache the first time it sees the
 bucket (:func:`graphopt.autotune.choose`): the tuned config if ``graphopt autotune`` stored one for this
-GPU, else the family's heuristic default. ``tune()`` on a region times every candidate.
+GPU, else the family's heuristic default. ``tune()`` on a region times every candidate. One candidate
+of every call site is :data:`ATEN`, the eager ops it replaces, so tuning never makes a site slower
+than eager. It is the untuned default only for softmax attention, where PyTorch's SDPA backends
+(FlashAttention, cuDNN) are the bar the flash kernel must clear on each GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import math
 import operator
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,15 @@ aten = torch.ops.aten
 DUMP_ENV = "GRAPHOPT_DUMP_KERNELS"
 
 
+ATEN = {"ATEN": 1}
+"""The candidate config that runs the eager ATen ops a kernel replaces. Every call site can fall back on
+them, so a tuned site is never slower than eager: the kernel has to measurably beat ATen to be used."""
+
+
+def is_aten(config: Mapping[str, int]) -> bool:
+    return config.get("ATEN", 0) == 1
+
+
 def pointwise_configs() -> list[dict[str, int]]:
     """Elements per program and warps for a generated pointwise kernel; the first is the default."""
     return [
@@ -64,6 +76,7 @@ def pointwise_configs() -> list[dict[str, int]]:
         {"XBLOCK": 256, "num_warps": 2, "num_stages": 1},
         {"XBLOCK": 4096, "num_warps": 8, "num_stages": 1},
         {"XBLOCK": 128, "num_warps": 1, "num_stages": 1},
+        ATEN,
     ]
 
 
@@ -77,6 +90,7 @@ def norm_configs() -> list[dict[str, int]]:
         {"RBLOCK": 4096, "num_warps": 8, "num_stages": 1},
         {"RBLOCK": 128, "num_warps": 1, "num_stages": 1},
         {"RBLOCK": 1024, "num_warps": 8, "num_stages": 1},
+        ATEN,
     ]
 
 
@@ -86,9 +100,11 @@ def _prune_blocks(key: str) -> Callable[[Sequence[Config], tuple[int, ...]], lis
     def prune(configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
         work = shape[-1]
         fit = max(128, 1 << max(work - 1, 0).bit_length())
-        kept = [c for c in configs if c[key] <= fit] or [min(configs, key=lambda c: c[key])]
+        blocks = [c for c in configs if key in c]
+        kept = [c for c in blocks if c[key] <= fit] or [min(blocks, key=lambda c: c[key])]
         # one step over the whole row (or one program for tiny tensors) first: the best untuned guess
-        return sorted(kept, key=lambda c: abs(math.log2(c[key]) - math.log2(min(fit, 1024 if key == "XBLOCK" else 4096))))
+        best = math.log2(min(fit, 1024 if key == "XBLOCK" else 4096))
+        return sorted(kept, key=lambda c: abs(math.log2(c[key]) - best)) + [c for c in configs if key not in c]
 
     return prune
 
@@ -275,6 +291,8 @@ class FusedRegion(_Tuned):
         return (numel,) if row is None else (numel // row, row)
 
     def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if is_aten(config):
+            return tuple(self.fallback(*inputs))
         layout = self._layout(inputs)
         if layout is None:
             raise ValueError(f"{self.kernel_name}: inputs are not laid out as at capture")
@@ -320,6 +338,7 @@ class FamilyOp:
     shape: Callable[..., tuple[int, ...]]
     reference: Callable[..., torch.Tensor]
     uses_dot: bool = True
+    aten_first: bool = False
 
 
 def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
@@ -338,7 +357,8 @@ def family_ops() -> dict[object, FamilyOp]:
         aten.scaled_dot_product_attention.default: FamilyOp(
             "attention", "attention", ("attention_kernel", "_attend_block"), 3,
             lambda n: {"scale": n.kwargs.get("scale")}, _heads_shape,
-            lambda q, k, v, scale=None: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)),
+            lambda q, k, v, scale=None: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
+            aten_first=True),
         torch.ops.graphopt.linear_attention.default: FamilyOp(
             "linear_attention", "linear_attention", ("linear_attention_state_kernel", "linear_attention_apply_kernel"),
             3, lambda n: {"eps": float(_arg(n, 3, "eps", 1e-6))}, _heads_shape,
@@ -378,7 +398,8 @@ class FamilyRegion(_Tuned):
         return f"{self.kernel_name} {self.options_kw}"
 
     def configs(self) -> list[dict[str, int]]:
-        return self._configs()
+        # PyTorch's own SDPA (FlashAttention / cuDNN / memory-efficient) is a strong default: ours must beat it
+        return [ATEN, *self._configs()] if self.op.aten_first else [*self._configs(), ATEN]
 
     def _tensors(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [inputs[i] for i in self._arg_index]
@@ -387,6 +408,8 @@ class FamilyRegion(_Tuned):
         return self.op.shape(*self._tensors(inputs))
 
     def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if is_aten(config):
+            return self.reference(*inputs)
         return (self._launcher(*self._tensors(inputs), **self.options_kw, config=config),)
 
     def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

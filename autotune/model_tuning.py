@@ -7,7 +7,8 @@ kernel shared by every transformer block is timed once per shape. The results la
 cache, where every later ``optimize(..., target="cuda")`` on this GPU finds them.
 
 The report gives, per kernel and shape, the best config, its time and its speedup over the heuristic
-default config (the config an untuned run uses).
+default config (the config an untuned run uses). Every call site also has the eager ATen ops it
+replaces as a candidate, so a kernel that does not beat them on this GPU is not used.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from graphopt.errors import UsageError
 from graphopt.progress import Progress
 
 from .cache import Config, shape_bucket
-from .lower import FamilyRegion, FusedRegion, _Tuned
+from .lower import FamilyRegion, FusedRegion, _Tuned, is_aten
 from .tuner import DEFAULT_CACHE, CacheArg, Timer, cuda_event_timer
 
 
@@ -125,7 +126,7 @@ def format_table(rows: Sequence[KernelTuning]) -> str:
     head = ("kernel", "kind", "batch", "shape", "best config", "time", "default", "speedup", "source")
     table = [head]
     for r in rows:
-        cfg = " ".join(f"{k}={v}" for k, v in r.config.items())
+        cfg = "ATen (eager ops)" if is_aten(r.config) else " ".join(f"{k}={v}" for k, v in r.config.items())
         table.append((r.kernel, r.kind, str(r.batch), "x".join(map(str, r.shape)), cfg, _us(r.time_ms),
                       _us(r.default_ms), f"{r.speedup:.2f}x" if math.isfinite(r.speedup) else "-", r.source))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]

@@ -85,3 +85,13 @@ def test_repeated_values_are_computed_once():
 
     (kernel,) = kernels_of(Twice(), torch.randn(2, 8))
     assert kernel.source.count("tl.sigmoid") == 1 and "same value as" in kernel.source
+
+
+def test_a_pointwise_kernel_walks_its_output_in_memory_order():
+    class Residual(nn.Module):
+        def forward(self, x, y):  # x: (B, N, C) with a transposed layout, as patchify leaves it
+            return x + y * 2
+
+    x = torch.randn(2, 6, 5).transpose(1, 2)
+    (kernel,) = kernels_of(Residual(), x, torch.randn(2, 5, 6))
+    assert "tl.store(out0_ptr + xindex," in kernel.source and "tl.load(in0_ptr + xindex," in kernel.source

@@ -12,8 +12,9 @@ from torch import nn
 pytest.importorskip("triton")
 
 from graphopt.autotune import DeviceKey, TuningCache  # noqa: E402
-from graphopt.autotune.lower import (FusedRegion, KernelLibrary, TuningOptions, check_regions, lower,  # noqa: E402
-                                     norm_configs, pointwise_configs)
+from graphopt.autotune.cache import Config  # noqa: E402
+from graphopt.autotune.lower import (ATEN, FamilyRegion, FusedRegion, KernelLibrary, TuningOptions,  # noqa: E402
+                                     check_regions, is_aten, lower, norm_configs, pointwise_configs)
 from graphopt.autotune.regions import POINTWISE  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
@@ -138,13 +139,13 @@ def _single_region(model, *args):
     return site, inputs
 
 
-@pytest.mark.parametrize("config", pointwise_configs(), ids=str)
+@pytest.mark.parametrize("config", [c for c in pointwise_configs() if not is_aten(c)], ids=str)
 def test_every_pointwise_config(config):
     site, inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * x + 1), torch.randn(3, 700))
     close(site.launch(config, *inputs)[0], site.fallback(*inputs)[0])
 
 
-@pytest.mark.parametrize("config", norm_configs(), ids=str)
+@pytest.mark.parametrize("config", [c for c in norm_configs() if not is_aten(c)], ids=str)
 def test_every_norm_config(config):
     site, inputs = _single_region(nn.LayerNorm(300, elementwise_affine=False), torch.randn(3, 300))
     close(site.launch(config, *inputs)[0], site.fallback(*inputs)[0])
@@ -163,9 +164,33 @@ class Attention(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_attention_runs_the_flash_kernel(dtype):
-    result, _ = lowered(Attention().to(dtype), torch.randn(2, 19, 32, dtype=dtype))
+def test_attention_is_a_call_site_whose_candidates_are_pytorch_sdpa_and_the_flash_kernel(dtype):
+    result, captured = lowered(Attention().to(dtype), torch.randn(2, 19, 32, dtype=dtype))
     assert [r.kind for r in result.regions] == ["attention"]
+    (site,) = [m for m in result.graph_module.modules() if isinstance(m, FamilyRegion)]
+    configs = site.configs()
+    assert is_aten(configs[0]) and not any(is_aten(c) for c in configs[1:])  # SDPA until tuned otherwise
+    q, k, v = (torch.randn(2, 2, 19, 16, dtype=dtype) for _ in range(3))
+    for config in configs[1:]:
+        close(site.launch(config, q, k, v)[0], F.scaled_dot_product_attention(q, k, v))
+
+
+def test_every_site_can_fall_back_on_aten_and_a_kernel_must_beat_it():
+    site, inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * x + 1), torch.randn(3, 700))
+    candidates = site.prune([Config(c) for c in site.configs()], site.tuning_shape(*inputs))
+    assert not is_aten(candidates[0]) and is_aten(candidates[-1])  # a generated kernel by default
+    close(site.launch(Config(ATEN), *inputs)[0], site.fallback(*inputs)[0])
+
+    calls = []
+    site.fallback.register_forward_hook(lambda module, args, out: calls.append(1))
+
+    def timer(fn, *, warmup, repeats):  # a GPU on which the eager ops happen to win
+        before = len(calls)
+        fn()
+        return 0.5 if len(calls) > before else 1.0
+
+    result = site.tune(*inputs, timer=timer, cache=None)
+    assert is_aten(result.config)
 
 
 def test_bf16_attention_stays_on_aten_in_the_interpreter_and_says_why():
