@@ -259,7 +259,7 @@ def partition(gm: fx.GraphModule) -> Partition:
     for n in gm.graph.nodes:
         kind = classify(n)
         if kind is None:
-            if n.op == "call_function" and not _is_view_or_bookkeeping(n):
+            if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor) and not _is_view_or_bookkeeping(n):
                 left[op_name(n)] = left.get(op_name(n), 0) + 1
             continue
         g = _Group([n], shape_of(n), kind, 1 << index[n])

@@ -136,7 +136,8 @@ class EDMUNet(nn.Module):
 
     def raw(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         """F(x; c_noise): the network inside the preconditioning."""
-        emb = self.map_noise(noise_embedding(c_noise, self.config.emb_dim))
+        # computed in fp32 (precise), used in the weights' dtype (fp16/bf16 models)
+        emb = self.map_noise(noise_embedding(c_noise, self.config.emb_dim).to(x.dtype))
         h = self.conv_in(x)
         skips = [h]
         for i, level in enumerate(self.enc):

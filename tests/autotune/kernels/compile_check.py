@@ -10,6 +10,9 @@ compiling every config of every kernel in three dtypes takes minutes on a cold c
 
     python -m tests.autotune.kernels.compile_check [--arch 90] [--dtypes fp32 bf16] [--default-only]
 
+It also compiles every kernel that lowering generates for the reference generators (dit-digits,
+unet-digits) in each dtype, with every config of its family (``--no-generated`` skips them).
+
 Run it without ``TRITON_INTERPRET`` (the kernels must be decorated for the GPU).
 """
 
@@ -53,6 +56,36 @@ def calls(dtype: torch.dtype):
     yield "dynamic_dwconv", lambda c: k.dynamic_dwconv(v, kern, config=c)
 
 
+def generated_calls(dtype: torch.dtype):
+    """(kernel name, call taking a config) for every distinct generated kernel of the reference models."""
+    from torch import fx
+
+    from graphopt.autotune.lower import FusedRegion, TuningOptions, lower
+    from graphopt.capture import capture
+    from graphopt.models import load
+
+    for name in ("dit-digits", "unet-digits"):
+        ref = load(name)
+        model = ref.model.to(dtype)
+        inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in ref.example_inputs)
+        captured = capture(model, inputs)
+        lowered = lower(captured.graph_module, options=TuningOptions(cache=None)).graph_module
+        sites: dict[str, tuple] = {}
+
+        class Collect(fx.Interpreter):  # the regions' real inputs; downstream gets the eager values
+            def call_module(self, target, args, kwargs):
+                module = self.fetch_attr(target)
+                if isinstance(module, FusedRegion):
+                    sites.setdefault(module.kernel_name, (module, args))
+                    return tuple(module.fallback(*args))
+                return super().call_module(target, args, kwargs)
+
+        with torch.no_grad():
+            Collect(lowered).run(*captured.example_inputs)
+        for kernel, (module, args) in sites.items():
+            yield kernel, module.configs, (lambda m, a: lambda c: m.launch(c, *a))(module, args)
+
+
 def signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
     """Triton's (signature, constexprs, options) for one recorded launch."""
     # positional arguments first, the constexprs by keyword
@@ -78,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100, 80: A100)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "fp16", "bf16"])
     parser.add_argument("--default-only", action="store_true", help="only each family's first config")
+    parser.add_argument("--no-generated", action="store_true", help="skip the kernels lowering generates")
     ns = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the kernels must be decorated for the GPU")
@@ -90,8 +124,14 @@ def main(argv: list[str] | None = None) -> int:
 
     target, seen, failures, start = GPUTarget("cuda", ns.arch, 32), set(), 0, time.perf_counter()
     for dtype in (DTYPES[d] for d in ns.dtypes):
-        for op, call in calls(dtype):
-            family = importlib.import_module(f"graphopt.autotune.kernels.{op}").configs()
+        work = [(op, importlib.import_module(f"graphopt.autotune.kernels.{op}").configs, call)
+                for op, call in calls(dtype)]
+        if not ns.no_generated:
+            work += list(generated_calls(dtype))
+        for op, configs, call in work:
+            from graphopt.autotune.lower import is_aten
+
+            family = [c for c in configs() if not is_aten(c)]
             for config in family[:1] if ns.default_only else family:
                 launches.clear()
                 call(config)
