@@ -339,6 +339,7 @@ class FamilyOp:
     reference: Callable[..., torch.Tensor]
     uses_dot: bool = True
     aten_first: bool = False
+    launch: Callable[..., torch.Tensor] = lambda fn, tensors, options, config: fn(*tensors, **options, config=config)
 
 
 def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
@@ -359,6 +360,11 @@ def family_ops() -> dict[object, FamilyOp]:
             lambda n: {"scale": n.kwargs.get("scale")}, _heads_shape,
             lambda q, k, v, scale=None: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
             aten_first=True),
+        torch.ops.graphopt.block_causal_attention.default: FamilyOp(
+            "attention", "attention", ("attention_kernel", "_attend_block"), 4,
+            lambda n: {"scale": _arg(n, 4, "scale", None)}, lambda q, k, v, level: _heads_shape(q, k, v),
+            lambda q, k, v, level, scale=None: torch.ops.graphopt.block_causal_attention(q, k, v, level, scale),
+            launch=lambda fn, t, options, config: fn(t[0], t[1], t[2], level=t[3], **options, config=config)),
         torch.ops.graphopt.linear_attention.default: FamilyOp(
             "linear_attention", "linear_attention", ("linear_attention_state_kernel", "linear_attention_apply_kernel"),
             3, lambda n: {"eps": float(_arg(n, 3, "eps", 1e-6))}, _heads_shape,
@@ -388,7 +394,8 @@ class FamilyRegion(_Tuned):
                            f"bf16 {self.op.module} runs on ATen under TRITON_INTERPRET=1")
         self._launcher = getattr(module, self.op.launcher)
         self._configs = module.configs
-        self.kernel_name = self.op.module
+        self.kernel_name = self.op.module if node.target is aten.scaled_dot_product_attention.default \
+            else str(node.target).removeprefix("graphopt.").removesuffix(".default")
         self.source_hash = hash_source(*kernels)
         self.options_kw = self.op.options(node)
         # the op's tensor arguments as positions in the region's (deduplicated) inputs: sdpa(x, x, x) is one input
@@ -410,7 +417,7 @@ class FamilyRegion(_Tuned):
     def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if is_aten(config):
             return self.reference(*inputs)
-        return (self._launcher(*self._tensors(inputs), **self.options_kw, config=config),)
+        return (self.op.launch(self._launcher, self._tensors(inputs), self.options_kw, config),)
 
     def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.op.reference(*self._tensors(inputs), **self.options_kw),)

@@ -15,8 +15,8 @@ Three kinds of region:
   the adaLN modulate, GroupNorm's SiLU). The norm's own input comes from outside the group.
 - ``attention``: the attention family, each on its hand-written kernel: scaled-dot-product attention
   without mask, dropout or causal flag (the flash kernel of :mod:`.kernels.attention`), and graphopt's
-  own ``graphopt::linear_attention`` and ``graphopt::dynamic_dwconv`` ops (:mod:`graphopt.ops`),
-  which approximate passes substitute into graphs.
+  own ops (:mod:`graphopt.ops`): ``block_causal_attention`` (VAR; the same flash kernel with levels),
+  ``linear_attention`` (LiT) and ``dynamic_dwconv`` (ATConv), which passes substitute into graphs.
 
 Matmuls and convolutions are not regions: they stay on ATen (cuBLAS / cuDNN).
 
@@ -184,7 +184,8 @@ def classify(node: fx.Node) -> Literal["pointwise", "norm", "attention"] | None:
 def _kernel_ops() -> tuple[object, ...]:
     import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.*
 
-    return (torch.ops.graphopt.linear_attention.default, torch.ops.graphopt.dynamic_dwconv.default)
+    return (torch.ops.graphopt.block_causal_attention.default, torch.ops.graphopt.linear_attention.default,
+            torch.ops.graphopt.dynamic_dwconv.default)
 
 
 def _literal(value: object) -> bool:

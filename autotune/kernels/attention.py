@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graphopt.ops.block_causal_attention import block_causal_mask  # noqa: F401 - the op's mask, re-exported
+
 from ._launch import check_device, check_dot_blocks, check_float, check_shape, next_power_of_2, pick_config
 
 LOG2E = 1.4426950408889634
@@ -174,11 +176,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         BLOCK_CAUSAL=level is not None, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_DV=max(16, next_power_of_2(d_v)),
         **cfg)
     return o
-
-
-def block_causal_mask(level: torch.Tensor) -> torch.Tensor:
-    """The boolean (L, L) mask of a level vector, True where query i may attend key j: level_j <= level_i."""
-    return level[None, :] <= level[:, None]
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,

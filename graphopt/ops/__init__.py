@@ -9,7 +9,9 @@ turns each call into a tuned kernel call site.
 ONNX export of graphs holding these ops is not supported yet.
 """
 
+from .block_causal_attention import block_causal_attention, block_causal_attention_reference, block_causal_mask
 from .dynamic_dwconv import dynamic_dwconv, dynamic_dwconv_reference
 from .linear_attention import linear_attention, linear_attention_reference
 
-__all__ = ["dynamic_dwconv", "dynamic_dwconv_reference", "linear_attention", "linear_attention_reference"]
+__all__ = ["block_causal_attention", "block_causal_attention_reference", "block_causal_mask", "dynamic_dwconv",
+           "dynamic_dwconv_reference", "linear_attention", "linear_attention_reference"]

@@ -69,3 +69,40 @@ def test_onnx_export_of_a_graph_with_the_ops_says_why_not(tmp_path):
     with pytest.raises(graphopt.OnnxExportError, match="graphopt.linear_attention.*no ONNX translation"):
         graphopt.export_onnx(opt, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_block_causal_attention_by_levels():
+    q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
+    same = torch.zeros(6, dtype=torch.long)  # one level: everyone sees everyone
+    torch.testing.assert_close(torch.ops.graphopt.block_causal_attention(q, k, v, same),
+                               F.scaled_dot_product_attention(q, k, v))
+    causal = torch.arange(6)  # one token per level: plain causal attention
+    torch.testing.assert_close(torch.ops.graphopt.block_causal_attention(q, k, v, causal, 0.5),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5))
+
+
+class VARAttention(nn.Module):
+    """Scales of 1, 2x2 and 3x3 tokens: 14 tokens on levels 0, 1, 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.register_buffer("level", torch.tensor([0] + [1] * 4 + [2] * 9))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return torch.ops.graphopt.block_causal_attention(q, k, v, self.level).transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_block_causal_attention_is_lowered_onto_the_flash_kernel(dtype):
+    pytest.importorskip("triton")
+    model, x = VARAttention().eval().to(dtype), torch.randn(3, 14, 16, dtype=dtype)
+    opt = graphopt.optimize(model, (x,), target="cuda")
+    assert [(r["kind"], r["kernel"]) for r in opt.report.lowering["regions"]] == [("attention",
+                                                                                     "block_causal_attention")]
+    (site,) = opt.kernel_modules()
+    assert not site.configs()[0].get("ATEN")  # the kernel by default: it skips masked key blocks
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), atol=2e-3, rtol=2e-3)
