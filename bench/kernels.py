@@ -113,13 +113,22 @@ def timer(smoke: bool) -> Callable[..., float]:
     return wall_timer if smoke else cuda_event_timer
 
 
+PEAK_BANDWIDTH = {  # datasheet bytes/s, for a torch whose device properties lack the memory clock
+    "H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.039e12,
+    "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.935e12, "L40S": 0.864e12,
+}
+
+
 def peak_bandwidth() -> float | None:
-    """Bytes/s the GPU's memory can move: memory clock (kHz) x 1e3 x 2 (double data rate) x bus bytes."""
+    """Bytes/s the GPU's memory can move: memory clock (kHz) x 1e3 x 2 (double data rate) x bus bytes,
+    or the datasheet figure of a known GPU."""
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
     clock, width = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
-    return clock * 1e3 * 2 * width / 8 if clock and width else None
+    if clock and width:
+        return clock * 1e3 * 2 * width / 8
+    return next((bw for name, bw in PEAK_BANDWIDTH.items() if name in props.name), None)
 
 
 def conditions(args: argparse.Namespace) -> str:
