@@ -21,7 +21,9 @@ Norm regions (LayerNorm, GroupNorm, RMSNorm) run one program per normalised row 
 the domain's flat index is ``row * ROW + r`` because the normalised dimensions are the innermost
 ones (GroupNorm's groups are runs of whole channels). The kernel makes three passes over the row,
 ``RBLOCK`` elements at a time: the mean, the centred variance (two-pass, as the hand-written norms),
-then the normalised value with the affine and every epilogue op, stored where the graph needs it::
+then the normalised value with the affine and every epilogue op, stored where the graph needs it.
+A prologue (the pointwise ops producing the norm's input) is recomputed in each pass, and its values
+that the graph needs elsewhere are stored in the last one::
 
     LayerNorm, GroupNorm:  y = (x - mean) / sqrt(var + eps) * w + b
     RMSNorm:               y = x / sqrt(mean(x^2) + eps) * w
@@ -34,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import sympy
 import torch
@@ -302,37 +304,42 @@ class _Body:
         ]
 
     def norm(self, row: int) -> list[str]:
-        norm, *epilogue = self.region.nodes
-        x = self.ins.index(next(op for op in self.ins if op.node is norm.args[0]))
+        region = self.region
+        norm = region.norm
+        assert norm is not None
+        prologue = region.prologue()
+        epilogue = [n for n in region.nodes if n is not norm and n not in prologue]
         rms = norm.target is aten.rms_norm.default
         weight, bias, eps = norm_params(norm)
-        v = self.names[norm]
-        load_x = self._load(x, "rmask", other="0.0")
-        lines = [
-            "row = tl.program_id(0).to(tl.int64)",
-            "rbase = tl.arange(0, RBLOCK)",
-        ]
-        loop = [f"for roff in range(0, {row}, RBLOCK):",
-                "    rindex = roff + rbase",
-                f"    rmask = rindex < {row}",
-                f"    xindex = row * {row} + rindex"]
+        x = self.names[norm.args[0]]  # an input, or the prologue's last value
+        # what every pass over the row needs: the norm's input, computed from the prologue's inputs
+        needed = {a for n in prologue for a in n.all_input_nodes} | {norm.args[0]}
+        first = [i for i, op in enumerate(self.ins) if op.node in needed]
+
+        def pass_body(stats: Callable[[], list[str]]) -> list[str]:
+            self.computed.clear()  # each loop computes its own values
+            body = [self._load(i, "rmask") for i in first] + [self._node(n) for n in prologue]
+            body += stats()  # after the prologue: its values are what the statistics read
+            return [f"for roff in range(0, {row}, RBLOCK):", "    rindex = roff + rbase",
+                    f"    rmask = rindex < {row}", f"    xindex = row * {row} + rindex",
+                    *("    " + line for line in body)]
+
+        lines = ["row = tl.program_id(0).to(tl.int64)", "rbase = tl.arange(0, RBLOCK)",
+                 "acc = tl.zeros([RBLOCK], dtype=tl.float32)"]
+        # masked-off lanes hold padding (or a prologue computed on it): tl.where keeps them out of the sums
         if rms:
-            lines += ["acc = tl.zeros([RBLOCK], dtype=tl.float32)", *loop, f"    {load_x}", f"    acc += in{x} * in{x}",
+            lines += [*pass_body(lambda: [f"xm = tl.where(rmask, {x}, 0.0)", "acc += xm * xm"]),
                       f"rstd = tl.rsqrt(tl.sum(acc, axis=0) / {row} + {eps!r})", "mean = 0.0"]
         else:
-            lines += ["acc = tl.zeros([RBLOCK], dtype=tl.float32)", *loop, f"    {load_x}", f"    acc += in{x}",
-                      f"mean = tl.sum(acc, axis=0) / {row}",
-                      "acc = tl.zeros([RBLOCK], dtype=tl.float32)", *loop, f"    {load_x}",
-                      f"    d = tl.where(rmask, in{x} - mean, 0.0)",  # padding would add mean^2 per column
-                      "    acc += d * d",
+            lines += [*pass_body(lambda: [f"acc += tl.where(rmask, {x}, 0.0)"]),
+                      f"mean = tl.sum(acc, axis=0) / {row}", "acc = tl.zeros([RBLOCK], dtype=tl.float32)",
+                      *pass_body(lambda: [f"d = tl.where(rmask, {x} - mean, 0.0)", "acc += d * d"]),
                       f"rstd = tl.rsqrt(tl.sum(acc, axis=0) / {row} + {eps!r})"]
-        value = f"(in{x} - mean) * rstd"
+        value = f"({x} - mean) * rstd"
         if isinstance(weight, fx.Node):
             value += f" * {self.names[weight]}"
         if isinstance(bias, fx.Node):
             value += f" + {self.names[bias]}"
-        body = [load_x, f"{v} = {value}  # {op_name(norm)}"] + self._epilogue(epilogue, "rmask", skip=x)
-        # the affine parameters are loaded with the other inputs, before the normalised value uses them
-        loads = [s for s in body if s.startswith("in") and "tl.load" in s]
-        rest = [s for s in body if s not in loads]
-        return lines + loop + ["    " + s for s in loads + rest]
+        rest = [self._load(i, "rmask") for i in range(len(self.ins)) if i not in first]
+        return lines + pass_body(lambda: [*rest, f"{self.names[norm]} = {value}  # {op_name(norm)}",
+                                          *(self._node(n) for n in epilogue), *self._stores("rmask")])

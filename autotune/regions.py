@@ -12,7 +12,10 @@ Three kinds of region:
   (B, N, D) group) joins only when nothing outside the group reads it: it is then recomputed per
   element instead of being written out.
 - ``norm``: LayerNorm, GroupNorm or RMSNorm with the elementwise ops that consume it (its epilogue:
-  the adaLN modulate, GroupNorm's SiLU). The norm's own input comes from outside the group.
+  the adaLN modulate, GroupNorm's SiLU) and the pointwise group that produces its input, when it has
+  the same shape (its prologue: the gated residual before a DiT block's next LayerNorm, the time
+  embedding added before a UNet ResBlock's second GroupNorm). The prologue is recomputed in each of
+  the norm kernel's passes over a row instead of being written out and read back.
 - ``attention``: the attention family, each on its hand-written kernel: scaled-dot-product attention
   without mask, dropout or causal flag (the flash kernel of :mod:`.kernels.attention`), and graphopt's
   own ops (:mod:`graphopt.ops`): ``block_causal_attention`` (VAR; the same flash kernel with levels),
@@ -123,7 +126,20 @@ class Region:
 
     @property
     def norm(self) -> fx.Node | None:
-        return self.nodes[0] if self.kind == "norm" else None
+        return next((n for n in self.nodes if n.target in NORMS), None) if self.kind == "norm" else None
+
+    def prologue(self) -> tuple[fx.Node, ...]:
+        """The region's nodes the norm's input depends on (computed in every pass over a row)."""
+        norm = self.norm
+        if norm is None:
+            return ()
+        members, seen, stack = set(self.nodes), set(), [norm.args[0]]
+        while stack:
+            m = stack.pop()
+            if m in members and m not in seen:
+                seen.add(m)
+                stack.extend(m.all_input_nodes)
+        return tuple(n for n in self.nodes if n in seen)
 
     def ops(self) -> list[str]:
         return [op_name(n) for n in self.nodes]
@@ -264,6 +280,10 @@ def partition(gm: fx.GraphModule) -> Partition:
                 left[op_name(n)] = left.get(op_name(n), 0) + 1
             continue
         g = _Group([n], shape_of(n), kind, 1 << index[n])
+        if kind == "norm" and (p := group_of.get(n.args[0])) is not None and p.kind == "pointwise" \
+                and _same(p.domain, g.domain) and _convex(p.nodes + g.nodes, p.mask | g.mask, ancestors):
+            g = _Group(p.nodes + g.nodes, g.domain, "norm", p.mask | g.mask)  # p becomes the prologue
+            groups.remove(p)
         if kind == "pointwise":
             producers = dict.fromkeys(group_of[a] for a in n.all_input_nodes if a in group_of)
             for p in producers:
@@ -281,19 +301,28 @@ def partition(gm: fx.GraphModule) -> Partition:
 def _can_merge(p: _Group, g: _Group, n: fx.Node, ancestors: dict[fx.Node, int], index: dict[fx.Node, int]) -> bool:
     if p.kind == "norm" and g.kind == "norm":
         return False  # one reduction per kernel
-    if len(p.domain) != len(g.domain) or any(sympy.simplify(a - b) != 0 for a, b in zip(p.domain, g.domain)):
+    if not _same(p.domain, g.domain):
         # a smaller producer is recomputed per element: only when nobody else needs its values
         if p.kind == "norm" or not broadcasts(p.domain, g.domain):
             return False
         if any(u is not n and u not in p.nodes for m in p.nodes for u in m.users):
             return False
     merged = p.nodes + g.nodes
-    mask = p.mask | g.mask
-    if (norm := next((m for m in merged if m.target in NORMS), None)) is not None and norm.args[0] in merged:
-        return False
-    # convex: no input from outside may itself depend on the group
-    members = set(merged)
-    return not any(ancestors[a] & mask for m in merged for a in m.all_input_nodes if a not in members)
+    for group in (p, g):  # a norm's input may be inside only as the prologue it was given when created
+        norm = next((m for m in group.nodes if m.target in NORMS), None)
+        if norm is not None and norm.args[0] in merged and norm.args[0] not in group.nodes:
+            return False
+    return _convex(merged, p.mask | g.mask, ancestors)
+
+
+def _same(a: Sequence[sympy.Expr], b: Sequence[sympy.Expr]) -> bool:
+    return len(a) == len(b) and all(sympy.simplify(x - y) == 0 for x, y in zip(a, b))
+
+
+def _convex(nodes: Sequence[fx.Node], mask: int, ancestors: dict[fx.Node, int]) -> bool:
+    """No input from outside ``nodes`` depends on them: the group can run as one call."""
+    members = set(nodes)
+    return not any(ancestors[a] & mask for m in nodes for a in m.all_input_nodes if a not in members)
 
 
 def _region(g: _Group, index: dict[fx.Node, int]) -> Region:
@@ -302,9 +331,6 @@ def _region(g: _Group, index: dict[fx.Node, int]) -> Region:
     inputs = tuple(dict.fromkeys(a for m in nodes for a in m.all_input_nodes if a not in members))
     outputs = tuple(m for m in nodes if any(u not in members for u in m.users))
     kind = "norm" if any(m.target in NORMS for m in nodes) else g.kind
-    if kind == "norm" and nodes[0].target not in NORMS:
-        # the norm must come first: everything else in the group is its epilogue
-        nodes = tuple(sorted(nodes, key=lambda m: (m.target not in NORMS, index[m])))
     return Region(kind, nodes, g.domain, inputs, outputs)
 
 

@@ -273,3 +273,45 @@ def test_a_tuned_config_is_stored_and_used_by_the_next_lowering(tmp_path):
 def test_self_attention_on_one_tensor_passes_it_three_times():
     result, _ = lowered(Fn(lambda x: F.scaled_dot_product_attention(x, x, x)), torch.randn(2, 2, 9, 16))
     assert [(r.kind, r.kernel) for r in result.regions] == [("attention", "attention")]
+
+
+class Prologue(nn.Module):
+    """A gated residual feeding a norm over 300 elements: several row steps with a masked tail."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, y, gate):
+        x = x + gate.unsqueeze(1) * torch.log(y.abs() + 1)  # log: the masked lanes' padding must not leak
+        return x, F.silu(self.norm(x))
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(300), nn.RMSNorm(300)], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("config", [c for c in norm_configs() if not is_aten(c)][:3], ids=str)
+def test_a_norm_with_a_prologue_in_every_row_step(norm, config):
+    model = Prologue(norm).eval()
+    args = (torch.randn(2, 3, 300) * 2 + 1, torch.randn(2, 3, 300), torch.randn(2, 300))
+    result, captured = lowered(model, *args)
+    ((site, inputs),) = site_inputs(result.graph_module, captured.example_inputs)
+    assert site.generated.region.kind == "norm" and len(site.generated.region.prologue()) >= 3
+    for got, want in zip(site.launch(Config(config), *inputs), site.fallback(*inputs)):
+        close(got, want)
+
+
+def site_inputs(gm, inputs):
+    """Each kernel call site of a lowered graph with the tensors it is called with."""
+    from torch import fx
+
+    calls = []
+
+    class Record(fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            module = self.fetch_attr(target)
+            if isinstance(module, (FusedRegion, FamilyRegion)):
+                calls.append((module, args))
+            return super().call_module(target, args, kwargs)
+
+    with torch.no_grad():
+        Record(gm).run(*inputs)
+    return calls

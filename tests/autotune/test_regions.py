@@ -55,7 +55,7 @@ class GroupNormSiLU(nn.Module):
         return h + emb[:, :, None, None]
 
 
-def test_groupnorm_takes_its_silu_and_the_broadcast_add_is_its_own_region():
+def test_groupnorm_takes_its_silu_and_the_add_after_the_conv_is_its_own_region():
     _, part = regions_of(GroupNormSiLU(), torch.randn(2, 6, 5, 7), torch.randn(2, 6))
     assert ops(part) == [("norm", ["group_norm", "silu"]), ("pointwise", ["add"])]
     assert dict(part.left_on_aten) == {"conv2d": 1}
@@ -125,3 +125,37 @@ def test_pow_is_fused_for_the_exponents_it_has_an_exact_form_for(exponent, fused
 
     _, part = regions_of(Pow(), torch.randn(2, 3))
     assert (["abs", "add", "pow"] in [r.ops() for r in part.regions]) == fused
+
+
+class ResidualThenNorm(nn.Module):
+    """DiT between blocks: the gated residual feeds the next block's LayerNorm and the next residual."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, y, gate):
+        x = x + gate.unsqueeze(1) * y
+        return x, self.proj(self.norm(x))
+
+
+def test_the_pointwise_producer_of_a_norm_input_becomes_its_prologue():
+    _, part = regions_of(ResidualThenNorm(), torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 16))
+    (region,) = part.regions
+    assert region.kind == "norm" and region.ops() == ["mul", "add", "layer_norm"]
+    assert [n.target.__name__.split(".")[0] for n in region.prologue()] == ["mul", "add"]
+    assert [n.name for n in region.outputs] == ["add", "layer_norm"]  # the new residual is still stored
+
+
+def test_groupnorm_takes_the_embedding_add_before_it():
+    class ResBlockTail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.GroupNorm(2, 6)
+
+        def forward(self, h, emb):
+            return F.silu(self.norm(h + emb[:, :, None, None]))
+
+    _, part = regions_of(ResBlockTail(), torch.randn(2, 6, 5, 7), torch.randn(2, 6))
+    assert ops(part) == [("norm", ["add", "group_norm", "silu"])]
