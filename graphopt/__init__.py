@@ -11,7 +11,7 @@ nn.Module or ONNX::
     graphopt.export_onnx(opt, "model.onnx")       # checked with onnxruntime
 """
 
-from . import ops  # registers torch.ops.graphopt.*, which saved programs may hold
+from . import ops  # noqa: F401 - registers torch.ops.graphopt.*, which saved programs may hold
 from .capture import CapturedGraph, capture
 from .emit import OptimizationReport, OptimizedModule, load, optimize, save
 from .errors import (CaptureError, GraphoptError, InputError, LoadError, OnnxExportError, OnnxParityError,

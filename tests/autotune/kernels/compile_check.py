@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: the kernels must be decorated for the GPU")
 
     from graphopt.autotune.kernels import _launch
+    from graphopt.autotune.lower import is_aten
 
     _launch.is_compiled = lambda kernel: False  # let the launchers take CPU tensors: nothing is launched
     launches: list[tuple[JITFunction, tuple, dict]] = []
@@ -128,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 for op, call in calls(dtype)]
         if not ns.no_generated:
             work += list(generated_calls(dtype))
-        for op, configs, call in work:
-            from graphopt.autotune.lower import is_aten
-
+        for _, configs, call in work:
             family = [c for c in configs() if not is_aten(c)]
             for config in family[:1] if ns.default_only else family:
                 launches.clear()
