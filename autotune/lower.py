@@ -37,7 +37,7 @@ import sympy
 import torch
 from torch import fx, nn
 
-from graphopt.errors import UsageError
+from graphopt.errors import UsageError, first_line
 
 from .cache import Config, shape_bucket
 from .codegen import GeneratedKernel, generate
@@ -546,6 +546,11 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
                 module = FusedRegion(generate(region), library, _fallback(region), options)
         except _Decline as e:
             declined.append((region.nodes[0].name, str(e)))
+            continue
+        except (SyntaxError, ValueError, TypeError, AttributeError, NotImplementedError) as e:
+            # a region this generator gets wrong stays on ATen, named in the report, instead of failing
+            # the whole model (a Triton compile error only surfaces at the first launch, in the check)
+            declined.append((region.nodes[0].name, f"kernel generation failed: {type(e).__name__}: {first_line(e)}"))
             continue
         kernels[name] = module
         for n in region.nodes:

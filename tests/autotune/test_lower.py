@@ -315,3 +315,15 @@ def site_inputs(gm, inputs):
     with torch.no_grad():
         Record(gm).run(*inputs)
     return calls
+
+
+def test_a_region_the_generator_cannot_handle_stays_on_aten_and_is_named(monkeypatch):
+    import graphopt.autotune.lower as lower_module
+
+    def broken(region):
+        raise NotImplementedError("no code for this region")
+
+    monkeypatch.setattr(lower_module, "generate", broken)
+    result, _ = lowered(AdaLN(), torch.randn(2, 3, 40), torch.randn(2, 40))
+    assert result.regions == () and len(result.declined) == 2
+    assert all("kernel generation failed: NotImplementedError: no code" in reason for _, reason in result.declined)
