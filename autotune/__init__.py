@@ -8,7 +8,7 @@ times configs and chooses one; :mod:`.model_tuning` tunes every kernel of a lowe
 from .cache import (AutotuneError, CacheBundleError, CacheEntry, CacheWarning, Config, DeviceCache, DeviceKey,
                     EntryKey, Timing, TuningCache, cache_dir, clear, export_bundle, format_listing, import_bundle,
                     list_caches, shape_bucket)
-from .lower import KernelLibrary, LoweringReport, TuningOptions, lower
+from .lower import KernelLibrary, LoweringReport, TuningOptions
 from .model_tuning import KernelTuning, tune_model
 from .tuner import (DEFAULT_CACHE, NoGpuError, Timer, TuneResult, choose, configs_hash, cuda_event_timer,
                     default_cache, gpu_device_key, hash_source, tune)
@@ -18,5 +18,5 @@ __all__ = [
     "DeviceKey", "EntryKey", "KernelLibrary", "KernelTuning", "LoweringReport", "NoGpuError", "Timer", "Timing",
     "TuneResult", "TuningCache", "TuningOptions", "cache_dir", "choose", "clear", "configs_hash", "cuda_event_timer",
     "default_cache", "export_bundle", "format_listing", "gpu_device_key", "hash_source", "import_bundle",
-    "list_caches", "lower", "shape_bucket", "tune", "tune_model",
+    "list_caches", "shape_bucket", "tune", "tune_model",
 ]
