@@ -14,9 +14,10 @@ Three tables, each printed with its conditions (GPU, dtype, versions):
 2. **Attention family.** The flash kernel against ``F.scaled_dot_product_attention``; LiT's ReLU
    linear attention and ATConv's dynamic depthwise 3x3 against their eager torch references, at 1024
    and 4096 tokens.
-3. **Denoisers.** Latency of the whole denoiser call: eager, torch.compile (with its compile time) and
-   graphopt (``optimize(target="cuda")`` plus tuning, with both times), and graphopt's max error
-   against eager.
+3. **Denoisers.** Latency of the whole denoiser call: eager, torch.compile (with its compile time),
+   graphopt (``optimize(target="cuda")`` plus tuning, with both times) without and with CUDA graphs
+   (torch.compile's max-autotune mode records CUDA graphs too), and graphopt's max error against
+   eager. torch.compile(mode="max-autotune") takes minutes per model: ``--no-compile`` skips it.
 
 Kernel times are CUDA-event medians with a cold L2 (a 256 MiB buffer is zeroed before each launch);
 denoiser latencies are medians with a warm L2, as in a sampling loop. Every ratio is measured in the
@@ -273,9 +274,14 @@ def bench_denoiser(key: str, batch: int, args: argparse.Namespace) -> tuple:
         tune_s = time.perf_counter() - start
         ours_ms = time_call(t, opt, *inputs, flush_l2=False)
         err = compare((opt(*inputs),), (model(*inputs),))
+        graphs_ms = math.nan
+        if not args.smoke:  # the same kernels and configs (now cached), replayed as one CUDA graph per call
+            graphed = graphopt.optimize(model, inputs, target="cuda", cuda_graphs=True)
+            graphs_ms = time_call(t, graphed, *inputs, flush_l2=False)
+            del graphed
     return (label, str(batch), us(eager_ms), us(comp_ms), f"{compile_s:.1f}" if math.isfinite(compile_s) else "-",
-            us(ours_ms), f"{optimize_s:.1f} + {tune_s:.1f}", ratio(eager_ms, ours_ms), ratio(comp_ms, ours_ms),
-            f"{err.max_rel_error:.1e}"), opt
+            us(ours_ms), us(graphs_ms), f"{optimize_s:.1f} + {tune_s:.1f}", ratio(eager_ms, ours_ms),
+            ratio(comp_ms, ours_ms), ratio(comp_ms, graphs_ms), f"{err.max_rel_error:.1e}"), opt
 
 
 def main(args: argparse.Namespace) -> int:
@@ -305,9 +311,9 @@ def main(args: argparse.Namespace) -> int:
     family_rows = bench_attention_family(args)
 
     sections.append("### Denoiser latency (ms per call)\n\n" + table(
-        ("model", "batch", "eager ms", "torch.compile ms", "compile s", "graphopt ms", "optimize + tune s",
-         "vs eager", "vs compile", "max rel err"), [tuple(c if i not in (2, 3, 5) else _ms(c) for i, c in
-                                                          enumerate(r)) for r in model_rows]))
+        ("model", "batch", "eager ms", "torch.compile ms", "compile s", "graphopt ms", "graphopt + CUDA graphs ms",
+         "optimize + tune s", "vs eager", "vs compile", "CUDA graphs vs compile", "max rel err"),
+        [tuple(c if i not in (2, 3, 5, 6) else _ms(c) for i, c in enumerate(r)) for r in model_rows]))
     sections.append("### Generated kernels (us per launch, cold L2)\n\n" + table(
         ("model", "batch", "kernel", "ops", "shape", "graphopt us", "eager us", "compile us", "vs eager",
          "vs compile", "GB/s", "% peak", "max rel err"), region_rows))

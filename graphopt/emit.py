@@ -54,6 +54,7 @@ class OptimizationReport:
     recaptures: int = 0
     lowering: dict[str, Any] | None = None
     """target="cuda": the :class:`~graphopt.autotune.lower.LoweringReport` as JSON (regions, kernels, error)."""
+    cuda_graphs: bool = False
 
     @property
     def flops_before(self) -> float:
@@ -86,7 +87,8 @@ class OptimizationReport:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         if self.lowering is not None:
-            lines.append(_lowering_line(self.lowering))
+            lines.append(_lowering_line(self.lowering)
+                         + ("\nlower: replayed as CUDA graphs, one per input layout" if self.cuda_graphs else ""))
         for p in self.passes:
             if p.rule_hits:
                 lines.append(f"{p.name}: " + ", ".join(f"{r} x{n}" for r, n in p.rule_hits))
@@ -150,6 +152,7 @@ class OptimizedModule(nn.Module):
         super().__init__()
         self.variants = nn.ModuleList([captured.graph_module])
         self.lowered = nn.ModuleList()  # target="cuda": the variants with regions on Triton kernels
+        self._graph_runners: list[Any] | None = None  # cuda_graphs=True: one CudaGraphRunner per lowered variant
         self._captured = [captured]
         self._report = report
         self._source = source
@@ -194,6 +197,12 @@ class OptimizedModule(nn.Module):
 
     def _run(self, i: int, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if i < len(self.lowered):
+            if self._graph_runners is not None:
+                from .cudagraphs import CudaGraphRunner
+
+                while len(self._graph_runners) <= i:
+                    self._graph_runners.append(CudaGraphRunner(self.lowered[len(self._graph_runners)]))
+                return self._graph_runners[i](tensors)
             return tuple(self.lowered[i](*tensors))
         return self._captured[i].run(tensors)
 
@@ -239,7 +248,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None,
              passes: Iterable[str | Pass] | None = None, target: str = "cpu",
-             dynamic_batch: bool = True) -> OptimizedModule:
+             dynamic_batch: bool = True, cuda_graphs: bool = False) -> OptimizedModule:
     """Capture ``model`` on the example inputs, run ``passes`` (default: the exact pipeline) and emit.
 
     ``passes`` are names from :mod:`graphopt.passes` or :class:`Pass` objects. Each exact pass is
@@ -251,7 +260,9 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     kernel is checked against the ATen ops it replaces on the example inputs, within the dtype's
     tolerance. Kernels use the tuned configs ``graphopt autotune`` stored for this GPU, else defaults.
     Under ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on the CPU instead (slow;
-    for testing).
+    for testing). ``cuda_graphs=True`` (target "cuda" on a GPU) replays each call as a CUDA graph
+    recorded per input layout (:mod:`graphopt.cudagraphs`), which removes the launch overhead that
+    dominates at small batch.
     """
     from . import passes as registry
     from .analysis.cost import graph_cost
@@ -259,6 +270,8 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     pipeline = registry.resolve(passes)
+    if cuda_graphs and (target != "cuda" or not torch.cuda.is_available()):
+        raise UsageError("cuda_graphs=True needs target='cuda' and a CUDA GPU")
     if target == "cuda":
         _check_cuda_target()
         if torch.cuda.is_available():
@@ -277,7 +290,9 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
                                 captured.capture_time_s, reports)
     module = OptimizedModule(captured, report, source=model, passes=pipeline, flops=flops)
     if target == "cuda":
-        module._report = dataclasses.replace(report, lowering=module._lower_variant(captured))
+        module._report = dataclasses.replace(report, lowering=module._lower_variant(captured),
+                                             cuda_graphs=cuda_graphs)
+        module._graph_runners = [] if cuda_graphs else None
     return module
 
 

@@ -271,3 +271,12 @@ def test_target_cuda_without_a_gpu_or_the_interpreter_is_a_usage_error(monkeypat
         pytest.skip("this machine has a GPU")
     with pytest.raises(UsageError, match="no CUDA device"):
         graphopt.optimize(model, args, kwargs, target="cuda")
+
+
+def test_cuda_graphs_need_the_cuda_target_and_a_gpu():
+    model, args, kwargs = zoo.ZOO["dit"]()
+    with pytest.raises(UsageError, match="cuda_graphs=True needs target='cuda'"):
+        graphopt.optimize(model, args, kwargs, cuda_graphs=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="a CUDA GPU"):
+            graphopt.optimize(model, args, kwargs, target="cuda", cuda_graphs=True)
