@@ -178,7 +178,7 @@ class _Tuned(nn.Module):
     def __init__(self, options: TuningOptions):
         super().__init__()
         self.options = options
-        self._chosen: dict[tuple[int, ...], Config] = {}
+        self._chosen: dict[tuple[str, tuple[int, ...]], Config] = {}
 
     def configs(self) -> list[dict[str, int]]:
         raise NotImplementedError
@@ -192,23 +192,29 @@ class _Tuned(nn.Module):
     def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    def cache_name(self, *inputs: torch.Tensor) -> str:
+        """The kernel's name in the tuning cache: the source is dtype-generic, its timings are not."""
+        dtypes = dict.fromkeys(str(t.dtype).removeprefix("torch.") for t in inputs if t.is_floating_point())
+        return f"{self.kernel_name}:{'-'.join(dtypes)}"
+
     def _config(self, shape: tuple[int, ...], inputs: Sequence[torch.Tensor]) -> Config:
-        bucket = shape_bucket(shape)
-        if (cfg := self._chosen.get(bucket)) is None:
+        key = (self.cache_name(*inputs), shape_bucket(shape))
+        if (cfg := self._chosen.get(key)) is None:
             o = self.options
-            cfg = choose(self.kernel_name, self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
+            cfg = choose(key[0], self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
                          autotune=o.autotune, prune=self.prune, timer=o.timer, cache=o.cache,
                          budget_s=o.budget_s).config
-            self._chosen[bucket] = cfg
+            self._chosen[key] = cfg
         return cfg
 
     def tune(self, *inputs: torch.Tensor, timer: Timer = cuda_event_timer, cache: CacheArg = DEFAULT_CACHE,
              budget_s: float | None = None, force: bool = False) -> TuneResult:
         """Time every candidate config on ``inputs``; the winner is stored and used from now on."""
         shape = self.tuning_shape(*inputs)
-        result = tune(self.kernel_name, self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
+        name = self.cache_name(*inputs)
+        result = tune(name, self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
                       prune=self.prune, timer=timer, cache=cache, budget_s=budget_s, force=force)
-        self._chosen[shape_bucket(shape)] = result.config
+        self._chosen[(name, shape_bucket(shape))] = result.config
         return result
 
     def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

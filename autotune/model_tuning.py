@@ -90,7 +90,7 @@ def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_event
     for batch in batches:
         args, kwargs = batch_inputs(module, batch)
         for site, inputs in record_calls(module, args, kwargs):
-            key = (site.kernel_name, shape_bucket(site.tuning_shape(*inputs)))
+            key = (site.cache_name(*inputs), shape_bucket(site.tuning_shape(*inputs)))
             work.setdefault(key, (site, inputs, batch))
 
     bar = Progress(len(work), "autotune", enabled=progress)

@@ -205,6 +205,8 @@ def _tune_model(ns: argparse.Namespace) -> int:
     pipeline = registry.resolve(ns.passes)
     with torch.cuda.device(device):
         model, args, kwargs = load_model_spec(ns.model)
+        if ns.dtype:  # timings depend on the dtype: tune in the one the model will run in
+            model, args, kwargs = _cast(model, args, kwargs, DTYPES[ns.dtype])
         _status(f"optimizing {type(model).__name__} for {torch.cuda.get_device_name(device)} ...")
         start = time.perf_counter()
         optimized = optimize(model, args, kwargs, passes=pipeline, target="cuda")
@@ -215,6 +217,27 @@ def _tune_model(ns: argparse.Namespace) -> int:
     print(format_table(rows))
     print(f"tuned {len(rows)} kernel shapes in {time.perf_counter() - start:.1f}s; cache: {cache.path}")
     return 0
+
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _cast(model: nn.Module, args: tuple, kwargs: dict, dtype_name: str) -> tuple[nn.Module, tuple, dict]:
+    """The model and its floating-point example inputs in ``dtype_name``; other inputs as they are."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+
+    def cast(value: object) -> object:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        if isinstance(value, (tuple, list)):
+            return type(value)(cast(v) for v in value)
+        if isinstance(value, dict):
+            return {k: cast(v) for k, v in value.items()}
+        return value
+
+    return model.to(dtype), cast(args), cast(kwargs)
 
 
 def _batches(text: str) -> list[int]:
@@ -315,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-time budget in seconds for the whole run (default: time every config)")
     p.add_argument("--force", action="store_true", help="re-time kernels that already have a cache entry")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="cast the model and its float inputs first (default: as the factory returns them); "
+                        "tunings are stored per dtype")
     p.add_argument("--passes", type=_passes_arg, default=None, help="passes to run first (default: exact pipeline)")
     action = p.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="list every cached kernel, shape bucket and best config")

@@ -207,3 +207,14 @@ def test_reference_models_are_named_directly(capsys):
     assert "EDMUNet" in out and "skip edges: 6" in out
     assert main(["optimize", "dit-digits"]) == 0
     assert "SiT on cpu" in capsys.readouterr().out
+
+
+def test_autotune_casts_the_model_and_only_its_float_inputs():
+    import torch
+
+    from graphopt.cli import _cast
+
+    model, args, kwargs = _cast(torch.nn.Linear(3, 3), (torch.randn(2, 3), torch.arange(2)),
+                                {"extra": [torch.randn(1)]}, "bfloat16")
+    assert model.weight.dtype == torch.bfloat16 and args[0].dtype == torch.bfloat16
+    assert args[1].dtype == torch.int64 and kwargs["extra"][0].dtype == torch.bfloat16

@@ -261,13 +261,17 @@ def test_a_tuned_config_is_stored_and_used_by_the_next_lowering(tmp_path):
     store = TuningCache(FAKE_GPU, tmp_path)
     result = site.tune(*inputs, timer=FakeTimer(), cache=store)
     assert result.source == "tuned" and len(result.timings) >= 2 and result.config != site.default_config(*inputs)
-    assert store.get(site.kernel_name, site.source_hash, result.shape_bucket).best == result.config
+    assert result.kernel == f"{site.kernel_name}:float32"  # timings depend on the dtype; the source does not
+    assert store.get(result.kernel, site.source_hash, result.shape_bucket).best == result.config
+    half = [t.half() for t in inputs]
+    assert site.tune(*half, timer=FakeTimer(), cache=store).kernel == f"{site.kernel_name}:float16"
+    assert len(store.entries()) == 2
 
     captured = capture(Fn(lambda x: torch.sigmoid(x) * x).eval(), (torch.randn(3, 700),))
     again = lower(captured.graph_module, options=TuningOptions(cache=store))
     (fresh,) = [m for m in again.graph_module.modules() if isinstance(m, FusedRegion)]
     fresh(*inputs)
-    assert list(fresh._chosen.values()) == [result.config]
+    assert list(fresh._chosen.values()) == [result.config] and fresh.cache_name(*inputs).endswith(":float32")
 
 
 def test_self_attention_on_one_tensor_passes_it_three_times():
