@@ -23,7 +23,10 @@ ones (GroupNorm's groups are runs of whole channels). The kernel makes three pas
 ``RBLOCK`` elements at a time: the mean, the centred variance (two-pass, as the hand-written norms),
 then the normalised value with the affine and every epilogue op, stored where the graph needs it.
 A prologue (the pointwise ops producing the norm's input) is recomputed in each pass, and its values
-that the graph needs elsewhere are stored in the last one::
+that the graph needs elsewhere are stored in the last one. A few long rows (GroupNorm at batch 1:
+32 rows of thousands of elements cannot fill a GPU with one program each) use the split form
+instead: ``RSPLIT`` programs per row write per-chunk statistics to a workspace and a second kernel
+combines them (Chan et al.'s pairwise formula) and applies the row's chunk::
 
     LayerNorm, GroupNorm:  y = (x - mean) / sqrt(var + eps) * w + b
     RMSNorm:               y = x / sqrt(mean(x^2) + eps) * w
@@ -198,28 +201,35 @@ def generate(region: Region) -> GeneratedKernel:
     offsets = [offset(op, domain, merged_dims(domain, [op]), x) for op in ins + outs]
     symbols = tuple(sorted({s for e in offsets for s in e.free_symbols if s != x}, key=str))
     body = _Body(region, ins, outs, [pyexpr(e) for e in offsets])
+    pointers = [f"in{i}_ptr" for i in range(len(ins))] + [f"out{i}_ptr" for i in range(len(outs))]
+    sizes = [str(s) for s in symbols]
     if region.kind == "pointwise":
-        numel_arg, lines, row = "xnumel", body.pointwise(), None
+        row = None
+        functions = [("", pointers + ["xnumel", *sizes, "XBLOCK: tl.constexpr"], body.pointwise())]
     else:
         row = _row_length(region)
-        numel_arg, lines = "ROWS", body.norm(row)
-    params = [f"in{i}_ptr" for i in range(len(ins))] + [f"out{i}_ptr" for i in range(len(outs))]
-    params += [numel_arg] + [str(s) for s in symbols] + [f"{'XBLOCK' if row is None else 'RBLOCK'}: tl.constexpr"]
+        stats, apply = body.norm_split(row)
+        split = ["ws_ptr", "ROWS", *sizes, "RSPLIT: tl.constexpr", "RBLOCK: tl.constexpr"]
+        functions = [("", pointers + ["ROWS", *sizes, "RBLOCK: tl.constexpr"], body.norm(row)),
+                     ("_stats", [p for p in pointers if p.startswith("in")] + split, stats),
+                     ("_apply", pointers + split, apply)]
     stem = "_".join(dict.fromkeys(region.ops()))[:48]
-    digest = hashlib.sha256("\n".join(lines + params).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(repr(functions).encode()).hexdigest()[:8]
     name = f"fused_{stem}_{digest}"
     shown = ", ".join(pyexpr(d) for d in region.domain)
-    header = [
+    lines = [
         f"# graphopt: {region.kind} region of {len(region.nodes)} ops over the domain ({shown})",
         "# generated from the captured graph; sizes are literals, the batch stays a symbol",
         "import triton",
         "import triton.language as tl",
-        "",
-        "",
-        "@triton.jit",
-        f"def {name}({', '.join(params)}):",
     ]
-    source = "\n".join(header + ["    " + line for line in lines]) + "\n"
+    if row is not None:
+        lines += ["", f"# {name}: one program per row; {name}_stats / _apply: RSPLIT programs per row, for",
+                  "# few long rows (GroupNorm at batch 1), partial statistics through the fp32 workspace ws"]
+    for suffix, params, body_lines in functions:
+        lines += ["", "", "@triton.jit", f"def {name}{suffix}({', '.join(params)}):"]
+        lines += ["    " + line for line in body_lines]
+    source = "\n".join(lines) + "\n"
     return GeneratedKernel(name, source, region, ins, outs, symbols, row)
 
 
@@ -303,43 +313,92 @@ class _Body:
             *self._epilogue(self.region.nodes, "xmask"),
         ]
 
-    def norm(self, row: int) -> list[str]:
+    def _norm_parts(self) -> tuple:
         region = self.region
         norm = region.norm
         assert norm is not None
         prologue = region.prologue()
         epilogue = [n for n in region.nodes if n is not norm and n not in prologue]
-        rms = norm.target is aten.rms_norm.default
         weight, bias, eps = norm_params(norm)
         x = self.names[norm.args[0]]  # an input, or the prologue's last value
         # what every pass over the row needs: the norm's input, computed from the prologue's inputs
         needed = {a for n in prologue for a in n.all_input_nodes} | {norm.args[0]}
         first = [i for i, op in enumerate(self.ins) if op.node in needed]
-
-        def pass_body(stats: Callable[[], list[str]]) -> list[str]:
-            self.computed.clear()  # each loop computes its own values
-            body = [self._load(i, "rmask") for i in first] + [self._node(n) for n in prologue]
-            body += stats()  # after the prologue: its values are what the statistics read
-            return [f"for roff in range(0, {row}, RBLOCK):", "    rindex = roff + rbase",
-                    f"    rmask = rindex < {row}", f"    xindex = row * {row} + rindex",
-                    *("    " + line for line in body)]
-
-        lines = ["row = tl.program_id(0).to(tl.int64)", "rbase = tl.arange(0, RBLOCK)",
-                 "acc = tl.zeros([RBLOCK], dtype=tl.float32)"]
-        # masked-off lanes hold padding (or a prologue computed on it): tl.where keeps them out of the sums
-        if rms:
-            lines += [*pass_body(lambda: [f"xm = tl.where(rmask, {x}, 0.0)", "acc += xm * xm"]),
-                      f"rstd = tl.rsqrt(tl.sum(acc, axis=0) / {row} + {eps!r})", "mean = 0.0"]
-        else:
-            lines += [*pass_body(lambda: [f"acc += tl.where(rmask, {x}, 0.0)"]),
-                      f"mean = tl.sum(acc, axis=0) / {row}", "acc = tl.zeros([RBLOCK], dtype=tl.float32)",
-                      *pass_body(lambda: [f"d = tl.where(rmask, {x} - mean, 0.0)", "acc += d * d"]),
-                      f"rstd = tl.rsqrt(tl.sum(acc, axis=0) / {row} + {eps!r})"]
         value = f"({x} - mean) * rstd"
         if isinstance(weight, fx.Node):
             value += f" * {self.names[weight]}"
         if isinstance(bias, fx.Node):
             value += f" + {self.names[bias]}"
+        return norm, prologue, epilogue, eps, x, first, value
+
+    def _pass(self, header: list[str], first: list[int], prologue: Sequence[fx.Node],
+              stats: Callable[[], list[str]]) -> list[str]:
+        """One loop over (part of) a row: load the prologue's inputs, compute it, then ``stats()``."""
+        self.computed.clear()  # each loop computes its own values
+        body = [self._load(i, "rmask") for i in first] + [self._node(n) for n in prologue]
+        body += stats()  # after the prologue: its values are what the statistics read
+        return header + ["    " + line for line in body]
+
+    def _last_pass(self, header: list[str], row: int) -> list[str]:
+        norm, prologue, epilogue, eps, x, first, value = self._norm_parts()
         rest = [self._load(i, "rmask") for i in range(len(self.ins)) if i not in first]
-        return lines + pass_body(lambda: [*rest, f"{self.names[norm]} = {value}  # {op_name(norm)}",
-                                          *(self._node(n) for n in epilogue), *self._stores("rmask")])
+        return self._pass(header, first, prologue, lambda: [
+            *rest, f"{self.names[norm]} = {value}  # {op_name(norm)}", *(self._node(n) for n in epilogue),
+            *self._stores("rmask")])
+
+    def norm(self, row: int) -> list[str]:
+        norm, prologue, _, eps, x, first, _ = self._norm_parts()
+        rms = norm.target is aten.rms_norm.default
+        loop = [f"for roff in range(0, {row}, RBLOCK):", "    rindex = roff + rbase",
+                f"    rmask = rindex < {row}", f"    xindex = row * {row} + rindex"]
+        lines = ["row = tl.program_id(0).to(tl.int64)", "rbase = tl.arange(0, RBLOCK)",
+                 "acc = tl.zeros([RBLOCK], dtype=tl.float32)"]
+        # masked-off lanes hold padding (or a prologue computed on it): tl.where keeps them out of the sums
+        if rms:
+            lines += [*self._pass(loop, first, prologue, lambda: [f"xm = tl.where(rmask, {x}, 0.0)", "acc += xm * xm"]),
+                      f"rstd = tl.rsqrt(tl.sum(acc, axis=0) / {row} + {eps!r})", "mean = 0.0"]
+        else:
+            lines += [*self._pass(loop, first, prologue, lambda: [f"acc += tl.where(rmask, {x}, 0.0)"]),
+                      f"mean = tl.sum(acc, axis=0) / {row}", "acc = tl.zeros([RBLOCK], dtype=tl.float32)",
+                      *self._pass(loop, first, prologue, lambda: [f"d = tl.where(rmask, {x} - mean, 0.0)",
+                                                                   "acc += d * d"]),
+                      f"rstd = tl.rsqrt(tl.sum(acc, axis=0) / {row} + {eps!r})"]
+        return lines + self._last_pass(loop, row)
+
+    def norm_split(self, row: int) -> tuple[list[str], list[str]]:
+        """The two kernels of the split form: per-chunk statistics, then combine and apply.
+
+        Chunk s of a row holds n_s elements with mean m_s and centred sum of squares M2_s; the row's
+        are mean = sum n_s m_s / N and M2 = sum M2_s + n_s (m_s - mean)^2 (Chan et al.), so no chunk
+        ever subtracts a large mean from E[x^2]. RMSNorm needs only sum x^2.
+        """
+        norm, prologue, _, eps, x, first, _ = self._norm_parts()
+        rms = norm.target is aten.rms_norm.default
+        head = ["row = tl.program_id(0).to(tl.int64)", "split = tl.program_id(1)",
+                f"CHUNK: tl.constexpr = ({row} + RSPLIT - 1) // RSPLIT", "start = split * CHUNK",
+                "rbase = tl.arange(0, RBLOCK)"]
+        loop = ["for roff in range(0, CHUNK, RBLOCK):", "    rindex = start + roff + rbase",
+                f"    rmask = (roff + rbase < CHUNK) & (rindex < {row})", f"    xindex = row * {row} + rindex"]
+        stats = [*head, f"count = tl.maximum(tl.minimum(CHUNK, {row} - start), 0).to(tl.float32)",
+                 "acc = tl.zeros([RBLOCK], dtype=tl.float32)"]
+        if rms:
+            stats += [*self._pass(loop, first, prologue, lambda: [f"xm = tl.where(rmask, {x}, 0.0)", "acc += xm * xm"]),
+                      "mean = 0.0", "m2 = tl.sum(acc, axis=0)"]
+        else:
+            stats += [*self._pass(loop, first, prologue, lambda: [f"acc += tl.where(rmask, {x}, 0.0)"]),
+                      "mean = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)",
+                      "acc = tl.zeros([RBLOCK], dtype=tl.float32)",
+                      *self._pass(loop, first, prologue, lambda: [f"d = tl.where(rmask, {x} - mean, 0.0)",
+                                                                   "acc += d * d"]),
+                      "m2 = tl.sum(acc, axis=0)"]
+        stats += ["ws = ws_ptr + (row * RSPLIT + split) * 3",
+                  "tl.store(ws, count)", "tl.store(ws + 1, mean)", "tl.store(ws + 2, m2)"]
+        combine = [*head, "parts = ws_ptr + (row * RSPLIT + tl.arange(0, RSPLIT)) * 3",
+                   "counts = tl.load(parts)", "means = tl.load(parts + 1)", "m2s = tl.load(parts + 2)"]
+        if rms:
+            combine += ["mean = 0.0", f"rstd = tl.rsqrt(tl.sum(m2s, axis=0) / {row} + {eps!r})"]
+        else:
+            combine += [f"mean = tl.sum(counts * means, axis=0) / {row}",
+                        "dm = means - mean",
+                        f"rstd = tl.rsqrt(tl.sum(m2s + counts * dm * dm, axis=0) / {row} + {eps!r})"]
+        return stats, combine + self._last_pass(loop, row)

@@ -90,21 +90,36 @@ def norm_configs() -> list[dict[str, int]]:
         {"RBLOCK": 4096, "num_warps": 8, "num_stages": 1},
         {"RBLOCK": 128, "num_warps": 1, "num_stages": 1},
         {"RBLOCK": 1024, "num_warps": 8, "num_stages": 1},
+        # few long rows (GroupNorm at batch 1: B x 32 rows of thousands): RSPLIT programs per row
+        {"RBLOCK": 1024, "RSPLIT": 8, "num_warps": 4, "num_stages": 1},
+        {"RBLOCK": 512, "RSPLIT": 16, "num_warps": 4, "num_stages": 1},
+        {"RBLOCK": 1024, "RSPLIT": 4, "num_warps": 4, "num_stages": 1},
+        {"RBLOCK": 256, "RSPLIT": 32, "num_warps": 2, "num_stages": 1},
         ATEN,
     ]
+
+
+FEW_ROWS, LONG_ROW = 256, 2048
+"""A norm with fewer rows than this (one program each cannot fill a GPU) and rows at least this long
+(worth splitting) tries RSPLIT programs per row first; otherwise the split configs are not timed."""
 
 
 def _prune_blocks(key: str) -> Callable[[Sequence[Config], tuple[int, ...]], list[Config]]:
     """Cost model: a block much larger than the work only masks lanes off; try the best-fitting first."""
 
     def prune(configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
-        work = shape[-1]
-        fit = max(128, 1 << max(work - 1, 0).bit_length())
-        blocks = [c for c in configs if key in c]
-        kept = [c for c in blocks if c[key] <= fit] or [min(blocks, key=lambda c: c[key])]
+        split = len(shape) == 2 and shape[0] < FEW_ROWS and shape[1] >= LONG_ROW
+        blocks = [c for c in configs if key in c and (c.get("RSPLIT", 1) > 1) == split]
+
+        def fit(c: Config) -> int:  # the work one program loops over: a row, its chunk, or all elements
+            work = -(-shape[-1] // c.get("RSPLIT", 1))
+            return max(128, 1 << max(work - 1, 0).bit_length())
+
+        kept = [c for c in blocks if c[key] <= fit(c)] or [min(blocks, key=lambda c: c[key])]
         # one step over the whole row (or one program for tiny tensors) first: the best untuned guess
-        best = math.log2(min(fit, 1024 if key == "XBLOCK" else 4096))
-        return sorted(kept, key=lambda c: abs(math.log2(c[key]) - best)) + [c for c in configs if key not in c]
+        cap = 1024 if key == "XBLOCK" else 4096
+        kept.sort(key=lambda c: abs(math.log2(c[key]) - math.log2(min(fit(c), cap))))
+        return kept + [c for c in configs if key not in c]
 
     return prune
 
@@ -149,9 +164,10 @@ class KernelLibrary:
         return len(self._loaded)
 
     def load(self, kernel: GeneratedKernel) -> Any:
-        """The ``@triton.jit`` function of ``kernel`` (compiled by Triton on first launch, once per signature)."""
-        if (fn := self._loaded.get(kernel.source)) is not None:
-            return fn
+        """The module holding ``kernel``'s ``@triton.jit`` functions (each compiled by Triton on first
+        launch, once per signature)."""
+        if (module := self._loaded.get(kernel.source)) is not None:
+            return module
         path = self.directory / f"{kernel.name}.py"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(kernel.source)
@@ -160,9 +176,8 @@ class KernelLibrary:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        fn = getattr(module, kernel.name)
-        self._loaded[kernel.source] = fn
-        return fn
+        self._loaded[kernel.source] = module
+        return module
 
     def write_index(self, text: str) -> None:
         if self.dumped:
@@ -240,7 +255,10 @@ class FusedRegion(_Tuned):
         self.generated = kernel
         self.kernel_name, self.source_hash = kernel.name, hash_source(kernel.source)
         self._library = library  # keeps the kernel's source file alive
-        self.fn = library.load(kernel)
+        module = library.load(kernel)
+        self.fn = getattr(module, kernel.name)
+        self._split = (getattr(module, f"{kernel.name}_stats"), getattr(module, f"{kernel.name}_apply")) \
+            if kernel.row is not None else None
         self.fallback = fallback
         self.fallbacks = 0
         region = kernel.region
@@ -313,6 +331,13 @@ class FusedRegion(_Tuned):
         if row is None:
             grid = (triton_cdiv(numel, cfg["XBLOCK"]),)
             self.fn[grid](*inputs, *outs, numel, *self._kernel_symbols(values), **cfg)
+        elif (splits := cfg.pop("RSPLIT", 1)) > 1:
+            assert self._split is not None
+            rows, sizes = numel // row, self._kernel_symbols(values)
+            ws = torch.empty(rows * splits * 3, device=device, dtype=torch.float32)
+            stats, apply = self._split
+            stats[(rows, splits)](*inputs, ws, rows, *sizes, RSPLIT=splits, **cfg)
+            apply[(rows, splits)](*inputs, *outs, ws, rows, *sizes, RSPLIT=splits, **cfg)
         else:
             self.fn[(numel // row,)](*inputs, *outs, numel // row, *self._kernel_symbols(values), **cfg)
         return outs

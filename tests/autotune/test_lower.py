@@ -331,3 +331,32 @@ def test_a_region_the_generator_cannot_handle_stays_on_aten_and_is_named(monkeyp
     result, _ = lowered(AdaLN(), torch.randn(2, 3, 40), torch.randn(2, 40))
     assert result.regions == () and len(result.declined) == 2
     assert all("kernel generation failed: NotImplementedError: no code" in reason for _, reason in result.declined)
+
+
+SPLIT_CONFIGS = [c for c in norm_configs() if c.get("RSPLIT", 1) > 1]
+
+
+@pytest.mark.parametrize("config", SPLIT_CONFIGS + [{"RBLOCK": 128, "RSPLIT": 2, "num_warps": 1, "num_stages": 1}],
+                         ids=str)
+@pytest.mark.parametrize("norm", ["group", "layer", "rms"])
+def test_the_split_form_of_a_norm_with_few_long_rows(config, norm):
+    """GroupNorm at batch 1 has B x groups rows: RSPLIT programs share a row through partial statistics."""
+    module = {"group": nn.GroupNorm(2, 6), "layer": nn.LayerNorm((6, 23, 21)), "rms": nn.RMSNorm((6, 23, 21))}[norm]
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    model = Fn(lambda h, e: F.silu(module(h + e[:, :, None, None])))
+    h = torch.randn(2, 6, 23, 21) * 3 + 5  # odd rows (1449 or 2898 elements): chunks end mid-block
+    result, captured = lowered(model, h, torch.randn(2, 6))
+    ((site, inputs),) = site_inputs(result.graph_module, captured.example_inputs)
+    for got, want in zip(site.launch(Config(config), *inputs), site.fallback(*inputs)):
+        close(got, want)
+
+
+def test_the_cost_model_splits_only_few_long_rows():
+    site, inputs = _single_region(nn.LayerNorm(300, elementwise_affine=False), torch.randn(3, 300))
+    family = [Config(c) for c in site.configs()]
+    assert all(c.get("RSPLIT", 1) == 1 for c in site.prune(family, (3, 300)))       # short rows
+    assert all(c.get("RSPLIT", 1) == 1 for c in site.prune(family, (4096, 4096)))   # rows enough to fill a GPU
+    few_long = site.prune(family, (32, 4096))  # GroupNorm, 32 groups, batch 1
+    assert few_long[0]["RSPLIT"] > 1 and is_aten(few_long[-1])
