@@ -101,7 +101,7 @@ def norm_configs() -> list[dict[str, int]]:
 
 FEW_ROWS, LONG_ROW = 256, 2048
 """A norm with fewer rows than this (one program each cannot fill a GPU) and rows at least this long
-(worth splitting) tries RSPLIT programs per row first; otherwise the split configs are not timed."""
+(worth splitting) tries RSPLIT programs per row first, then one; otherwise the split form is not timed."""
 
 
 def _prune_blocks(key: str) -> Callable[[Sequence[Config], tuple[int, ...]], list[Config]]:
@@ -109,7 +109,8 @@ def _prune_blocks(key: str) -> Callable[[Sequence[Config], tuple[int, ...]], lis
 
     def prune(configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
         split = len(shape) == 2 and shape[0] < FEW_ROWS and shape[1] >= LONG_ROW
-        blocks = [c for c in configs if key in c and (c.get("RSPLIT", 1) > 1) == split]
+        # few long rows: both forms are timed, the split one first; otherwise the split form is not
+        blocks = [c for c in configs if key in c and (split or c.get("RSPLIT", 1) == 1)]
 
         def fit(c: Config) -> int:  # the work one program loops over: a row, its chunk, or all elements
             work = -(-shape[-1] // c.get("RSPLIT", 1))
@@ -118,7 +119,7 @@ def _prune_blocks(key: str) -> Callable[[Sequence[Config], tuple[int, ...]], lis
         kept = [c for c in blocks if c[key] <= fit(c)] or [min(blocks, key=lambda c: c[key])]
         # one step over the whole row (or one program for tiny tensors) first: the best untuned guess
         cap = 1024 if key == "XBLOCK" else 4096
-        kept.sort(key=lambda c: abs(math.log2(c[key]) - math.log2(min(fit(c), cap))))
+        kept.sort(key=lambda c: (split and c.get("RSPLIT", 1) == 1, abs(math.log2(c[key]) - math.log2(min(fit(c), cap)))))
         return kept + [c for c in configs if key not in c]
 
     return prune

@@ -360,3 +360,4 @@ def test_the_cost_model_splits_only_few_long_rows():
     assert all(c.get("RSPLIT", 1) == 1 for c in site.prune(family, (4096, 4096)))   # rows enough to fill a GPU
     few_long = site.prune(family, (32, 4096))  # GroupNorm, 32 groups, batch 1
     assert few_long[0]["RSPLIT"] > 1 and is_aten(few_long[-1])
+    assert any(c.get("RSPLIT", 1) == 1 and not is_aten(c) for c in few_long)  # the tuner times both forms
