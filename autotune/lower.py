@@ -521,18 +521,24 @@ class LoweringReport:
     time_s: float
     dump_dir: str | None
 
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+    def text(self) -> str:
+        """The report's ``lower:`` lines: calls by kind, kernels, error, what stayed on ATen and why."""
+        kinds: dict[str, int] = {}
         for r in self.regions:
-            out[r.kind] = out.get(r.kind, 0) + 1
-        return out
-
-    def line(self) -> str:
-        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))
+            kinds[r.kind] = kinds.get(r.kind, 0) + 1
+        kind_text = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
         aten = ", ".join(f"{op} x{n}" for op, n in self.left_on_aten) or "nothing"
-        return (f"lowered {self.nodes_lowered} nodes into {len(self.regions)} regions ({kinds or 'none'}) using "
-                f"{self.kernels} distinct kernels in {self.time_s:.2f}s; max abs err {self.max_abs_error:.2e}, "
-                f"max rel err {self.max_rel_error:.2e}; on ATen: {aten}")
+        lines = [f"lower: {self.nodes_lowered} nodes -> {len(self.regions)} kernel calls ({kind_text}), "
+                 f"{self.kernels} distinct generated kernels, max abs err {self.max_abs_error:.2e}, "
+                 f"max rel err {self.max_rel_error:.2e}, {self.time_s:.2f}s; left on ATen: {aten}"]
+        by_reason: dict[str, list[str]] = {}
+        for node, reason in self.declined:
+            by_reason.setdefault(reason, []).append(node)
+        lines += [f"lower: {len(nodes)} region(s) left on ATen ({', '.join(nodes)}): {reason}"
+                  for reason, nodes in by_reason.items()]
+        if self.dump_dir:
+            lines.append(f"lower: kernel sources in {self.dump_dir}")
+        return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

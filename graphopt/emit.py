@@ -87,7 +87,9 @@ class OptimizationReport:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         if self.lowering is not None:
-            lines.append(_lowering_line(self.lowering)
+            from graphopt.autotune.lower import LoweringReport  # plain Python: no Triton needed to read it
+
+            lines.append(LoweringReport.from_json(self.lowering).text()
                          + ("\nlower: replayed as CUDA graphs, one per input layout" if self.cuda_graphs else ""))
         for p in self.passes:
             if p.rule_hits:
@@ -110,25 +112,6 @@ class OptimizationReport:
         data["passes"] = tuple(PassReport.from_json(p) for p in data["passes"])
         data["batch_range"] = tuple(data["batch_range"]) if data["batch_range"] else None
         return OptimizationReport(**data)
-
-
-def _lowering_line(data: dict[str, Any]) -> str:
-    kinds: dict[str, int] = {}
-    for r in data["regions"]:
-        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
-    kind_text = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-    aten = ", ".join(f"{op} x{n}" for op, n in data["left_on_aten"]) or "nothing"
-    line = (f"lower: {data['nodes_lowered']} nodes -> {len(data['regions'])} kernel calls ({kind_text}), "
-            f"{data['kernels']} distinct generated kernels, max abs err {data['max_abs_error']:.2e}, "
-            f"max rel err {data['max_rel_error']:.2e}, {data['time_s']:.2f}s; left on ATen: {aten}")
-    by_reason: dict[str, list[str]] = {}
-    for node, reason in data["declined"]:
-        by_reason.setdefault(reason, []).append(node)
-    for reason, nodes in by_reason.items():
-        line += f"\nlower: {len(nodes)} region(s) left on ATen ({', '.join(nodes)}): {reason}"
-    if data.get("dump_dir"):
-        line += f"\nlower: kernel sources in {data['dump_dir']}"
-    return line
 
 
 def _flops(value: float) -> str:
