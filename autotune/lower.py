@@ -669,6 +669,39 @@ def _index(regions: Sequence[LoweredRegion]) -> str:
 # ----------------------------------------------------------------------------------------- verifying
 
 
+class _Sites(fx.Interpreter):
+    """Runs a lowered graph node by node, handing every kernel call site and its inputs to ``visit``,
+    whose return value is what the rest of the graph sees."""
+
+    def __init__(self, gm: fx.GraphModule, visit: Callable[[str, _Tuned, tuple], Any]):
+        super().__init__(gm)
+        self.visit = visit
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        module = self.fetch_attr(target)
+        if isinstance(module, _Tuned):
+            return self.visit(target.rsplit(".", 1)[-1], module, args)
+        return super().call_module(target, args, kwargs)
+
+
+def call_sites(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], *,
+               run_kernels: bool = True) -> list[tuple[_Tuned, tuple]]:
+    """Every kernel call site of ``lowered`` with the tensors it is called with on ``inputs``.
+
+    With ``run_kernels=False`` the sites' eager references stand in for the kernels (to collect the
+    inputs of kernels that cannot run here, e.g. compiled for a GPU this machine lacks).
+    """
+    calls: list[tuple[_Tuned, tuple]] = []
+
+    def visit(name: str, site: _Tuned, args: tuple) -> Any:
+        calls.append((site, args))
+        return site(*args) if run_kernels else site.reference(*args)
+
+    with torch.no_grad():
+        _Sites(lowered, visit).run(*inputs)
+    return calls
+
+
 def check_regions(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], dict[str, tuple[float, float, bool]]]:
     """Run ``lowered`` on ``inputs`` comparing every kernel with its region's eager ops on the same inputs.
 
@@ -678,18 +711,12 @@ def check_regions(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tu
 
     errors: dict[str, tuple[float, float, bool]] = {}
 
-    class _Check(fx.Interpreter):
-        def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-            got = super().call_module(target, args, kwargs)
-            module = self.fetch_attr(target)
-            if not isinstance(module, _Tuned):
-                return got
-            want = module.reference(*args)
-            cmp = compare(got, want)
-            errors[target.rsplit(".", 1)[-1]] = (cmp.max_abs_error, cmp.max_rel_error, cmp.within)
-            return got
+    def visit(name: str, site: _Tuned, args: tuple) -> Any:
+        got = site(*args)
+        cmp = compare(got, site.reference(*args))
+        errors[name] = (cmp.max_abs_error, cmp.max_rel_error, cmp.within)
+        return got
 
     with torch.no_grad():
-        out = _Check(lowered).run(*inputs)
+        out = _Sites(lowered, visit).run(*inputs)
     return tuple(out), errors
-

@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 from graphopt.autotune import DeviceKey, TuningCache  # noqa: E402
 from graphopt.autotune.cache import Config  # noqa: E402
 from graphopt.autotune.lower import (ATEN, FamilyRegion, FusedRegion, KernelLibrary, TuningOptions,  # noqa: E402
-                                     check_regions, is_aten, lower, norm_configs, pointwise_configs)
+                                     call_sites, check_regions, is_aten, lower, norm_configs,
+                                     pointwise_configs)
 from graphopt.autotune.regions import POINTWISE  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
@@ -297,28 +298,10 @@ def test_a_norm_with_a_prologue_in_every_row_step(norm, config):
     model = Prologue(norm).eval()
     args = (torch.randn(2, 3, 300) * 2 + 1, torch.randn(2, 3, 300), torch.randn(2, 300))
     result, captured = lowered(model, *args)
-    ((site, inputs),) = site_inputs(result.graph_module, captured.example_inputs)
+    ((site, inputs),) = call_sites(result.graph_module, captured.example_inputs)
     assert site.generated.region.kind == "norm" and len(site.generated.region.prologue()) >= 3
     for got, want in zip(site.launch(Config(config), *inputs), site.fallback(*inputs)):
         close(got, want)
-
-
-def site_inputs(gm, inputs):
-    """Each kernel call site of a lowered graph with the tensors it is called with."""
-    from torch import fx
-
-    calls = []
-
-    class Record(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            module = self.fetch_attr(target)
-            if isinstance(module, (FusedRegion, FamilyRegion)):
-                calls.append((module, args))
-            return super().call_module(target, args, kwargs)
-
-    with torch.no_grad():
-        Record(gm).run(*inputs)
-    return calls
 
 
 def test_a_region_the_generator_cannot_handle_stays_on_aten_and_is_named(monkeypatch):
@@ -348,7 +331,7 @@ def test_the_split_form_of_a_norm_with_few_long_rows(config, norm):
     model = Fn(lambda h, e: F.silu(module(h + e[:, :, None, None])))
     h = torch.randn(2, 6, 23, 21) * 3 + 5  # odd rows (1449 or 2898 elements): chunks end mid-block
     result, captured = lowered(model, h, torch.randn(2, 6))
-    ((site, inputs),) = site_inputs(result.graph_module, captured.example_inputs)
+    ((site, inputs),) = call_sites(result.graph_module, captured.example_inputs)
     for got, want in zip(site.launch(Config(config), *inputs), site.fallback(*inputs)):
         close(got, want)
 

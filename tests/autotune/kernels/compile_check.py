@@ -58,9 +58,7 @@ def calls(dtype: torch.dtype):
 
 def generated_calls(dtype: torch.dtype):
     """(kernel name, call taking a config) for every distinct generated kernel of the reference models."""
-    from torch import fx
-
-    from graphopt.autotune.lower import FusedRegion, TuningOptions, lower
+    from graphopt.autotune.lower import FusedRegion, TuningOptions, call_sites, lower
     from graphopt.capture import capture
     from graphopt.models import load
 
@@ -71,17 +69,10 @@ def generated_calls(dtype: torch.dtype):
         captured = capture(model, inputs)
         lowered = lower(captured.graph_module, options=TuningOptions(cache=None)).graph_module
         sites: dict[str, tuple] = {}
-
-        class Collect(fx.Interpreter):  # the regions' real inputs; downstream gets the eager values
-            def call_module(self, target, args, kwargs):
-                module = self.fetch_attr(target)
-                if isinstance(module, FusedRegion):
-                    sites.setdefault(module.kernel_name, (module, args))
-                    return tuple(module.fallback(*args))
-                return super().call_module(target, args, kwargs)
-
-        with torch.no_grad():
-            Collect(lowered).run(*captured.example_inputs)
+        # the regions' real inputs; compiled kernels cannot run here, so downstream gets the eager values
+        for module, args in call_sites(lowered, captured.example_inputs, run_kernels=False):
+            if isinstance(module, FusedRegion):
+                sites.setdefault(module.kernel_name, (module, args))
         for kernel, (module, args) in sites.items():
             yield kernel, module.configs, (lambda m, a: lambda c: m.launch(c, *a))(module, args)
 
