@@ -46,7 +46,7 @@ import torch
 from sympy.printing.pycode import PythonCodePrinter
 from torch import fx
 
-from .regions import POINTWISE, Operand, Region, op_name, shape_of, strides_of
+from .regions import POINTWISE, Operand, Region, node_arg, op_name, shape_of, strides_of
 
 aten = torch.ops.aten
 
@@ -245,14 +245,12 @@ def _row_length(region: Region) -> int:
 
 def norm_params(norm: fx.Node) -> tuple[object, object, float]:
     """(weight, bias, eps) of a layer_norm / group_norm / rms_norm node, defaults filled in."""
-    def arg(i: int, name: str, default: object = None) -> object:
-        return norm.args[i] if len(norm.args) > i else norm.kwargs.get(name, default)
-
+    weight = node_arg(norm, 2, "weight")
     if norm.target is aten.rms_norm.default:
-        eps = arg(3, "eps")
+        eps = node_arg(norm, 3, "eps")
         # rms_norm's default eps is the dtype's machine epsilon
-        return arg(2, "weight"), None, float(torch.finfo(norm.meta["val"].dtype).eps if eps is None else eps)
-    return arg(2, "weight"), arg(3, "bias"), float(arg(4, "eps", 1e-5))
+        return weight, None, float(torch.finfo(norm.meta["val"].dtype).eps if eps is None else eps)
+    return weight, node_arg(norm, 3, "bias"), float(node_arg(norm, 4, "eps", 1e-5))
 
 
 class _Body:

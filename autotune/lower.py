@@ -41,7 +41,7 @@ from graphopt.errors import UsageError, first_line
 
 from .cache import Config, shape_bucket
 from .codegen import GeneratedKernel, generate
-from .regions import Partition, Region, partition, shape_of, strides_of
+from .regions import Partition, Region, node_arg, partition, shape_of, strides_of
 from .tuner import (
     DEFAULT_CACHE,
     CacheArg,
@@ -374,10 +374,6 @@ class FamilyOp:
     launch: Callable[..., torch.Tensor] = lambda fn, tensors, options, config: fn(*tensors, **options, config=config)
 
 
-def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
 def _heads_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
     return (q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3])
 
@@ -394,12 +390,12 @@ def family_ops() -> dict[object, FamilyOp]:
             aten_first=True),
         torch.ops.graphopt.block_causal_attention.default: FamilyOp(
             "attention", "attention", ("attention_kernel", "_attend_block"), 4,
-            lambda n: {"scale": _arg(n, 4, "scale", None)}, lambda q, k, v, level: _heads_shape(q, k, v),
+            lambda n: {"scale": node_arg(n, 4, "scale")}, lambda q, k, v, level: _heads_shape(q, k, v),
             lambda q, k, v, level, scale=None: torch.ops.graphopt.block_causal_attention(q, k, v, level, scale),
             launch=lambda fn, t, options, config: fn(t[0], t[1], t[2], level=t[3], **options, config=config)),
         torch.ops.graphopt.linear_attention.default: FamilyOp(
             "linear_attention", "linear_attention", ("linear_attention_state_kernel", "linear_attention_apply_kernel"),
-            3, lambda n: {"eps": float(_arg(n, 3, "eps", 1e-6))}, _heads_shape,
+            3, lambda n: {"eps": float(node_arg(n, 3, "eps", 1e-6))}, _heads_shape,
             lambda q, k, v, eps=1e-6: torch.ops.graphopt.linear_attention(q, k, v, eps)),
         torch.ops.graphopt.dynamic_dwconv.default: FamilyOp(
             "dynamic_dwconv", "dynamic_dwconv", ("dynamic_dwconv_kernel",), 2, lambda n: {},
@@ -417,7 +413,9 @@ class FamilyRegion(_Tuned):
         from .kernels._launch import is_compiled
 
         node = region.nodes[0]
-        self.op = family_ops()[node.target]
+        if (op := family_ops().get(node.target)) is None:
+            raise _Decline(f"no kernel for {node.target}")
+        self.op = op
         module = _kernel_module(self.op.module)
         kernels = [getattr(module, k) for k in self.op.kernels]
         dtype = node.args[0].meta["val"].dtype

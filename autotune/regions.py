@@ -192,16 +192,9 @@ def classify(node: fx.Node) -> Literal["pointwise", "norm", "attention"] | None:
         return "norm" if _norm_ok(node) else None
     if node.target in ATTENTION:
         return "attention" if _attention_ok(node) else None
-    if node.target in _kernel_ops():
+    if getattr(node.target, "namespace", None) == "graphopt":
         return "attention"  # graphopt's own attention-family ops: their kernels take any valid input
     return None
-
-
-def _kernel_ops() -> tuple[object, ...]:
-    import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.*
-
-    return (torch.ops.graphopt.block_causal_attention.default, torch.ops.graphopt.linear_attention.default,
-            torch.ops.graphopt.dynamic_dwconv.default)
 
 
 def _literal(value: object) -> bool:
@@ -231,11 +224,15 @@ def _norm_ok(node: fx.Node) -> bool:
     return all(p is None or is_float_tensor(p) for p in params)
 
 
+def node_arg(node: fx.Node, i: int, name: str, default: object = None) -> object:
+    """Argument ``i`` (called ``name``) of an ATen call, positional or keyword, with its schema default."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
 def _attention_ok(node: fx.Node) -> bool:
-    q, k, v, *rest = node.args
-    mask = rest[0] if rest else node.kwargs.get("attn_mask")
-    dropout = rest[1] if len(rest) > 1 else node.kwargs.get("dropout_p", 0.0)
-    causal = rest[2] if len(rest) > 2 else node.kwargs.get("is_causal", False)
+    q, k, v = node.args[:3]
+    mask, dropout = node_arg(node, 3, "attn_mask"), node_arg(node, 4, "dropout_p", 0.0)
+    causal = node_arg(node, 5, "is_causal", False)
     dims_ok = all(is_float_tensor(t) and t.meta["val"].dim() == 4 for t in (q, k, v))
     return (dims_ok and mask is None and dropout == 0.0 and not causal and not node.kwargs.get("enable_gqa")
             and q.meta["val"].shape[-1] <= 256 and v.meta["val"].shape[-1] <= 256
