@@ -226,18 +226,14 @@ def _cast(model: nn.Module, args: tuple, kwargs: dict, dtype_name: str) -> tuple
     """The model and its floating-point example inputs in ``dtype_name``; other inputs as they are."""
     import torch
 
+    from .structure import map_tensors
+
     dtype = getattr(torch, dtype_name)
 
-    def cast(value: object) -> object:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.to(dtype)
-        if isinstance(value, (tuple, list)):
-            return type(value)(cast(v) for v in value)
-        if isinstance(value, dict):
-            return {k: cast(v) for k, v in value.items()}
-        return value
+    def cast(value: torch.Tensor) -> torch.Tensor:
+        return value.to(dtype) if value.is_floating_point() else value
 
-    return model.to(dtype), cast(args), cast(kwargs)
+    return model.to(dtype), map_tensors(args, cast), map_tensors(kwargs, cast)
 
 
 def _batches(text: str) -> list[int]:

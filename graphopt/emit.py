@@ -323,15 +323,7 @@ def lower_captured(captured: CapturedGraph) -> tuple[fx.GraphModule, dict[str, A
 
 
 def _to_device(value: Any, device: str) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
+    return structure.map_tensors(value, lambda t: t.to(device))
 
 
 # ------------------------------------------------------------------------------- save / load

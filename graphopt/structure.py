@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +37,19 @@ def _import_type(path: str) -> type | None:
 
 def _is_namedtuple(value: Any) -> bool:
     return isinstance(value, tuple) and hasattr(type(value), "_fields")
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside its tuples, named tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if _is_namedtuple(value):
+        return type(value)(*(map_tensors(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
 
 
 def flatten(value: Any) -> tuple[Spec, list[torch.Tensor], list[Any]]:

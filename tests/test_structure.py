@@ -47,3 +47,13 @@ def test_unimportable_dataclass_comes_back_as_dict():
     t = torch.zeros(1)
     assert structure.unflatten(spec, [t]) == {"a": t}
     assert structure.describe(spec) == "Gone(a=Tensor)"
+
+
+def test_map_tensors_keeps_the_containers():
+    import collections
+
+    Pair = collections.namedtuple("Pair", "a b")
+    value = (Pair(torch.ones(1), 3), [torch.zeros(2)], {"k": torch.ones(2), "s": "x"})
+    out = structure.map_tensors(value, lambda t: t + 1)
+    assert isinstance(out[0], Pair) and out[0].b == 3 and float(out[0].a) == 2.0
+    assert isinstance(out[1], list) and out[1][0].tolist() == [1.0, 1.0] and out[2]["s"] == "x"
