@@ -305,11 +305,13 @@ class FusedRegion(_Tuned):
                 return None
         return values, geometry[self._n_in:], int(numel)
 
-    def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
-        layout = self._layout(inputs)
-        if layout is None:
+    def _required_layout(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int]:
+        if (layout := self._layout(inputs)) is None:
             raise ValueError(f"{self.kernel_name}: inputs are not laid out as at capture")
-        return self._shape(layout[2])
+        return layout
+
+    def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
+        return self._shape(self._required_layout(inputs)[2])
 
     def _shape(self, numel: int) -> tuple[int, ...]:
         row = self.generated.row
@@ -317,11 +319,8 @@ class FusedRegion(_Tuned):
 
     def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if is_aten(config):
-            return tuple(self.fallback(*inputs))
-        layout = self._layout(inputs)
-        if layout is None:
-            raise ValueError(f"{self.kernel_name}: inputs are not laid out as at capture")
-        values, out_geometry, numel = layout
+            return self.reference(*inputs)
+        values, out_geometry, numel = self._required_layout(inputs)
         device = inputs[0].device
         outs = tuple(torch.empty_strided(shape, strides, dtype=dtype, device=device)
                      for (shape, strides), dtype in zip(out_geometry, self._dtypes))
@@ -350,7 +349,7 @@ class FusedRegion(_Tuned):
         layout = self._layout(inputs)
         if layout is None:
             self.fallbacks += 1
-            return tuple(self.fallback(*inputs))
+            return self.reference(*inputs)
         return self.launch(self._config(self._shape(layout[2]), inputs), *inputs)
 
 
