@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -297,8 +298,6 @@ def lower_captured(captured: CapturedGraph) -> tuple[fx.GraphModule, dict[str, A
     with the original model's outputs; either beyond the dtype's tolerance raises
     :class:`VerificationError` naming the kernel and where it came from.
     """
-    import time
-
     from graphopt.autotune.lower import LoweringReport, check_regions, lower
 
     from .verify import compare
