@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from graphopt.errors import UsageError
-from graphopt.progress import Progress
 
 from .cache import Config, shape_bucket
 from .lower import FamilyRegion, FusedRegion, _Tuned, is_aten
@@ -93,7 +93,7 @@ def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_event
             key = (site.cache_name(*inputs), shape_bucket(site.tuning_shape(*inputs)))
             work.setdefault(key, (site, inputs, batch))
 
-    bar = Progress(len(work), "autotune", enabled=progress)
+    bar = tqdm(total=len(work), desc="autotune", disable=not progress)
     results: list[KernelTuning] = []
     spent = 0.0
     for i, ((name, _), (site, inputs, batch)) in enumerate(work.items()):
@@ -109,7 +109,8 @@ def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_event
         results.append(row)
         if on_result is not None:
             on_result(row)
-        bar.update(info=name)
+        bar.set_postfix_str(name, refresh=False)
+        bar.update()
     bar.close()
     return results
 

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from graphopt.bench import sample_images
+from graphopt.images import grid, save_png
 from graphopt.metrics import DigitFeatures, digit_bounds, fd_over_seeds
 from graphopt.models import CHECKPOINT_DIR, load
 from graphopt.models.data import load_digits
-from graphopt.png import grid, write_png
-from graphopt.progress import Progress
 
 NFE_TARGETS = (2, 4, 8, 16, 32)
 MODELS = ("unet-digits", "dit-digits")
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     bounds = digit_bounds(extractor)
     heldout = extractor(load_digits(16).heldout_images)
     rows, records = [], {}
-    bar = Progress(len(MODELS) * 2 * len(NFE_TARGETS), "FD table")
+    bar = tqdm(total=len(MODELS) * 2 * len(NFE_TARGETS), desc="FD table")
     start = time.perf_counter()
     for name in MODELS:
         ref = load(name)
@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
                 fd = fd_over_seeds(lambda n, s: sample_images(ref.model, sampler, n, s, ns.batch),
                                    heldout, extractor, ns.samples, seeds)
                 rows.append((name, method, sampler.steps, sampler.nfe, fd))
-                bar.update(info=f"{name} {method} NFE {sampler.nfe}: FD {fd.mean:.2f}")
+                bar.set_postfix_str(f"{name} {method} NFE {sampler.nfe}: FD {fd.mean:.2f}", refresh=False)
+                bar.update()
         sampler = ref.sampler.with_steps(16, "heun")
         labels = torch.arange(64) % 10 if sampler.family == "flow" else None
-        write_png(grid(sample_images(ref.model, sampler, 64, 0, 64, labels), nrow=8),
-                  Path(__file__).parent / f"{name}-grid.png")
-    elapsed = bar.close()
+        save_png(grid(sample_images(ref.model, sampler, 64, 0, 64, labels), nrow=8),
+                 Path(__file__).parent / f"{name}-grid.png")
+    bar.close()
+    elapsed = time.perf_counter() - start
 
     lines = [
         "# Reference generators: FD against NFE",

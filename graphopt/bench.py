@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm import tqdm
 
 from .errors import UsageError
-from .progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ def run_bench(name: str, *, steps: int = 16, method: str = "heun", batch: int = 
     from .metrics import DigitFeatures, digit_bounds, fd_over_seeds, psnr
     from .models import REFERENCES, load
     from .models.data import load_digits
-    from .png import grid, write_png
+    from .images import grid, save_png
 
     if name not in REFERENCES or REFERENCES[name] == "classifier":
         generators = [n for n, f in REFERENCES.items() if f != "classifier"]
@@ -100,7 +100,7 @@ def run_bench(name: str, *, steps: int = 16, method: str = "heun", batch: int = 
     calls_per_image = sampler.nfe * (2 if sampler.cfg_scale != 1.0 else 1)
     flops = float(cost.at(1)[0]) * calls_per_image
 
-    bar = Progress(repeats + 1 + len(seeds) + 1, f"bench {name}", enabled=progress)
+    bar = tqdm(total=repeats + 1 + len(seeds) + 1, desc=f"bench {name}", disable=not progress)
     timings = []
     for i in range(repeats + 1):
         start = time.perf_counter()
@@ -123,7 +123,7 @@ def run_bench(name: str, *, steps: int = 16, method: str = "heun", batch: int = 
     if passes is not None:
         fidelity = psnr(sample_images(denoiser, sampler, batch, 0, batch), sample_images(ref.model, sampler, batch, 0, batch))
     labels = torch.arange(64) % 10 if sampler.family == "flow" else None
-    grid_path = write_png(grid(sample_images(denoiser, sampler, 64, 0, 64, labels), nrow=8), out / f"{name}-grid.png")
+    grid_path = save_png(grid(sample_images(denoiser, sampler, 64, 0, 64, labels), nrow=8), out / f"{name}-grid.png")
     bar.update()
     bar.close()
     result = BenchResult(

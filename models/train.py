@@ -26,8 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from graphopt.progress import Progress
+from tqdm import tqdm
 
 from . import CHECKPOINT_DIR, FAMILIES, REFERENCES, build_model
 from .checkpoint import save_checkpoint
@@ -101,12 +100,12 @@ def train(family: str, config: Any = None, train_config: TrainConfig | None = No
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(tc.seed)
     loss_fn = LOSSES[family]
-    bar = Progress(tc.steps, f"train {family}", enabled=progress)
     smoothed = None
     start = time.perf_counter()
     record: dict[str, Any] = {}
     model.train()
-    for step in range(1, tc.steps + 1):
+    bar = tqdm(range(1, tc.steps + 1), f"train {family}", disable=not progress)
+    for step in bar:
         idx = torch.randint(0, len(data.train_labels), (tc.batch,), generator=g)
         loss = loss_fn(model, data.train_images[idx], data.train_labels[idx], g)
         for group in opt.param_groups:
@@ -122,11 +121,10 @@ def train(family: str, config: Any = None, train_config: TrainConfig | None = No
                     e.lerp_(p, 1 - decay)
         value = float(loss.detach())
         smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
-        bar.update(info=f"loss {smoothed:.4f}")
+        bar.set_postfix_str(f"loss {smoothed:.4f}", refresh=False)
         if out is not None and (step % tc.save_every == 0 or step == tc.steps):
             record = _record(family, ema, tc, step, smoothed, time.perf_counter() - start)
             save_checkpoint(out, ema, family, config, record)
-    bar.close()
     ema.eval()
     return ema, record or _record(family, ema, tc, tc.steps, smoothed or 0.0, time.perf_counter() - start)
 
