@@ -49,6 +49,9 @@ class CallSpec:
     in_spec: Spec
     out_spec: Spec
     objects: tuple[Any, ...] = ()
+    extras: tuple[str, ...] = ()
+    """Names of the flat inputs passes added after the model's own (``skip_scales``). The optimized
+    module takes them as keyword arguments; an omitted one gets its example value."""
 
     def signature(self) -> inspect.Signature:
         return inspect.Signature([
@@ -87,8 +90,9 @@ class CallSpec:
         return structure.unflatten(self.out_spec, tensors)
 
     def input_names(self) -> list[str]:
-        """A readable name per flat tensor input: the parameter name, with a path for nested ones."""
-        return _leaf_names(self.in_spec, "", top=True)
+        """A readable name per flat tensor input: the parameter name, with a path for nested ones,
+        then the extras' names."""
+        return _leaf_names(self.in_spec, "", top=True) + list(self.extras)
 
     def output_names(self) -> list[str]:
         """``out`` for a single tensor, field or key names for dicts and dataclasses, ``out_i`` for tuples."""
@@ -180,6 +184,25 @@ class CapturedGraph:
         """Run the graph on flat tensor inputs; returns flat outputs."""
         return tuple(self.graph_module(*tensors))
 
+    @property
+    def model_inputs(self) -> int:
+        """How many flat inputs come from the model's own arguments (the rest are extras)."""
+        return len(self.example_inputs) - len(self.call.extras)
+
+    def flatten_call(self, args: tuple, kwargs: dict) -> tuple[Spec, list[torch.Tensor], list[Any]]:
+        """Bind ``model(*args, **kwargs)``: the model's flat tensors, then each extra input, taken from
+        ``kwargs`` by name or else its example value."""
+        extras = {name: kwargs[name] for name in self.call.extras if name in kwargs}
+        if extras:
+            kwargs = {k: v for k, v in kwargs.items() if k not in extras}
+        spec, tensors, objects = self.call.flatten_call(args, kwargs)
+        for name, example in zip(self.call.extras, self.example_inputs[self.model_inputs:]):
+            value = extras.get(name, example)
+            if not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(value, dtype=example.dtype, device=example.device)
+            tensors.append(value)
+        return spec, tensors, objects
+
     def batch_symbol(self) -> str | None:
         for g in self.guards.tensors:
             if g.shape and isinstance(g.shape[0], str):
@@ -252,6 +275,31 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = No
     guards = _guards(gm, ep)
     return CapturedGraph(gm, call, guards, tuple(in_tensors), tuple(t.detach() for t in ref_tensors),
                          time.perf_counter() - start, dynamic_batch=batch is not None)
+
+
+def retrace(captured: CapturedGraph, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> CapturedGraph:
+    """Trace ``captured``'s graph again for exactly the shapes of ``tensors`` (flat inputs, extras
+    included): a static variant of the same computation, whatever passes made it. The original
+    model is not needed and no pass runs again; the reference outputs are the graph's own."""
+    from .fxgraph import copy_sharing_weights, drop_guards
+
+    gm = copy_sharing_weights(captured.graph_module)
+    drop_guards(gm)
+    tensors = tuple(tensors)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), quiet(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(gm, tensors, strict=False)
+            with torch.no_grad():
+                outputs = tuple(t.detach() for t in gm(*tensors))
+    except Exception as e:
+        raise CaptureError(f"could not trace the optimized graph for these inputs ({type(e).__name__}: "
+                           f"{first_line(e)})") from e
+    traced = ep.module()
+    _annotate_modules(traced)
+    return CapturedGraph(traced, captured.call, _guards(traced, ep), tensors, outputs,
+                         time.perf_counter() - start, dynamic_batch=False)
 
 
 def _batch_size(tensors: list[torch.Tensor]) -> int | None:

@@ -74,13 +74,27 @@ class NearMiss:
 
 
 class PassContext:
-    """What a running pass tells the framework: rule hits and near-misses."""
+    """What a running pass tells the framework: rule hits, near-misses, notes and new graph inputs."""
 
-    def __init__(self, pass_name: str):
+    def __init__(self, pass_name: str, gm: fx.GraphModule | None = None):
         self.pass_name = pass_name
         self.hits: Counter[str] = Counter()
         self.near_misses: dict[tuple[str, str], NearMiss] = {}
         self.notes: list[str] = []
+        self.new_inputs: list[tuple[str, torch.Tensor]] = []
+        self._gm = gm
+
+    def add_input(self, name: str, example: torch.Tensor) -> fx.Node:
+        """Give the graph a new flat tensor input after the existing ones (a runtime knob such as
+        ``skip_scales``); ``example`` is its value when verifying and its default when a caller omits
+        it. Returns the placeholder node."""
+        if self._gm is None:
+            raise RuntimeError("this context is not attached to a graph")
+        from .fxgraph import add_input
+
+        node = add_input(self._gm, name, example)
+        self.new_inputs.append((name, example.detach().clone()))
+        return node
 
     def hit(self, rule: str, count: int = 1) -> None:
         if count:
@@ -190,8 +204,28 @@ def run_passes(captured: CapturedGraph, passes: Iterable[Pass], *,
     """Run ``passes`` in order on ``captured.graph_module`` (in place), verifying after each one.
 
     An exact pass whose outputs leave the dtype's tolerance raises :class:`VerificationError`
-    naming it; a pass that raises or leaves an invalid graph raises :class:`PassError`.
+    naming it; a pass that raises or leaves an invalid graph raises :class:`PassError`. A pass that
+    adds graph inputs needs :func:`run_pipeline`, which also returns the updated capture.
     """
+    return run_pipeline(captured, passes, flops=flops)[1]
+
+
+def _with_inputs(captured: CapturedGraph, new: list[tuple[str, torch.Tensor]]) -> CapturedGraph:
+    """``captured`` with extra flat inputs appended (call spec, guards and example inputs)."""
+    from .capture import TensorGuard
+
+    guards = [TensorGuard(str(t.dtype).removeprefix("torch."), t.device.type, tuple(int(s) for s in t.shape))
+              for _, t in new]
+    return dataclasses.replace(
+        captured, call=dataclasses.replace(captured.call, extras=captured.call.extras + tuple(n for n, _ in new)),
+        guards=dataclasses.replace(captured.guards, tensors=captured.guards.tensors + tuple(guards)),
+        example_inputs=captured.example_inputs + tuple(t for _, t in new))
+
+
+def run_pipeline(captured: CapturedGraph, passes: Iterable[Pass], *,
+                 flops: Callable[[fx.GraphModule], float] | None = None
+                 ) -> tuple[CapturedGraph, tuple[PassReport, ...]]:
+    """:func:`run_passes`, returning the capture as the passes left it (with any inputs they added)."""
     disabled = {p.strip() for p in os.environ.get("GRAPHOPT_DISABLE_PASSES", "").split(",") if p.strip()}
     dump_dir = os.environ.get("GRAPHOPT_DUMP_GRAPHS")
     debug = os.environ.get("GRAPHOPT_DEBUG", "") not in ("", "0")
@@ -208,7 +242,7 @@ def run_passes(captured: CapturedGraph, passes: Iterable[Pass], *,
         if dump_dir:
             _dump(dump_dir, index, p.name, "before", gm)
         before = set(gm.graph.nodes)
-        ctx = PassContext(p.name)
+        ctx = PassContext(p.name, gm)
         start = time.perf_counter()
         try:
             with torch.no_grad():
@@ -221,6 +255,8 @@ def run_passes(captured: CapturedGraph, passes: Iterable[Pass], *,
         after = set(gm.graph.nodes)
         for node in after - before:
             node.meta["graphopt_pass"] = p.name
+        if ctx.new_inputs:
+            captured = _with_inputs(captured, ctx.new_inputs)
         try:
             with torch.no_grad():
                 outputs = captured.run(captured.example_inputs)
@@ -246,7 +282,7 @@ def run_passes(captured: CapturedGraph, passes: Iterable[Pass], *,
         if dump_dir:
             _dump(dump_dir, index, p.name, "after", gm)
         reports.append(report)
-    return tuple(reports)
+    return captured, tuple(reports)
 
 
 def _dump(directory: str, index: int, name: str, when: str, gm: fx.GraphModule) -> None:

@@ -1,0 +1,58 @@
+"""Small operations on captured FX graphs that several layers share.
+
+Captured graphs are ``torch.export`` graph modules: their forward flattens its arguments with a
+pytree spec, and an unused ``_guards_fn`` call checks the input shapes. Copies made here share the
+parameters and buffers of the original (a graph variant costs no weight memory) and keep both.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx
+
+
+def copy_sharing_weights(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copy of ``gm``'s graph over the same parameters and buffers."""
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    value, output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    node = graph.output(value)
+    node.meta = dict(output.meta)
+    return fx.GraphModule(gm, graph)
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def add_input(gm: fx.GraphModule, name: str, example: torch.Tensor) -> fx.Node:
+    """Append a flat tensor input called ``name`` (after the existing ones) and return its node.
+
+    The node carries ``val`` (a tensor of ``example``'s shape and dtype) like every captured node;
+    the graph's flattening spec is extended so ``gm(*old_inputs, new_input)`` binds. Call
+    ``gm.recompile()`` afterwards.
+    """
+    inputs = placeholders(gm)
+    if any(n.name == name or n.target == name for n in inputs):
+        raise ValueError(f"the graph already has an input called {name!r}")
+    with gm.graph.inserting_after(inputs[-1]):
+        node = gm.graph.placeholder(name)
+    node.meta["val"] = example.detach().clone()
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None:
+        count = len(inputs) + 1
+        _, spec = pytree.tree_flatten((tuple(range(count)), {}))
+        codegen.pytree_info = info._replace(orig_args=[*info.orig_args, name], in_spec=spec)
+    return node
+
+
+def drop_guards(gm: fx.GraphModule) -> None:
+    """Remove the export guard call (a call_module nothing reads), so the graph can be traced again."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
