@@ -32,10 +32,10 @@ from torch import fx, nn
 from torch.export import Dim
 
 from . import structure
-from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards, capture
-from .errors import InputError, LoadError, OutputPathError, SaveError, UsageError, VerificationError, first_line
+from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards, capture, retrace
+from .errors import CaptureError, InputError, LoadError, OutputPathError, SaveError, UsageError, VerificationError, first_line
 from .logs import quiet
-from .pipeline import Pass, PassReport, run_passes
+from .pipeline import Pass, PassReport, run_pipeline
 
 FORMAT = "graphopt-optimized"
 FORMAT_VERSION = 1
@@ -170,14 +170,20 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         main = self._captured[0]
-        spec, tensors, objects = main.call.flatten_call(args, kwargs)
+        spec, tensors, objects = main.flatten_call(args, kwargs)
+        i = self._variant_for(args, kwargs, spec, tensors, objects)
+        return self._captured[i].call.rebuild_output(self._run(i, tensors))
+
+    def _variant_for(self, args: tuple, kwargs: dict, spec: dict, tensors: list[torch.Tensor],
+                     objects: list[Any]) -> int:
+        """The index of the captured variant valid for this call, re-capturing one when none is."""
         reason = ""
         for i, variant in enumerate(self._captured):
             reason = _mismatch(variant, spec, tensors, objects)
             if not reason:
-                return variant.call.rebuild_output(self._run(i, tensors))
-        self._recapture(args, kwargs, reason)
-        return self._captured[-1].call.rebuild_output(self._run(len(self._captured) - 1, tensors))
+                return i
+        self._recapture(args, kwargs, spec, tensors, objects, reason)
+        return len(self._captured) - 1
 
     def _run(self, i: int, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if i < len(self.lowered):
@@ -190,15 +196,51 @@ class OptimizedModule(nn.Module):
             return tuple(self.lowered[i](*tensors))
         return self._captured[i].run(tensors)
 
-    def _recapture(self, args: tuple, kwargs: dict, reason: str) -> CapturedGraph:
-        if self._source is None:
-            raise InputError(f"this call is outside what the module was captured for ({reason}); a loaded "
-                             "module cannot re-capture: optimize the original model with such inputs")
+    @property
+    def approximate_passes(self) -> tuple[str, ...]:
+        """The approximate passes applied to the canonical graph (they are never re-run)."""
+        return tuple(p.name for p in self._report.passes if not p.exact and not p.skipped)
+
+    def _recapture(self, args: tuple, kwargs: dict, spec: dict, tensors: list[torch.Tensor], objects: list[Any],
+                   reason: str) -> CapturedGraph:
+        """A variant for a call no variant is valid for.
+
+        When only the shapes differ, the optimized graph is traced again for them (no pass runs
+        again, so approximate changes are kept exactly); with the original model at hand and no
+        approximate pass applied, that variant is checked against the model, and re-captured from
+        it if the model behaves differently at these shapes. Another call structure or constant
+        argument is re-captured from the original model and the passes run again.
+        """
+        main = self._captured[0]
         device = next(itertools.chain(self.graph_module.parameters(), self.graph_module.buffers()), None)
-        # static: the dynamic capture already covers every batch torch.export could prove, so this
-        # variant is for exactly these shapes (batch 1, which export specialises, is the usual case)
-        captured = capture(self._source, args, kwargs, dynamic_batch=False)
-        run_passes(captured, self._passes, flops=self._flops)
+        captured = None
+        if spec == main.call.in_spec and not _mismatch_objects(main, objects):
+            try:
+                captured = retrace(main, tensors)
+            except CaptureError as e:  # e.g. another channel count: the graph does not apply
+                if self._source is None or self.approximate_passes:
+                    raise InputError(f"this call is outside what the module was captured for ({reason}) and "
+                                     f"the optimized graph does not run on it: {e}") from e
+            if captured is not None and self._source is not None and not self.approximate_passes:
+                from .verify import compare
+
+                model_args, model_kwargs = _without_extras(main, args, kwargs)
+                with torch.no_grad():
+                    _, expected, _ = structure.flatten(self._source(*model_args, **model_kwargs))
+                if not compare(captured.reference_outputs, expected).within:
+                    captured = None  # the model itself branches on these shapes: capture it for them
+        if captured is None:
+            if self._source is None:
+                raise InputError(f"this call is outside what the module was captured for ({reason}); a loaded "
+                                 "module cannot re-capture: optimize the original model with such inputs")
+            if self.approximate_passes:
+                raise InputError(f"this call is outside what the module was captured for ({reason}) and the "
+                                 f"module carries approximate changes ({', '.join(self.approximate_passes)}) "
+                                 "made for that call structure: optimize the model again with such inputs")
+            model_args, model_kwargs = _without_extras(main, args, kwargs)
+            # static: the dynamic capture already covers every batch torch.export could prove
+            captured = capture(self._source, model_args, model_kwargs, dynamic_batch=False)
+            captured, _ = run_pipeline(captured, self._passes, flops=self._flops)
         if device is not None:  # follow a .to() the caller applied to this module
             captured.graph_module.to(device.device)
         self._captured.append(captured)
@@ -217,10 +259,19 @@ def _mismatch(variant: CapturedGraph, spec: dict, tensors: list[torch.Tensor], o
     if spec != variant.call.in_spec:
         return (f"arguments {structure.describe(spec)} differ from the captured "
                 f"{structure.describe(variant.call.in_spec)}")
-    if len(objects) != len(variant.call.objects) or any(
-            a is not b and not _equal(a, b) for a, b in zip(objects, variant.call.objects)):
+    if _mismatch_objects(variant, objects):
         return "a non-tensor argument differs from the captured one"
     return variant.guards.mismatch(tensors) or ""
+
+
+def _mismatch_objects(variant: CapturedGraph, objects: list[Any]) -> bool:
+    return len(objects) != len(variant.call.objects) or any(
+        a is not b and not _equal(a, b) for a, b in zip(objects, variant.call.objects))
+
+
+def _without_extras(captured: CapturedGraph, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call as the original model takes it: the extra inputs passes added are dropped."""
+    return args, {k: v for k, v in kwargs.items() if k not in captured.call.extras}
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -269,7 +320,7 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     def flops(gm: fx.GraphModule) -> float:
         return float(graph_cost(gm, symbol).at(batch or 1)[0])
 
-    reports = run_passes(captured, pipeline, flops=flops)
+    captured, reports = run_pipeline(captured, pipeline, flops=flops)
     report = OptimizationReport(type(model).__name__, target, batch, captured.guards.batch_range(),
                                 captured.capture_time_s, reports)
     module = OptimizedModule(captured, report, source=model, passes=pipeline, flops=flops)
@@ -353,7 +404,8 @@ def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bo
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "graphopt_version": _version(), "torch_version": torch.__version__,
         "params": [list(p) for p in call.params], "defaults": defaults_spec,
-        "in_spec": call.in_spec, "out_spec": call.out_spec, "dynamic_batch": captured.dynamic_batch,
+        "in_spec": call.in_spec, "out_spec": call.out_spec, "extras": list(call.extras),
+        "dynamic_batch": captured.dynamic_batch,
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -442,8 +494,9 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         report = OptimizationReport.from_json(_read_json(path / "report.json"))
         call = CallSpec(params=tuple((str(n), str(k)) for n, k in meta["params"]),
                         defaults=structure.unflatten(meta["defaults"], []),
-                        in_spec=meta["in_spec"], out_spec=meta["out_spec"])
-        n_in = structure.count_tensors(call.in_spec)
+                        in_spec=meta["in_spec"], out_spec=meta["out_spec"],
+                        extras=tuple(str(n) for n in meta.get("extras", ())))
+        n_in = structure.count_tensors(call.in_spec) + len(call.extras)
         n_out = structure.count_tensors(call.out_spec)
         inputs = tuple(tensors[f"input_{i}"] for i in range(n_in))
         outputs = tuple(tensors[f"output_{i}"] for i in range(n_out))

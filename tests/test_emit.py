@@ -115,11 +115,16 @@ def test_save_and_load_round_trip(optimized_zoo, tmp_path, name):
     assert (path.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's owner-only mode
 
 
-def test_loaded_module_cannot_recapture(optimized_zoo, tmp_path):
-    (_, (x, sigma), _), opt = optimized_zoo["unet"]
+def test_a_loaded_module_retraces_its_graph_for_new_shapes_but_cannot_recapture(optimized_zoo, tmp_path):
+    (model, (x, sigma), _), opt = optimized_zoo["unet"]
     loaded = graphopt.load(opt.save(tmp_path / "m"))
-    with pytest.raises(InputError, match="cannot re-capture"):
-        loaded(x[:1], sigma[:1])
+    with torch.no_grad():  # batch 1 is outside the dynamic range: the saved graph is traced again for it
+        torch.testing.assert_close(loaded(x[:1], sigma[:1]), model(x[:1], sigma[:1]))
+    assert loaded.report.recaptures == 1
+    (_, args, kwargs), opt = optimized_zoo["kwargs"]
+    loaded = graphopt.load(opt.save(tmp_path / "k"))
+    with pytest.raises(InputError, match="cannot re-capture"):  # another constant needs the Python model
+        loaded(*args, cond=kwargs["cond"], scale=3.0)
 
 
 def test_save_never_leaves_a_partial_directory(optimized_zoo, tmp_path, monkeypatch):
