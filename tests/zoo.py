@@ -3,8 +3,10 @@
 Each factory returns ``(model, args, kwargs)`` with the model in eval mode and fixed weights. The
 styles differ on purpose: concatenated UNet skips with explicit softmax(QK^T)V attention, a DiT with
 adaLN-Zero and F.scaled_dot_product_attention in a ModuleList, nn.MultiheadAttention, a dataclass
-output, keyword-only arguments with a dict output. Each carries ``EXPECTED``: what the structural
-analyses must find in it.
+output, keyword-only arguments with a dict output, and UNet skips kept in a popped list, in a dict
+by resolution, U-ViT's token skips and a text-conditioned UNet whose transformers wrap residual
+blocks in a residual add. Each carries ``EXPECTED`` (or a note in its docstring): what the
+structural analyses must find in it.
 """
 
 from __future__ import annotations
@@ -287,10 +289,305 @@ def kwargs_model() -> tuple[nn.Module, tuple, dict]:
     return model, (torch.randn(2, 5, 12),), {"cond": torch.randn(2, 6), "scale": 0.5}
 
 
+# ---------------------------------------------------------------- UNet, skips in a list, pooling down
+
+
+class ListUNet(nn.Module):
+    """Three resolutions; max-pooling down, transposed convs up; the skips are a Python list pushed
+    after each encoder level and popped by the decoder.
+
+    EXPECTED: 3 concat skip edges (the level outputs, innermost joined first), each from an
+    encoder block's exit into a decoder block's entry; 6 residual blocks; no stacks.
+    """
+
+    def __init__(self, channels: int = 4, emb_dim: int = 8):
+        super().__init__()
+        c = channels
+        self.emb_dim = emb_dim
+        self.conv_in = nn.Conv2d(1, c, 3, padding=1)
+        self.enc = nn.ModuleList([ResBlock(c, c, emb_dim), ResBlock(c, 2 * c, emb_dim),
+                                  ResBlock(2 * c, 2 * c, emb_dim)])
+        self.mid = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        self.ups = nn.ModuleList([nn.ConvTranspose2d(2 * c, 2 * c, 2, stride=2),
+                                  nn.ConvTranspose2d(2 * c, 2 * c, 2, stride=2),
+                                  nn.ConvTranspose2d(2 * c, c, 2, stride=2)])
+        self.dec = nn.ModuleList([ResBlock(4 * c, 2 * c, emb_dim), ResBlock(4 * c, 2 * c, emb_dim),
+                                  ResBlock(2 * c, c, emb_dim)])
+        self.conv_out = nn.Conv2d(c, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.emb_dim)
+        h = self.conv_in(x)
+        skips = []
+        for block in self.enc:
+            h = block(h, emb)
+            skips.append(h)
+            h = F.max_pool2d(h, 2)
+        h = F.silu(self.mid(h))
+        for up, block in zip(self.ups, self.dec):
+            h = block(torch.cat([up(h), skips.pop()], dim=1), emb)
+        return self.conv_out(h)
+
+
+def list_unet() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = ListUNet().eval()
+    return model, (torch.randn(2, 1, 16, 16), torch.rand(2) * 1000), {}
+
+
+# ---------------------------------------------------------------- UNet, skips in a dict by resolution
+
+
+class DictUNet(nn.Module):
+    """Strided convs down, bilinear interpolation up; encoder features are stored in a dict keyed by
+    their resolution and looked up by the decoder's current resolution. The 4x4 skip is added, the
+    8x8 one concatenated.
+
+    EXPECTED: 2 skip edges, in decoder order an add (4x4) then a concat (8x8); the add is a skip,
+    not a residual block.
+    """
+
+    def __init__(self, channels: int = 8, emb_dim: int = 8):
+        super().__init__()
+        c = channels
+        self.emb_dim = emb_dim
+        self.conv_in = nn.Conv2d(3, c, 3, padding=1)
+        self.enc = nn.ModuleDict({"r8": ResBlock(c, c, emb_dim), "r4": ResBlock(2 * c, 2 * c, emb_dim)})
+        self.down = nn.ModuleDict({"r8": nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+                                   "r4": nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1)})
+        self.mid = ResBlock(2 * c, 2 * c, emb_dim)
+        self.mid_attn = ConvAttention(2 * c)
+        self.up = nn.ModuleDict({"r4": nn.Conv2d(2 * c, 2 * c, 3, padding=1),
+                                 "r8": nn.Conv2d(2 * c, c, 3, padding=1)})
+        self.dec = nn.ModuleDict({"r4": ResBlock(2 * c, 2 * c, emb_dim), "r8": ResBlock(2 * c, c, emb_dim)})
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.emb_dim)
+        h = self.conv_in(x)
+        features: dict[int, torch.Tensor] = {}
+        for name in ("r8", "r4"):
+            h = self.enc[name](h, emb)
+            features[h.shape[-1]] = h
+            h = self.down[name](h)
+        h = self.mid_attn(self.mid(h, emb))
+        for name in ("r4", "r8"):
+            h = self.up[name](F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False))
+            skip = features[h.shape[-1]]
+            h = h + skip if name == "r4" else torch.cat([h, skip], dim=1)
+            h = self.dec[name](h, emb)
+        return self.conv_out(h)
+
+
+def dict_unet() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = DictUNet().eval()
+    return model, (torch.randn(2, 3, 8, 8), torch.rand(2) * 1000), {}
+
+
+# ---------------------------------------------------------------- U-ViT: long skips between tokens
+
+
+class UViTBlock(nn.Module):
+    """A pre-norm transformer layer; an out-block first merges its long skip, by ``x + skip`` or
+    ``linear(cat([x, skip]))``."""
+
+    def __init__(self, dim: int, heads: int, skip: str | None = None):
+        super().__init__()
+        self.heads, self.skip = heads, skip
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip == "concat" else None
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip == "add":
+            x = x + skip
+        elif self.skip == "concat":
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyUViT(nn.Module):
+    """U-ViT: the time is a token, in-blocks push their outputs, a mid block, out-blocks pop them.
+    There is no change of resolution anywhere between a skip's ends.
+
+    EXPECTED: 3 skip edges, innermost first: an add (out_blocks.0) then two concats, each from an
+    in-block's exit (the entry of the next in-block or the mid block) into an out-block.
+    """
+
+    def __init__(self, size: int = 8, patch: int = 2, dim: int = 16, heads: int = 2, depth: int = 3):
+        super().__init__()
+        self.patch, self.dim = patch, dim
+        self.patch_embed = nn.Conv2d(1, dim, patch, stride=patch)
+        self.time_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + (size // patch) ** 2, dim) * 0.02)
+        self.in_blocks = nn.ModuleList([UViTBlock(dim, heads) for _ in range(depth)])
+        self.mid_block = UViTBlock(dim, heads)
+        self.out_blocks = nn.ModuleList([UViTBlock(dim, heads, "add" if i == 0 else "concat") for i in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.decoder_pred = nn.Linear(dim, patch * patch)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b, _, hh, ww = x.shape
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        time_token = self.time_embed(timestep_embedding(t, self.dim))[:, None, :]
+        x = torch.cat([time_token, tokens], dim=1) + self.pos_embed
+        skips = []
+        for block in self.in_blocks:
+            x = block(x)
+            skips.append(x)
+        x = self.mid_block(x)
+        for block in self.out_blocks:
+            x = block(x, skips.pop())
+        x = self.decoder_pred(self.norm(x))[:, 1:]
+        p = self.patch
+        x = x.reshape(b, hh // p, ww // p, p, p).permute(0, 1, 3, 2, 4)
+        return x.reshape(b, 1, hh, ww)
+
+
+def uvit() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = TinyUViT().eval()
+    return model, (torch.randn(2, 1, 8, 8), torch.rand(2) * 1000), {}
+
+
+# ---------------------------------------------------------------- text-conditioned UNet
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x`` to ``context`` (``x`` itself for self-attention)."""
+
+    def __init__(self, dim: int, context_dim: int | None = None, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, c = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, -1, self.heads, c // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context)))
+        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, context_dim: int):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), CrossAttention(dim)
+        self.norm2, self.attn2 = nn.LayerNorm(dim), CrossAttention(dim, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Stable Diffusion's Transformer2DModel in small: ``x + proj_out(blocks(proj_in(norm(x))))``,
+    projecting with 1x1 convs on the image or linears on the tokens."""
+
+    def __init__(self, channels: int, context_dim: int, linear_projection: bool = False):
+        super().__init__()
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(4, channels)
+        project = nn.Linear if linear_projection else (lambda cin, cout: nn.Conv2d(cin, cout, 1))
+        self.proj_in = project(channels, channels)
+        self.block = TransformerBlock(channels, context_dim)
+        self.proj_out = project(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        h = self.norm(x)
+        if self.linear_projection:
+            h = self.proj_in(h.flatten(2).transpose(1, 2))
+        else:
+            h = self.proj_in(h).flatten(2).transpose(1, 2)
+        h = self.block(h, context)
+        if self.linear_projection:
+            h = self.proj_out(h).transpose(1, 2).reshape(b, c, hh, ww)
+        else:
+            h = self.proj_out(h.transpose(1, 2).reshape(b, c, hh, ww))
+        return x + h
+
+
+class TextUNet(nn.Module):
+    """Two resolutions, a ResBlock then a transformer with self- and cross-attention to ``context``
+    at each encoder level and after each decoder level, four encoder-to-decoder concatenations.
+
+    EXPECTED: exactly 4 concat skip edges (conv_in, enc0_attn, down, enc1_attn into the four decoder
+    ResBlocks); each transformer's ``x + proj_out(...)`` is a residual block whose region holds the
+    transformer's 3 inner residual blocks, never a skip edge.
+    """
+
+    def __init__(self, channels: int = 8, emb_dim: int = 16, context_dim: int = 12):
+        super().__init__()
+        c = channels
+        self.emb_dim = emb_dim
+        self.time_embed = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(4, c, 3, padding=1)
+        self.enc0 = ResBlock(c, c, emb_dim)
+        self.enc0_attn = SpatialTransformer(c, context_dim)
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.enc1 = ResBlock(c, 2 * c, emb_dim)
+        self.enc1_attn = SpatialTransformer(2 * c, context_dim, linear_projection=True)
+        self.mid = ResBlock(2 * c, 2 * c, emb_dim)
+        self.dec1 = nn.ModuleList([ResBlock(4 * c, 2 * c, emb_dim), ResBlock(3 * c, 2 * c, emb_dim)])
+        self.dec1_attn = SpatialTransformer(2 * c, context_dim, linear_projection=True)
+        self.up = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        self.dec0 = nn.ModuleList([ResBlock(3 * c, c, emb_dim), ResBlock(2 * c, c, emb_dim)])
+        self.dec0_attn = SpatialTransformer(c, context_dim)
+        self.norm_out = nn.GroupNorm(4, c)
+        self.conv_out = nn.Conv2d(c, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.emb_dim))
+        h = self.conv_in(x)
+        skips = [h]
+        h = self.enc0_attn(self.enc0(h, emb), context)
+        skips.append(h)
+        h = self.down(h)
+        skips.append(h)
+        h = self.enc1_attn(self.enc1(h, emb), context)
+        skips.append(h)
+        h = self.mid(h, emb)
+        for block in self.dec1:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        h = self.dec1_attn(h, context)
+        h = self.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        for block in self.dec0:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        h = self.dec0_attn(h, context)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def text_unet() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = TextUNet().eval()
+    return model, (torch.randn(2, 4, 8, 8), torch.rand(2) * 1000, torch.randn(2, 5, 12)), {}
+
+
 ZOO = {
     "unet": unet,
     "dit": dit,
     "mha": mha,
     "dataclass": dataclass_model,
     "kwargs": kwargs_model,
+    "list_unet": list_unet,
+    "dict_unet": dict_unet,
+    "uvit": uvit,
+    "text_unet": text_unet,
 }
