@@ -10,11 +10,23 @@ region is every node on a path from ``x`` to the add, plus the shortcut; tensors
 from outside it (conditioning, time embeddings, adaLN gates in ``x + gate * f(x)``) are its side
 inputs, not part of it.
 
-*Long skip.* An add or cat joining ``s`` with ``h``, ``s`` a strict ancestor of ``h``, is a long skip
-when the region between them holds another residual block's exit, or changes resolution and comes
-back: it holds a resampling op (pooling, interpolation, pixel (un)shuffle, a strided conv) while
-``s`` and ``h`` have the same spatial size (dims 2 onward; resampling ops are channels-first). An add
-that qualifies both ways is a skip, not a residual block: ``x + unet(x)`` is not a block of the net.
+*Long skip.* An add or cat joining ``s`` with ``h``, ``s`` a strict ancestor of ``h``, is a long
+(encoder-to-decoder) skip when ``s`` leaves a path that goes on past it, down to a bottleneck and back
+up to ``h``. Two structural signs, either enough:
+
+- the region between them changes resolution and comes back: it holds a resampling op (pooling,
+  interpolation, pixel (un)shuffle, a strided conv) while ``s`` and ``h`` have the same spatial size
+  (dims 2 onward; resampling ops are channels-first);
+- ``s`` continues the main path inside that region: it is the entry of another residual block whose
+  exit lies there. U-ViT, whose skips never change resolution, is found this way; a source that
+  goes on into a pooling or strided conv instead is caught by the first sign.
+
+A long skip is never a residual block: ``x + unet(x)`` is not a block of the net. An add around a
+wrapped branch that merely *contains* residual blocks, such as a transformer's
+``x + proj_out(blocks(proj_in(norm(x))))``, is not a skip: ``x`` reaches the inner blocks only through
+the norm and the projection, so it does not continue their path. Such an add is a residual block
+whose region holds the inner blocks: blocks nest, and the inner ones chain among themselves while
+the wrap chains with its neighbours.
 
 *Stack.* Residual blocks chain along the main path when one's exit reaches the next one's entry
 through cheap ops only, never through a skip's source operand (a decoder block is fed by the
@@ -58,8 +70,9 @@ class ResidualBlock:
 
 @dataclasses.dataclass(frozen=True)
 class SkipEdge:
-    """A long connection: ``join`` (a cat or add) reads ``source`` next to ``main``, which descends
-    from ``source`` through residual blocks or a change of resolution."""
+    """A long (encoder-to-decoder) connection: ``join`` (a cat or add) reads ``source`` next to
+    ``main``, which descends from ``source`` through a change of resolution and back, or through
+    residual blocks that ``source`` itself enters."""
 
     source: str
     main: str
@@ -97,10 +110,9 @@ def find_blocks(g: nx.DiGraph) -> tuple[tuple[ResidualBlock, ...], tuple[SkipEdg
     """Residual blocks and long skip edges (adds and cats) of the data-flow graph ``g``."""
     dependent = _input_dependent(g)
     candidates = [c for n in in_graph_order(g, g.nodes) if (c := _residual_candidate(g, n, dependent))]
-    exits = {c.exit for c in candidates}
     blocks, skips = [], []
     for c in candidates:
-        if _is_long(g, c.entry, c.branch, set(c.nodes) - {c.entry, c.exit}, exits):
+        if _is_long(g, c.entry, c.branch, set(c.nodes) - {c.entry, c.exit}, candidates):
             skips.append(_skip(g, c.entry, c.branch, c.exit, "add"))
         else:
             blocks.append(c)
@@ -113,7 +125,7 @@ def find_blocks(g: nx.DiGraph) -> tuple[tuple[ResidualBlock, ...], tuple[SkipEdg
             for s in operands:
                 if s != h and s in ancestors:
                     interior = (nx.descendants(g, s) & ancestors) | {h}
-                    if _is_long(g, s, h, interior, exits):
+                    if _is_long(g, s, h, interior, candidates):
                         skips.append(_skip(g, s, h, n, "concat"))
     skips.sort(key=lambda e: g.nodes[e.join]["index"])
     return tuple(blocks), tuple(skips)
@@ -207,12 +219,14 @@ def _is_resampling(g: nx.DiGraph, n: str) -> bool:
     return False
 
 
-def _is_long(g: nx.DiGraph, s: str, h: str, interior: set[str], exits: set[str]) -> bool:
-    if interior & (exits - {s}):
-        return True
+def _is_long(g: nx.DiGraph, s: str, h: str, interior: set[str], candidates: list[ResidualBlock]) -> bool:
+    """Whether ``s`` joined to ``h`` across ``interior`` is a long skip (see the module docstring)."""
     s_shape, h_shape = g.nodes[s]["shape"], g.nodes[h]["shape"]
     same_resolution = s_shape is not None and h_shape is not None and s_shape[2:] == h_shape[2:]
-    return same_resolution and any(_is_resampling(g, m) for m in interior)
+    if same_resolution and any(_is_resampling(g, m) for m in interior):
+        return True
+    # A residual wrap's input feeds a norm and a projection, not the inner blocks themselves.
+    return any(c.entry == s and c.exit in interior for c in candidates)
 
 
 def _skip(g: nx.DiGraph, s: str, h: str, join: str, kind: str) -> SkipEdge:

@@ -1,9 +1,11 @@
+import networkx as nx
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.analysis import analyse
+from graphopt.analysis import analyse, to_networkx
 
 
 def _module(captured: graphopt.CapturedGraph, name: str) -> str:
@@ -17,6 +19,12 @@ def _op(captured: graphopt.CapturedGraph, name: str) -> str:
 
 def _chained(blocks) -> bool:
     return all(a.exit == b.entry for a, b in zip(blocks, blocks[1:]))
+
+
+def _on_decoder_side(captured: graphopt.CapturedGraph, edge) -> bool:
+    """The join reads the source next to a tensor computed from it: the decoder side of the net."""
+    g = to_networkx(captured.graph_module)
+    return {edge.source, edge.main} <= set(g.predecessors(edge.join)) and edge.source in nx.ancestors(g, edge.main)
 
 
 # ---------------------------------------------------------------- the zoo
@@ -91,6 +99,81 @@ def test_dataclass_model_blocks(analysed):
     assert (stack.count, stack.period, stack.label) == (2, 1, "body")
 
 
+@pytest.mark.parametrize("name", ["unet", "list_unet", "dict_unet", "uvit", "text_unet"])
+def test_every_skip_joins_the_decoder_side(analysed, name):
+    captured, a = analysed(name)
+    assert a.skip_edges
+    for e in a.skip_edges:
+        assert _on_decoder_side(captured, e)
+        assert e.source_shape[2:] == e.main_shape[2:] and e.source_shape[0] == e.join_shape[0]
+    assert {e.join for e in a.skip_edges}.isdisjoint(blk.exit for blk in a.residual_blocks)
+
+
+def test_list_unet_skips(analysed):
+    captured, a = analysed("list_unet")
+    blocks = {blk.label: blk for blk in a.residual_blocks}
+    assert list(blocks) == ["enc.0", "enc.1", "enc.2", "dec.0", "dec.1", "dec.2"]
+    # Each level's output is pushed, then pooled: popped innermost first into the decoder blocks.
+    assert [(e.kind, e.source) for e in a.skip_edges] == [("concat", blocks[f"enc.{i}"].exit) for i in (2, 1, 0)]
+    assert [e.join for e in a.skip_edges] == [blocks[f"dec.{i}"].entry for i in range(3)]
+    assert [_module(captured, e.main) for e in a.skip_edges] == ["ups.0", "ups.1", "ups.2"]
+    assert a.stacks == ()
+
+
+def test_dict_unet_skips(analysed):
+    captured, a = analysed("dict_unet")
+    blocks = {blk.label: blk for blk in a.residual_blocks}
+    assert list(blocks) == ["enc.r8", "enc.r4", "mid", "mid_attn", "dec.r4", "dec.r8"]
+    # The dict lookup leaves no trace in the graph: the decoder reads the encoder tensor directly.
+    assert [(e.kind, e.source) for e in a.skip_edges] == [("add", blocks["enc.r4"].exit),
+                                                          ("concat", blocks["enc.r8"].exit)]
+    assert [_module(captured, e.main) for e in a.skip_edges] == ["up.r4", "up.r8"]
+    assert a.skip_edges[0].join == blocks["dec.r4"].entry and a.skip_edges[1].join == blocks["dec.r8"].entry
+
+
+def test_uvit_skips_need_no_change_of_resolution(analysed):
+    captured, a = analysed("uvit")
+    b = captured.batch_symbol()
+    blocks = {blk.label: blk for blk in a.residual_blocks}
+    assert len(blocks) == 14  # attention + MLP residuals in 3 in-blocks, the mid block, 3 out-blocks
+    assert [e.kind for e in a.skip_edges] == ["add", "concat", "concat"]
+    # Each source is an in-block's output and the entry of the next in-block (or the mid block).
+    assert [e.source for e in a.skip_edges] == [blocks[k].exit for k in ("in_blocks.2.mlp", "in_blocks.1.mlp",
+                                                                         "in_blocks.0.mlp")]
+    assert [e.source for e in a.skip_edges] == [blocks[k].entry for k in ("mid_block", "in_blocks.2",
+                                                                          "in_blocks.1")]
+    assert [_module(captured, e.join) for e in a.skip_edges] == ["out_blocks.0", "out_blocks.1", "out_blocks.2"]
+    assert [e.join_shape for e in a.skip_edges] == [(b, 17, 16), (b, 17, 32), (b, 17, 32)]
+    assert {e.source_shape for e in a.skip_edges} == {(b, 17, 16)}
+    # The additive skip does not break the main path: in-blocks, mid block and the first out-block
+    # repeat one layer.
+    (stack,) = a.stacks
+    assert (stack.count, stack.period) == (5, 2)
+    assert stack.blocks[-1] == blocks["out_blocks.0.mlp"]
+
+
+def test_text_unet_transformer_wraps_are_blocks_not_skips(analysed):
+    captured, a = analysed("text_unet")
+    blocks = {blk.label: blk for blk in a.residual_blocks}
+    # Exactly the four encoder-to-decoder concatenations, as in TinyUNet.
+    assert [(e.kind, _module(captured, e.source)) for e in a.skip_edges] == [
+        ("concat", "enc1_attn"), ("concat", "down"), ("concat", "enc0_attn"), ("concat", "conv_in")]
+    assert [e.join for e in a.skip_edges] == [blocks[k].entry for k in ("dec1.0", "dec1.1", "dec0.0", "dec0.1")]
+    wraps = ("enc0_attn", "enc1_attn", "dec1_attn", "dec0_attn")
+    skip_joins = {e.join for e in a.skip_edges}
+    for name in wraps:
+        wrap = blocks[name]
+        assert wrap.exit not in skip_joins and _module(captured, wrap.exit) == name
+        # x + proj_out(block(proj_in(norm(x)))): the region nests the self-, cross-attention and FF
+        # residuals; the cross-attention's keys and values come from outside, from the context.
+        inner = [blocks[f"{name}.block.{k}"] for k in ("attn1", "attn2", "ff")]
+        assert all(set(blk.nodes) <= set(wrap.nodes) for blk in inner)
+        assert _chained(inner) and wrap.entry not in {blk.entry for blk in inner}
+        assert [_module(captured, n) for n in wrap.side_inputs] == [f"{name}.block.attn2"] * 2
+    assert [_module(captured, blocks[k].entry) for k in wraps] == ["enc0", "enc1", "dec1.1", "dec0.1"]
+    assert a.stacks == ()
+
+
 def test_kwargs_model_blocks(analysed):
     captured, a = analysed("kwargs")
     (blk,) = a.residual_blocks
@@ -114,24 +197,32 @@ class _MLPResidual(nn.Module):
 
 
 class _WrappedStack(nn.Module):
-    """x + body(x) where body holds residual blocks: the outer add is a long skip, not a block."""
+    """x + body(x), body a projection then residual blocks: a transformer wrap, so a block."""
 
-    def __init__(self):
+    def __init__(self, project: bool = True):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(8, 8), _MLPResidual(8), _MLPResidual(8))
+        self.body = nn.Sequential(*[nn.Linear(8, 8)] * project, _MLPResidual(8), _MLPResidual(8))
 
     def forward(self, x):
         return x + self.body(x)
 
 
-def test_an_add_around_residual_blocks_is_a_long_skip():
+def test_an_add_around_projected_residual_blocks_is_a_block():
     a = analyse(graphopt.capture(_WrappedStack().eval(), (torch.randn(2, 3, 8),)))
-    assert [blk.label for blk in a.residual_blocks] == ["body.1", "body.2"]
-    (skip,) = a.skip_edges
-    assert skip.kind == "add" and skip.source == "tensors_0"
-    assert skip.main == a.residual_blocks[-1].exit
+    inner, wrap = a.residual_blocks[:2], a.residual_blocks[2]
+    assert [blk.label for blk in a.residual_blocks] == ["body.1", "body.2", "body"]
+    assert wrap.entry == "tensors_0" and all(set(blk.nodes) < set(wrap.nodes) for blk in inner)
+    assert a.skip_edges == ()
     (stack,) = a.stacks
-    assert (stack.count, stack.period) == (2, 1)
+    assert (stack.count, stack.period) == (2, 1) and stack.blocks == inner
+
+
+def test_an_add_around_blocks_its_source_enters_is_a_skip():
+    # x + blocks(x) is U-ViT's innermost additive skip around its mid block: x goes on down the path.
+    a = analyse(graphopt.capture(_WrappedStack(project=False).eval(), (torch.randn(2, 3, 8),)))
+    assert [blk.label for blk in a.residual_blocks] == ["body.0", "body.1"]
+    (skip,) = a.skip_edges
+    assert (skip.kind, skip.source, skip.main) == ("add", "tensors_0", a.residual_blocks[-1].exit)
 
 
 class _DownUp(nn.Module):
