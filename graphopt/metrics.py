@@ -54,17 +54,33 @@ def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
-def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    """FD between feature sets ``a`` (N, D) and ``b`` (M, D)."""
-    a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
-    b = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"need two feature sets (N, D) with the same D and N >= 2, got {a.shape} and {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+def _features(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+
+
+def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (float64) of a feature set (N, D), N >= 2: what FD compares."""
+    f = _features(features)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need a feature set (N, D) with N >= 2, got shape {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance_stats(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
+    """FD between two Gaussians given by mean and covariance."""
+    if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape:
+        raise ValueError(f"feature dimensions differ: {mu_a.shape} and {mu_b.shape}")
     root_a = _sqrt_psd(cov_a)
     cross = np.trace(_sqrt_psd(root_a @ cov_b @ root_a))
     return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross, 0.0))
+
+
+def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """FD between feature sets ``a`` (N, D) and ``b`` (M, D)."""
+    fa, fb = _features(a), _features(b)
+    if fa.ndim != 2 or fb.ndim != 2 or fa.shape[1] != fb.shape[1] or min(len(fa), len(fb)) < 2:
+        raise ValueError(f"need two feature sets (N, D) with the same D and N >= 2, got {fa.shape} and {fb.shape}")
+    return frechet_distance_stats(*gaussian_stats(fa), *gaussian_stats(fb))
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> float:
