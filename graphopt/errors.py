@@ -86,3 +86,11 @@ class OnnxExportError(GraphoptError):
 
 class OnnxParityError(OnnxExportError):
     """onnxruntime's outputs differ from torch's beyond tolerance."""
+
+
+class PlanError(UsageError):
+    """A sampling plan that is malformed (non-monotone levels, unknown blocks) or made for another model."""
+
+
+class BudgetError(UsageError):
+    """A budget no candidate can meet; the message names the cheapest feasible cost."""

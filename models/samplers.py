@@ -101,9 +101,16 @@ class Sampler:
 
     def sample(self, model: Callable, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Integrate from ``noise`` at ``levels[0]`` down to 0; returns the images (not clamped)."""
+        return self.sample_steps(lambda step: model, noise, labels)
+
+    def sample_steps(self, model_at: Callable[[int], Callable], noise: torch.Tensor,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`sample` with the denoiser chosen per step: ``model_at(i)`` serves step ``i`` (both of
+        Heun's evaluations in it). A sampling plan uses this to skip blocks and scale skips per step."""
         x = noise
         with torch.no_grad():
-            for level, nxt in zip(self.levels, self.levels[1:]):
+            for step, (level, nxt) in enumerate(zip(self.levels, self.levels[1:])):
+                model = model_at(step)
                 h = nxt - level
                 if self.method == "ddim":
                     x0, eps = self._predict(model, x, level, labels)
