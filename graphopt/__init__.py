@@ -9,20 +9,29 @@ nn.Module or ONNX::
     y = opt(x, t)                                 # same signature, same output structure
     opt.save("out/model")                         # graphopt.load("out/model")
     graphopt.export_onnx(opt, "model.onnx")       # checked with onnxruntime
+
+    plan = graphopt.search(model, sampler, (x, t), nfe=6)   # steps, skipped blocks, skip scales
+    images = plan.sampler().sample(model, noise, labels)   # drop-in for the reference sampler
 """
 
 from . import ops  # noqa: F401 - registers torch.ops.graphopt.*, which saved programs may hold
+from .approx import ApproxContext, ApproxPass, Budget, QualityBudgetError
+from .autodiffusion import search
 from .capture import CapturedGraph, capture
 from .emit import OptimizationReport, OptimizedModule, load, optimize, save
-from .errors import (CaptureError, GraphoptError, InputError, LoadError, OnnxExportError, OnnxParityError,
-                     OutputPathError, PassError, SaveError, SignatureError, UnknownPassError, UsageError,
-                     VerificationError)
+from .errors import (BudgetError, CaptureError, GraphoptError, InputError, LoadError, OnnxExportError,
+                     OnnxParityError, OutputPathError, PassError, PlanError, SaveError, SignatureError,
+                     UnknownPassError, UsageError, VerificationError)
 from .onnx import OnnxReport, export_onnx
 from .pipeline import MatchResult, Pass, PassReport, Rule, rule_pass
+from .plan import SamplingPlan
+from .quality import QualityCost, QualityEvaluator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApproxContext", "ApproxPass", "Budget", "BudgetError", "PlanError", "QualityBudgetError", "QualityCost",
+    "QualityEvaluator", "SamplingPlan", "search",
     "CaptureError", "CapturedGraph", "GraphoptError", "InputError", "LoadError", "MatchResult", "OnnxExportError",
     "OnnxParityError", "OnnxReport", "OptimizationReport", "OptimizedModule", "OutputPathError", "Pass",
     "PassError", "PassReport", "Rule", "SaveError", "SignatureError", "UnknownPassError", "UsageError",

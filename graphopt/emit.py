@@ -17,6 +17,7 @@ nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -56,6 +57,9 @@ class OptimizationReport:
     lowering: dict[str, Any] | None = None
     """target="cuda": the :class:`~graphopt.autotune.lower.LoweringReport` as JSON (regions, kernels, error)."""
     cuda_graphs: bool = False
+    fingerprint: str = ""
+    """The original model's architecture fingerprint (:func:`graphopt.plan.fingerprint`): sampling
+    plans made for that model fit this module, also after save and load."""
 
     @property
     def flops_before(self) -> float:
@@ -80,8 +84,8 @@ class OptimizationReport:
                 rows.append((p.name, kind, "-", f"{p.nodes_before}", "-", "-", "-", "skipped"))
                 continue
             rows.append((p.name, kind, str(p.hits), f"{p.nodes_before} -> {p.nodes_after}",
-                         f"{_flops(p.flops_before)} -> {_flops(p.flops_after)}", f"{p.max_abs_error:.2e}",
-                         f"{p.max_rel_error:.2e}", f"{p.time_s:.3f}s"))
+                         f"{_flops(p.flops_before)} -> {_flops(p.flops_after)}", _err(p.max_abs_error),
+                         _err(p.max_rel_error), f"{p.time_s:.3f}s"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         for i, row in enumerate(rows):
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -93,6 +97,10 @@ class OptimizationReport:
             lines.append(LoweringReport.from_json(self.lowering).text()
                          + ("\nlower: replayed as CUDA graphs, one per input layout" if self.cuda_graphs else ""))
         for p in self.passes:
+            if p.quality is not None:
+                from .quality import QualityCost
+
+                lines.append(f"{p.name}: quality {QualityCost.from_json(p.quality).line()}")
             if p.rule_hits:
                 lines.append(f"{p.name}: " + ", ".join(f"{r} x{n}" for r, n in p.rule_hits))
             for miss in p.near_misses[:5]:
@@ -113,6 +121,10 @@ class OptimizationReport:
         data["passes"] = tuple(PassReport.from_json(p) for p in data["passes"])
         data["batch_range"] = tuple(data["batch_range"]) if data["batch_range"] else None
         return OptimizationReport(**data)
+
+
+def _err(value: float) -> str:
+    return "-" if value != value else f"{value:.2e}"  # approximate passes are measured by quality instead
 
 
 def _flops(value: float) -> str:
@@ -143,10 +155,22 @@ class OptimizedModule(nn.Module):
         self._passes = tuple(passes)
         self._flops = flops
         self._recaptures = 0
+        self._blocks: dict[int, tuple[Any, ...]] = {}  # variant index -> its skippable blocks
+        self._skip_graphs: dict[tuple[int, frozenset[int]], nn.Module] = {}  # (variant, skipped ids) -> graph
 
     @property
     def graph_module(self) -> fx.GraphModule:
         return self.variants[0]
+
+    def _reset(self, captured: CapturedGraph) -> None:
+        """Make ``captured`` the canonical graph (an approximate pass changed it): variants and caches
+        built from the previous one are dropped."""
+        if len(self.lowered):
+            raise RuntimeError("approximate passes run before lowering")
+        self._captured = [captured]
+        self.variants = nn.ModuleList([captured.graph_module])
+        self._blocks.clear()
+        self._skip_graphs.clear()
 
     @property
     def captured(self) -> CapturedGraph:
@@ -195,6 +219,52 @@ class OptimizedModule(nn.Module):
                 return self._graph_runners[i](tensors)
             return tuple(self.lowered[i](*tensors))
         return self._captured[i].run(tensors)
+
+    @property
+    def blocks(self) -> tuple[Any, ...]:
+        """The residual blocks a sampling plan may skip (:class:`graphopt.variants.Block`, graph order)."""
+        return self._blocks_of(0)
+
+    def _blocks_of(self, i: int) -> tuple[Any, ...]:
+        from .variants import find_skippable, same_blocks
+
+        if i not in self._blocks:
+            found = find_skippable(self._captured[i].graph_module)
+            if i and not same_blocks(found, self._blocks_of(0)):
+                raise InputError("the graph traced for these shapes has other residual blocks than the "
+                                 "optimized one: blocks cannot be skipped at these shapes")
+            self._blocks[i] = found
+        return self._blocks[i]
+
+    def with_skipped(self, blocks: Iterable[int]) -> Callable[..., Any]:
+        """A callable like this module that skips the residual blocks with these ids (see :attr:`blocks`):
+        each runs a graph variant without them, built once per distinct set and sharing the weights."""
+        skipped = frozenset(int(b) for b in blocks)
+        known = {b.id for b in self.blocks}
+        unknown = sorted(skipped - known)
+        if unknown:
+            raise InputError(f"unknown block id(s) {unknown}: this model has blocks 0..{len(known) - 1}")
+        if not skipped:
+            return self
+        return functools.partial(self._call_skipping, skipped)
+
+    def _call_skipping(self, skipped: frozenset[int], *args: Any, **kwargs: Any) -> Any:
+        main = self._captured[0]
+        spec, tensors, objects = main.flatten_call(args, kwargs)
+        i = self._variant_for(args, kwargs, spec, tensors, objects)
+        key = (i, skipped)
+        if key not in self._skip_graphs:
+            from .variants import without_blocks
+
+            graph = without_blocks(self._captured[i].graph_module,
+                                   [b for b in self._blocks_of(i) if b.id in skipped])
+            if i < len(self.lowered):  # target="cuda": the variant runs on kernels like the rest
+                captured = dataclasses.replace(self._captured[i], graph_module=graph)
+                with torch.no_grad():
+                    outputs = captured.run(captured.example_inputs)
+                graph, _ = lower_captured(dataclasses.replace(captured, reference_outputs=tuple(outputs)))
+            self._skip_graphs[key] = graph
+        return self._captured[i].call.rebuild_output(tuple(self._skip_graphs[key](*tensors)))
 
     @property
     def approximate_passes(self) -> tuple[str, ...]:
@@ -250,9 +320,9 @@ class OptimizedModule(nn.Module):
         self._recaptures += 1
         return captured
 
-    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the main variant to ``directory`` (atomically); returns the path."""
-        return save(self, directory, overwrite=overwrite)
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False, plan: Any = None) -> Path:
+        """Write the main variant to ``directory`` (atomically), with ``plan`` as plan.json; returns the path."""
+        return save(self, directory, overwrite=overwrite, plan=plan)
 
 
 def _mismatch(variant: CapturedGraph, spec: dict, tensors: list[torch.Tensor], objects: list[Any]) -> str:
@@ -282,8 +352,8 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None,
-             passes: Iterable[str | Pass] | None = None, target: str = "cpu",
-             dynamic_batch: bool = True, cuda_graphs: bool = False) -> OptimizedModule:
+             passes: Iterable[str | Any] | None = None, target: str = "cpu",
+             dynamic_batch: bool = True, cuda_graphs: bool = False, approx: Any = None) -> OptimizedModule:
     """Capture ``model`` on the example inputs, run ``passes`` (default: the exact pipeline) and emit.
 
     ``passes`` are names from :mod:`graphopt.passes` or :class:`Pass` objects. Each exact pass is
@@ -298,13 +368,21 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     for testing). ``cuda_graphs=True`` (target "cuda" on a GPU) replays each call as a CUDA graph
     recorded per input layout (:mod:`graphopt.cudagraphs`), which removes the launch overhead that
     dominates at small batch.
+
+    Approximate passes (``skip-tune``) run after the exact ones through the approximate layer
+    (:mod:`graphopt.approx`) and need ``approx``, an :class:`~graphopt.approx.ApproxContext` with the
+    sampler, quality evaluator and budget; each runs once, and its report row carries the quality
+    it cost, measured.
     """
     from . import passes as registry
     from .analysis.cost import graph_cost
 
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    pipeline = registry.resolve(passes)
+    pipeline, approximate = split_passes(registry.resolve(passes))
+    if approximate and approx is None:
+        raise UsageError(f"approximate pass(es) {', '.join(p.name for p in approximate)} need a sampler and a "
+                         "quality evaluator: pass approx=graphopt.ApproxContext(...)")
     if cuda_graphs and (target != "cuda" or not torch.cuda.is_available()):
         raise UsageError("cuda_graphs=True needs target='cuda' and a CUDA GPU")
     if target == "cuda":
@@ -321,14 +399,43 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
         return float(graph_cost(gm, symbol).at(batch or 1)[0])
 
     captured, reports = run_pipeline(captured, pipeline, flops=flops)
+    from .plan import fingerprint
+
     report = OptimizationReport(type(model).__name__, target, batch, captured.guards.batch_range(),
-                                captured.capture_time_s, reports)
+                                captured.capture_time_s, reports, fingerprint=fingerprint(model))
     module = OptimizedModule(captured, report, source=model, passes=pipeline, flops=flops)
+    if approximate:
+        from .approx import run_approximate
+
+        module = run_approximate(module, approximate, approx)
     if target == "cuda":
         module._report = dataclasses.replace(report, lowering=module._lower_variant(captured),
                                              cuda_graphs=cuda_graphs)
         module._graph_runners = [] if cuda_graphs else None
     return module
+
+
+def split_passes(passes: Sequence[Any]) -> tuple[tuple[Pass, ...], tuple[Any, ...]]:
+    """(exact pipeline, approximate passes): the approximate ones run last, after the exact passes
+    they require (added when missing)."""
+    from . import passes as registry
+    from .approx import ApproxPass
+
+    exact = [p for p in passes if not isinstance(p, ApproxPass)]
+    approximate = [p for p in passes if isinstance(p, ApproxPass)]
+    if approximate:
+        first = min(i for i, p in enumerate(passes) if isinstance(p, ApproxPass))
+        late = [p.name for p in passes[first:] if not isinstance(p, ApproxPass)]
+        if late:
+            raise UsageError(f"exact pass(es) {', '.join(late)} come after an approximate one: approximate passes "
+                             "run once, after every exact pass")
+        names = {p.name for p in exact}
+        for p in approximate:
+            for need in p.requires:
+                if need not in names:
+                    exact.append(registry.get(need))
+                    names.add(need)
+    return tuple(exact), tuple(approximate)
 
 
 def _check_cuda_target() -> None:
@@ -388,8 +495,11 @@ def export_program(captured: CapturedGraph) -> torch.export.ExportedProgram:
                                    strict=False)
 
 
-def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Save ``module`` to ``directory``; a failure leaves neither a partial nor a clobbered directory."""
+def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bool = False, plan: Any = None) -> Path:
+    """Save ``module`` to ``directory``; a failure leaves neither a partial nor a clobbered directory.
+
+    A :class:`~graphopt.plan.SamplingPlan` for the module goes beside it as ``plan.json``
+    (``SamplingPlan.load(directory)`` reads it back)."""
     target = Path(directory)
     check_save_target(target, overwrite)
     captured = module.captured
@@ -407,8 +517,12 @@ def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bo
         "in_spec": call.in_spec, "out_spec": call.out_spec, "extras": list(call.extras),
         "dynamic_batch": captured.dynamic_batch,
     }
+    if plan is not None:
+        plan.check(module)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        if plan is not None:
+            plan.save(tmp / "plan.json")
         program = export_program(captured)
         torch.export.save(program, tmp / "model.pt2")
         tensors = {f"input_{i}": t.detach().cpu().contiguous() for i, t in enumerate(captured.example_inputs)}

@@ -183,6 +183,8 @@ class PassReport:
     verified: bool
     time_s: float
     notes: tuple[str, ...] = ()
+    quality: dict[str, Any] | None = None
+    """Approximate passes: the measured :class:`graphopt.quality.QualityCost` as JSON."""
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -196,6 +198,7 @@ class PassReport:
         data["near_misses"] = tuple(NearMiss(**m) for m in data["near_misses"])
         data["rule_hits"] = tuple(data["rule_hits"].items())
         data["notes"] = tuple(data.get("notes", ()))
+        data.setdefault("quality", None)
         return PassReport(**data)
 
 

@@ -1,7 +1,8 @@
 """The passes graphopt ships, registered by name (installed as ``graphopt.passes``).
 
 The registry is a read-only mapping built once from the pass objects; a caller who wants a pass of
-their own passes the :class:`graphopt.pipeline.Pass` object itself wherever a name is accepted.
+their own passes the :class:`graphopt.pipeline.Pass` (exact) or :class:`graphopt.approx.ApproxPass`
+(approximate) object itself wherever a name is accepted.
 """
 
 from __future__ import annotations
@@ -11,19 +12,22 @@ from types import MappingProxyType
 from typing import Iterable, Mapping
 
 from graphopt.errors import UnknownPassError
+from graphopt.approx import ApproxPass
 from graphopt.pipeline import Pass
 
 from .dce import DCE
 from .fold import FOLD
 from .noop import NOOP
+from .skip_scale import SKIP_SCALE
+from .skip_tune import SKIP_TUNE
 
-REGISTRY: Mapping[str, Pass] = MappingProxyType({p.name: p for p in (NOOP, FOLD, DCE)})
+REGISTRY: Mapping[str, Pass | ApproxPass] = MappingProxyType({p.name: p for p in (NOOP, FOLD, DCE, SKIP_SCALE, SKIP_TUNE)})
 
 # The exact pipeline, in the order each pass's docstring argues for.
 DEFAULT_PIPELINE: tuple[str, ...] = ("noop", "fold", "dce")
 
 
-def get(name: str) -> Pass:
+def get(name: str) -> Pass | ApproxPass:
     """The registered pass called ``name``; an unknown name raises UnknownPassError with suggestions."""
     try:
         return REGISTRY[name]
@@ -33,13 +37,13 @@ def get(name: str) -> Pass:
         raise UnknownPassError(f"unknown pass '{name}'{hint}; available: {', '.join(REGISTRY)}") from None
 
 
-def resolve(passes: Iterable[str | Pass] | None) -> tuple[Pass, ...]:
-    """Names or Pass objects -> Pass objects; None means :data:`DEFAULT_PIPELINE`."""
+def resolve(passes: Iterable[str | Pass | ApproxPass] | None) -> tuple[Pass | ApproxPass, ...]:
+    """Names or pass objects -> pass objects; None means :data:`DEFAULT_PIPELINE`."""
     if passes is None:
         passes = DEFAULT_PIPELINE
     if isinstance(passes, str):
         passes = [p for p in passes.split(",") if p.strip()]
-    return tuple(p if isinstance(p, Pass) else get(p.strip()) for p in passes)
+    return tuple(p if isinstance(p, (Pass, ApproxPass)) else get(p.strip()) for p in passes)
 
 
 def describe() -> list[tuple[str, bool, str]]:
