@@ -138,3 +138,105 @@ def run_bench(name: str, *, steps: int = 16, method: str = "heun", batch: int = 
                     "warmup_runs": 1})
     (out / f"{name}-bench.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanBenchRow:
+    """One way of sampling in a plan benchmark: NFE, cost, latency and FD over seeds."""
+
+    label: str
+    method: str
+    steps: int
+    nfe: int
+    gflops_per_image: float
+    latency_ms_per_image: float
+    fd: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanBenchResult:
+    """A plan against the model's default sampler at the same NFE and at 32 NFE, measured in one run."""
+
+    model: str
+    plan: str
+    batch: int
+    rows: tuple[PlanBenchRow, ...]
+    fd_floor: float
+    fd_ceiling: float
+    conditions: dict[str, Any]
+
+    def table(self) -> str:
+        reference = self.rows[-1]
+        head = ("sampler", "NFE", "GFLOPs/img", "ms/img", "FD (mean ± std over seeds)", "speedup vs last row")
+        rows = [head] + [(r.label, str(r.nfe), f"{r.gflops_per_image:.3f}", f"{r.latency_ms_per_image:.3f}",
+                          f"{r.fd['mean']:.2f} ± {r.fd['std']:.2f}",
+                          f"{reference.latency_ms_per_image / r.latency_ms_per_image:.2f}x") for r in self.rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        fd = self.rows[0].fd
+        lines.append(f"FD: n={fd['samples']} per seed, seeds {','.join(map(str, fd['seeds']))}; floor "
+                     f"{self.fd_floor:.2f}, noise ceiling {self.fd_ceiling:.1f}; latency: median of "
+                     f"{self.conditions['repeats']} runs at batch {self.batch} after a warm-up, "
+                     f"{self.conditions['threads']} CPU threads")
+        return "\n".join(lines)
+
+
+def run_plan_bench(name: str, plan_path: str | os.PathLike, *, batch: int = 64, samples: int = 500,
+                   seeds: Sequence[int] = (0, 1, 2), repeats: int = 3, out_dir: str | os.PathLike = "bench-out",
+                   progress: bool = True) -> PlanBenchResult:
+    """Benchmark a sampling plan against the model's default sampler at the plan's NFE and at 32 NFE
+    (Heun: 33), all on the same seeds: latency per image, NFE, FLOPs per image, FD with its spread.
+    The default samplers run the model as it is; the plan runs its planned denoiser."""
+    from .autodiffusion import steps_for_nfe
+    from .metrics import DigitFeatures, digit_bounds, fd_over_seeds
+    from .models import REFERENCES, load
+    from .models.data import load_digits
+    from .plan import SamplingPlan
+    from .planned import PlannedDenoiser, example_call
+
+    if name not in REFERENCES or REFERENCES[name] == "classifier":
+        generators = [n for n, f in REFERENCES.items() if f != "classifier"]
+        raise UsageError(f"bench needs a reference generator ({', '.join(generators)}), got {name!r}")
+    ref = load(name)
+    plan = SamplingPlan.load(plan_path, ref.model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method = ref.sampler.method
+    same = ref.sampler.with_steps(steps_for_nfe(method, plan.nfe), method)
+    long = ref.sampler.with_steps(steps_for_nfe(method, 33 if method == "heun" else 32), method)
+    samplers = [(f"plan ({plan.method}, {plan.steps} steps)", plan.sampler()),
+                (f"default {method}, {same.steps} steps", same), (f"default {method}, {long.steps} steps", long)]
+    extractor = DigitFeatures()
+    heldout = extractor(load_digits(ref.config.resolution).heldout_images)
+    bounds = digit_bounds(extractor, ref.config.resolution)
+    noise = ref.sampler.noise(2, 0)
+    planned = PlannedDenoiser.build(ref.model, example_call(plan.family, noise, plan.levels[0], None, plan.null_class))
+    bar = tqdm(total=len(samplers) * (repeats + 1 + len(seeds)), desc=f"bench {name} plan", disable=not progress)
+    rows = []
+    for label, sampler in samplers:
+        as_plan = plan if sampler is samplers[0][1] else dataclasses.replace(
+            plan, levels=sampler.levels, method=sampler.method, skipped=(), skip_scales=None)
+        timings = []
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            sample_images(ref.model, sampler, batch, seed=1000 + i, batch=batch)
+            if i:
+                timings.append(time.perf_counter() - start)
+            bar.update()
+
+        def generate(n: int, seed: int, sampler: Any = sampler) -> torch.Tensor:
+            images = sample_images(ref.model, sampler, n, seed, batch)
+            bar.update()
+            return images
+
+        fd = fd_over_seeds(generate, heldout, extractor, samples, seeds)
+        rows.append(PlanBenchRow(label, sampler.method, len(sampler.levels) - 1, as_plan.nfe,
+                                 planned.plan_cost(as_plan)["gflops_per_image"],
+                                 statistics.median(timings) / batch * 1e3, dataclasses.asdict(fd)))
+    bar.close()
+    result = PlanBenchResult(name, str(plan_path), batch, tuple(rows), bounds.floor, bounds.ceiling,
+                             {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                              "machine": platform.machine(), "repeats": repeats, "warmup_runs": 1})
+    (out / f"{name}-plan-bench.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    return result

@@ -17,7 +17,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -109,9 +109,18 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
         from .emit import check_save_target
 
         check_save_target(out, ns.overwrite)
+    approx = None
+    if any(not p.exact for p in pipeline):
+        from .approx import ApproxContext
+
+        _reference_generator(ns.model, "an approximate pass")
+        approx = ApproxContext.for_reference(ns.model, nfe=ns.nfe, method=ns.sampler)
+    elif ns.nfe is not None or ns.sampler is not None:
+        raise UsageError("--nfe and --sampler set how approximate passes are judged; no approximate pass is given")
     model, args, kwargs = load_model_spec(ns.model)
     _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline)} ...")
-    optimized = optimize(model, args, kwargs, passes=pipeline, target=ns.target, dynamic_batch=not ns.static)
+    optimized = optimize(model, args, kwargs, passes=pipeline, target=ns.target, dynamic_batch=not ns.static,
+                         approx=approx)
     print(optimized.report.table())
     if out is not None:
         start = time.perf_counter()
@@ -134,25 +143,118 @@ def _cmd_export(ns: argparse.Namespace) -> int:
         model, args, kwargs = load_model_spec(ns.model)
         _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline) or 'no passes'} ...")
         optimized = optimize(model, args, kwargs, passes=pipeline, dynamic_batch=not ns.static)
+    plan = None
+    if ns.plan is not None or (Path(ns.model).is_dir() and (Path(ns.model) / "plan.json").is_file()):
+        from .plan import SamplingPlan
+
+        plan = SamplingPlan.load(ns.plan or ns.model)
     _status("exporting to ONNX and checking it with onnxruntime ...")
-    report = export_onnx(optimized, ns.out, opset=ns.opset)
+    report = export_onnx(optimized, ns.out, opset=ns.opset, plan=plan)
     print(f"wrote {report.path} (opset {report.opset}, inputs {', '.join(report.inputs)}, "
           f"outputs {', '.join(report.outputs)}) in {report.export_time_s:.1f}s")
     print(report.line())
+    if plan is not None:
+        from .onnx import plan_path
+
+        print(f"wrote {plan_path(report.path)} (levels and per-step skip scales to feed)")
     return 0
 
 
 def _cmd_bench(ns: argparse.Namespace) -> int:
     from . import passes as registry
-    from .bench import run_bench
+    from .bench import run_bench, run_plan_bench
 
     if ns.passes is not None:
         registry.resolve(ns.passes)
-    seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
+    seeds = _seeds(ns.seeds)
+    if ns.plan is not None:
+        if ns.passes is not None:
+            raise UsageError("--plan benchmarks a sampling plan; it takes no --passes")
+        result = run_plan_bench(ns.model, ns.plan, batch=ns.batch, samples=ns.samples, seeds=seeds,
+                                repeats=ns.repeats, out_dir=ns.out)
+        print(f"{ns.model} with {ns.plan}:")
+        print(result.table())
+        print(f"wrote {Path(ns.out) / (ns.model + '-plan-bench.json')}")
+        return 0
     result = run_bench(ns.model, steps=ns.steps, method=ns.sampler, batch=ns.batch, samples=ns.samples,
                        seeds=seeds, repeats=ns.repeats, out_dir=ns.out, passes=ns.passes)
     print(result.summary())
     print(f"wrote {Path(ns.out) / (ns.model + '-bench.json')}")
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"seeds are comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise UsageError("give at least one seed")
+    return seeds
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``20m``, ``90s``, ``1.5h`` or a plain number of seconds."""
+    value = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(value[-1:], None)
+    number = value[:-1] if scale else value
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise UsageError(f"a duration is a number with s, m or h (20m, 90s, 1.5h), got {text!r}") from None
+    if not seconds > 0:
+        raise UsageError(f"a duration must be positive, got {text!r}")
+    return seconds
+
+
+def _reference_generator(spec: str, what: str) -> "Any":
+    from .models import REFERENCES, load
+
+    generators = [n for n, f in REFERENCES.items() if f != "classifier"]
+    if spec not in generators:
+        raise UsageError(f"{what} needs a sampler and a quality measure: MODEL must be a reference generator "
+                         f"({', '.join(generators)}); from Python, pass your own (graphopt.search / "
+                         "graphopt.ApproxContext)")
+    return load(spec)
+
+
+def _cmd_search(ns: argparse.Namespace) -> int:
+    from .autodiffusion import SPACES, EvolutionConfig, prepare_out, search_run
+    from .quality import QualityEvaluator
+
+    space = None
+    if ns.space is not None:
+        space = [p.strip() for p in ns.space.split(",") if p.strip()]
+        if not space or set(space) - set(SPACES):
+            raise UsageError(f"--space takes a comma-separated subset of {', '.join(SPACES)}, got {ns.space!r}")
+    budget = parse_duration(ns.time_budget) if ns.time_budget else None
+    if ns.max_gflops is not None and not ns.max_gflops > 0:
+        raise UsageError(f"--max-gflops must be positive, got {ns.max_gflops}")
+    config = EvolutionConfig(population=ns.population, parents=min(10, ns.population),
+                             mutations=ns.population // 2, crossovers=min(15, ns.population * 3 // 10),
+                             generations=ns.generations)
+    ref = _reference_generator(ns.model, "search")
+    out = prepare_out(ns.out, ns.resume)  # before any work: a bad --out is exit 2
+    sampler = ref.sampler if ns.sampler is None else ref.sampler.with_steps(ref.sampler.steps, ns.sampler)
+    evaluator = QualityEvaluator.for_digits(ref.config.resolution, proxy_samples=ns.samples,
+                                            confirm_samples=ns.confirm_samples, confirm_seeds=_seeds(ns.confirm_seeds))
+    _status(f"searching {ns.model} at NFE <= {ns.nfe} over {', '.join(space or ['all that applies'])} into {out} ...")
+    try:
+        result = search_run(ref.model, sampler, ref.example_inputs, nfe=ns.nfe, space=space, evaluator=evaluator,
+                            max_gflops=ns.max_gflops, time_budget_s=budget, config=config, seed=ns.seed,
+                            workers=ns.workers, ray=ns.ray, out=out, resume=ns.resume,
+                            max_skip_ratio=ns.max_skip_ratio, batch=ns.batch, measure_latency=ns.measure_latency,
+                            model_spec=ns.model)
+    except KeyboardInterrupt:
+        print(f"graphopt: interrupted; the last completed generation is saved in {out}: continue with "
+              f"graphopt search {ns.model} ... --out {out} --resume", file=sys.stderr)
+        raise
+    plan = result.plan
+    print(f"Pareto front ({len(result.state.records)} evaluated, * chosen, d default schedule):")
+    print(result.table)
+    print(plan.describe())
+    print(f"search: {plan.search['generations']} generations, {plan.search['evaluations']} evaluations, "
+          f"{plan.search['minutes']:.1f} min; wrote {out / 'plan.json'}, {out / 'pareto.png'}, {out / 'pareto.md'}")
     return 0
 
 
@@ -292,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--target", choices=("cpu", "cuda"), default="cpu", help="device to optimize for")
     p.add_argument("--static", action="store_true", help="capture with a static batch size")
+    p.add_argument("--nfe", type=_positive, default=None,
+                   help="approximate passes (skip-tune): the NFE their quality is judged at (default: the sampler's)")
+    p.add_argument("--sampler", choices=("euler", "heun", "ddim"), default=None,
+                   help="approximate passes: the ODE method they are judged with (default: the model's)")
     p.set_defaults(run=_cmd_optimize)
 
     p = sub.add_parser("export", help="export to ONNX and check parity with onnxruntime",
@@ -302,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="the .onnx file to write")
     p.add_argument("--passes", type=_passes_arg, default=None, help="passes to run first (default: exact pipeline)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--plan", default=None, help="a sampling plan to write beside the .onnx as NAME.plan.json "
+                                                "(default: the saved directory's plan.json, if any)")
     p.add_argument("--static", action="store_true", help="capture with a static batch size")
     p.set_defaults(run=_cmd_export)
 
@@ -317,8 +425,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1", help="comma-separated FD seeds (default 0,1)")
     p.add_argument("--repeats", type=_positive, default=5, help="timed latency runs (default 5)")
     p.add_argument("--passes", type=_passes_arg, default=None, help="optimize the denoiser with these passes first")
+    p.add_argument("--plan", metavar="PLAN", default=None,
+                   help="benchmark this sampling plan (plan.json or its folder) against the default sampler at "
+                        "the same NFE and at 32 NFE, in one run")
     p.add_argument("--out", "-o", default="bench-out", help="folder for the JSON and the PNG grid")
     p.set_defaults(run=_cmd_bench)
+
+    p = sub.add_parser("search", help="search a sampling plan: time steps, skipped blocks, skip scales",
+                       description="Evolutionary search (AutoDiffusion, joint with Skip-Tuning's skip scales) for "
+                                   "the best-quality sampling plan of a reference generator at a given NFE, "
+                                   "optionally under a FLOPs budget. Candidates are scored by FD on --samples "
+                                   "images (fixed noise); the best few are confirmed at --confirm-samples over "
+                                   "--confirm-seeds. Writes plan.json, pareto.png, pareto.md and a resumable "
+                                   "search-state.json to --out, and prints the Pareto table.")
+    p.add_argument("model", metavar="MODEL", help="unet-digits or dit-digits")
+    p.add_argument("--nfe", type=_positive, required=True, help="denoiser calls per sample (Heun: the odd NFE "
+                                                                "at or below it)")
+    p.add_argument("--space", default=None,
+                   help="what to search: a comma-separated subset of steps, skips, skip-scale (default: all "
+                        "that apply; skip-scale needs encoder-decoder skips)")
+    p.add_argument("--sampler", choices=("euler", "heun", "ddim"), default=None,
+                   help="ODE method (default: the model's, heun)")
+    p.add_argument("--max-gflops", type=float, default=None, help="budget: GFLOPs per image (cost model)")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="stop after the generation that crosses this wall time (20m, 90s, 1h)")
+    p.add_argument("--samples", type=_positive, default=256, help="samples per candidate for the FD proxy (256)")
+    p.add_argument("--confirm-samples", type=_positive, default=500, help="samples per seed to confirm (500)")
+    p.add_argument("--confirm-seeds", default="0,1,2", help="seeds to confirm on (default 0,1,2)")
+    p.add_argument("--seed", type=int, default=0, help="search seed (default 0): the same seed, the same search")
+    p.add_argument("--population", type=_positive, default=50, help="candidates per generation (default 50)")
+    p.add_argument("--generations", type=_positive, default=20, help="generations (default 20)")
+    p.add_argument("--max-skip-ratio", type=float, default=0.1,
+                   help="most block-steps a plan may skip, once the bound has opened (default 0.1)")
+    p.add_argument("--batch", type=_positive, default=256, help="images per denoiser call while sampling (256)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="local worker processes (default: one per CPU core; 1: in this process)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="evaluate on a Ray cluster: 'auto' or an address (needs graphopt[ray])")
+    p.add_argument("--measure-latency", action="store_true",
+                   help="minimise measured milliseconds per image instead of cost-model FLOPs")
+    p.add_argument("--out", "-o", required=True, help="folder for plan.json, pareto.png, pareto.md and the state")
+    p.add_argument("--resume", action="store_true", help="continue the search saved in --out")
+    p.set_defaults(run=_cmd_search)
 
     p = sub.add_parser("autotune", help="tune a model's kernels for this GPU; manage the tuning cache",
                        description="With MODEL: optimize it for CUDA, run it at each --batch size, time every "

@@ -52,8 +52,12 @@ class OnnxReport:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwargs: dict[str, Any] | None = None,
                 *, dynamic_batch: bool = True, opset: int | None = None, atol: float | None = None,
-                rtol: float | None = None, overwrite: bool = True) -> OnnxReport:
+                rtol: float | None = None, overwrite: bool = True, plan: Any = None) -> OnnxReport:
     """Export an :class:`OptimizedModule` (or a plain nn.Module with example ``args``) to ONNX at ``path``.
+
+    Inputs that passes added (``skip_scales``) are ONNX inputs too, after the model's own. With a
+    :class:`~graphopt.plan.SamplingPlan`, it is written beside the file as ``<name>.plan.json``
+    (checked against the module first): the levels and per-step skip scales to feed.
 
     Raises :class:`OutputPathError` before any work when ``path`` cannot be written,
     :class:`OnnxExportError` when export or the checker fails, :class:`OnnxParityError` when
@@ -77,6 +81,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
     if custom:
         raise OnnxExportError(f"the graph holds graphopt's own op(s) {', '.join(custom)}, which have no ONNX "
                               "translation yet; export the model before substituting them")
+    if plan is not None and isinstance(model, OptimizedModule):
+        plan.check(model)
     start = time.perf_counter()
     input_names = _unique(captured.call.input_names())
     # ONNX names are one namespace: an output called like an input (a denoiser's `sample`) gets `out_`
@@ -105,12 +111,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
         if not cmp.within:
             raise OnnxParityError(f"onnxruntime ({provider}) disagrees with torch: {cmp.line()}")
         opset_used = _opset(tmp)
-        for item in workdir.iterdir():  # the model and any external-data file beside it
+        if plan is not None:
+            plan.save(workdir / plan_path(target).name)
+        for item in workdir.iterdir():  # the model, any external-data file and the plan beside it
             os.replace(item, target.parent / item.name)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return OnnxReport(str(target), opset_used, provider, tuple(input_names), tuple(output_names), sizes,
                       cmp.max_abs_error, cmp.max_rel_error, time.perf_counter() - start)
+
+
+def plan_path(onnx_path: str | os.PathLike) -> Path:
+    """Where :func:`export_onnx` writes a plan: ``<name>.plan.json`` beside ``<name>.onnx``."""
+    path = Path(onnx_path)
+    return path.with_name(f"{path.stem}.plan.json")
 
 
 def check_onnx_path(target: Path, overwrite: bool) -> None:
