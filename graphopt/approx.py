@@ -131,6 +131,9 @@ def run_approximate(module: "OptimizedModule", passes: Sequence[ApproxPass], ctx
         try:
             outcome = p.transform(module, ctx, pctx)
             _apply(module, outcome)
+        except PassError as e:
+            _restore(module, previous)
+            raise PassError(f"approximate pass '{p.name}' failed: {e}") from e
         except GraphoptError:
             _restore(module, previous)
             raise
