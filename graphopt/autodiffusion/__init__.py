@@ -182,7 +182,8 @@ def search_run(model: nn.Module, sampler: Any, example_inputs: Sequence[Any], *,
                               "block-steps); raise --max-gflops or --nfe lower")
     settings = {"model": planned.identity().to_json(), "family": base.family, "method": base.method,
                 "steps": steps, "space": the_space.describe(), "seed": seed,
-                "evaluator": evaluator.options(), "config": dataclasses.asdict(config),
+                "evaluator": evaluator.options(),
+                "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "generations"},
                 "max_gflops": max_gflops, "cost": "latency" if measure_latency else "flops",
                 "generations": config.generations, "time_budget_s": time_budget_s}
     job = SearchJob(tuple(example_inputs), base, the_space, evaluator,

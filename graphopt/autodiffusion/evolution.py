@@ -136,10 +136,12 @@ class SearchState:
             data = json.loads(path.read_text())
             if data.get("version") != STATE_VERSION:
                 raise ValueError(f"state version {data.get('version')}, expected {STATE_VERSION}")
-            return SearchState.from_json(data)
+            state = SearchState.from_json(data)
+            np.random.default_rng().bit_generator.state = state.rng  # resume restores the generator from it
+            return state
         except FileNotFoundError:
             raise UsageError(f"--resume: no search state at {path}") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # any JSON, any shape
             raise UsageError(f"--resume: {path} is not a readable search state ({e})") from e
 
 
@@ -228,7 +230,10 @@ def evolve(space: SearchSpace, config: EvolutionConfig, *, evaluate: Callable[[l
            resume: bool = False, max_gflops: float | None = None, time_budget_s: float | None = None,
            on_generation: Callable[[SearchState, int], None] | None = None) -> SearchState:
     """Run (or continue) the search; returns its final state. ``evaluate`` scores a batch of
-    candidates (the quality proxy), ``cost`` gives one candidate's (GFLOPs, ms or None) per image."""
+    candidates (the quality proxy), ``cost`` gives one candidate's (GFLOPs, ms or None) per image.
+    ``settings`` identify the search: a resumed one must have the same (but for ``generations`` and
+    ``time_budget_s``, which may grow)."""
+    settings = json.loads(json.dumps(settings))  # compared with the saved JSON as JSON
     if resume:
         if state_path is None:
             raise UsageError("resuming a search needs its state file")
@@ -255,7 +260,8 @@ def evolve(space: SearchSpace, config: EvolutionConfig, *, evaluate: Callable[[l
             parents = select(list(state.records.values()), config.parents, max_gflops, rng)
             population = next_population(space, config, [r.candidate for r in parents], gen, rng,
                                          set(state.records))
-        fresh = [c for c in population if c.key not in state.records]
+        # a population may repeat a candidate once the space runs short of new ones: score it once
+        fresh = list({c.key: c for c in population if c.key not in state.records}.values())
         for candidate, quality in zip(fresh, evaluate(fresh)):
             gflops, ms = cost(candidate)
             state.records[candidate.key] = Record(candidate, float(quality), float(gflops), gen, ms)
