@@ -178,12 +178,13 @@ class SearchSpace:
     def mutate(self, c: Candidate, rng: np.random.Generator, ratio: float, p: float = 0.25) -> Candidate:
         """Replace each gene with probability ``p`` by a value ``c`` does not use; at least one gene
         always changes (when the space has any gene that can)."""
-        for _ in range(100):
+        for attempt in range(100):
             levels, skipped, rho = self._mutate_once(c, rng, ratio, p)
             out = Candidate(levels, skipped, rho)
             if out != c:
                 return out
-            p = max(p, 0.5)  # nothing changed: draw again, more eagerly
+            if attempt >= 50:  # redrawing at p samples "at least one change"; a tiny p gives up on that
+                p = max(p, 0.5)
         return c  # a space with nothing to vary (no searched gene): the only candidate is itself
 
     def _mutate_once(self, c: Candidate, rng: np.random.Generator, ratio: float, p: float
