@@ -139,8 +139,12 @@ class LocalPool:
             try:
                 index, value, error = self.results.get(timeout=5.0)
             except queue.Empty:
-                if not any(p.is_alive() for p in self.procs):
-                    raise GraphoptError("every search worker process died") from None
+                # workers leave only on close or after reporting an error, so a dead one (killed, out of
+                # memory) took its candidate with it: waiting on would never end
+                dead = [p.exitcode for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise GraphoptError(f"{len(dead)} of {len(self.procs)} search worker processes died "
+                                        f"(exit codes {', '.join(map(str, dead))})") from None
                 continue
             if error is not None:
                 raise GraphoptError(f"a search worker failed: {error.splitlines()[0]}")
@@ -157,6 +161,8 @@ class LocalPool:
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
         for p in self.procs:
+            if p.pid is None:  # never started: the pool failed to start
+                continue
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
