@@ -59,6 +59,8 @@ class EvolutionConfig:
         if self.mutations + self.crossovers > self.population:
             raise UsageError(f"{self.mutations} mutations + {self.crossovers} crossovers exceed the population "
                              f"of {self.population}")
+        if self.increments < 1 or self.steps_only < 0:
+            raise UsageError("the skip bound opens in at least 1 increment, after 0 or more steps-only generations")
         if not (0 < self.mutation_p <= 1 and 0 < self.initial_mutation_p <= 1):
             raise UsageError("mutation probabilities must be in (0, 1]")
 

@@ -143,6 +143,8 @@ class SearchSpace:
         for ids in c.skipped:
             if list(ids) != sorted(set(ids)) or any(not 0 <= b < self.blocks for b in ids):
                 raise ValueError(f"skip sets must hold distinct sorted block ids, got {ids}")
+        if not self.search_skips and c.skipped_count():
+            raise ValueError("blocks are not searched: the candidate must skip none")
         if ratio is not None and c.skipped_count() > self.max_skipped(ratio):
             raise ValueError(f"{c.skipped_count()} skipped block-steps exceed the bound {self.max_skipped(ratio)}")
         if (c.rho is not None) != self.search_rho:
@@ -268,6 +270,8 @@ def make_space(family: str, steps: int, blocks: int, space: Sequence[str], *,
     with its default schedule (``default_levels``, ending at 0)."""
     from graphopt.models.samplers import edm_sigmas, flow_times
 
+    if family not in ("edm", "flow"):
+        raise ValueError(f"unknown sampler family {family!r}; expected edm or flow")
     unknown = sorted(set(space) - set(SPACES))
     if unknown:
         raise ValueError(f"unknown search space part(s) {', '.join(unknown)}; choose from {', '.join(SPACES)}")

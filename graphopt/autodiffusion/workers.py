@@ -177,7 +177,8 @@ class RayPool:
         except ImportError:
             raise UsageError("--ray needs Ray: pip install 'graphopt[ray]'") from None
         self.ray = ray
-        if not ray.is_initialized():
+        self._owns_connection = not ray.is_initialized()
+        if self._owns_connection:
             try:
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             except Exception as e:  # no cluster at that address
@@ -205,6 +206,8 @@ class RayPool:
     def close(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
+        if self._owns_connection:  # connected for this search: leave the caller's Ray state as it was
+            self.ray.shutdown()
 
 
 class _RayScorer:
