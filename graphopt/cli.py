@@ -244,7 +244,7 @@ def _cmd_search(ns: argparse.Namespace) -> int:
                             max_gflops=ns.max_gflops, time_budget_s=budget, config=config, seed=ns.seed,
                             workers=ns.workers, ray=ns.ray, out=out, resume=ns.resume,
                             max_skip_ratio=ns.max_skip_ratio, batch=ns.batch, measure_latency=ns.measure_latency,
-                            model_spec=ns.model)
+                            model_spec=ns.model, skip_scale_schedule=ns.skip_scale_schedule)
     except KeyboardInterrupt:
         print(f"graphopt: interrupted; the last completed generation is saved in {out}: continue with "
               f"graphopt search {ns.model} ... --out {out} --resume", file=sys.stderr)
@@ -462,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local worker processes (default: one per CPU core; 1: in this process)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="evaluate on a Ray cluster: 'auto' or an address (needs graphopt[ray])")
+    p.add_argument("--skip-scale-schedule", choices=("constant", "per-step"), default="constant",
+                   help="skip scales: one rho_top/rho_bottom for all steps, or per step (first and last step's, "
+                        "linear in between)")
     p.add_argument("--measure-latency", action="store_true",
                    help="minimise measured milliseconds per image instead of cost-model FLOPs")
     p.add_argument("--out", "-o", required=True, help="folder for plan.json, pareto.png, pareto.md and the state")

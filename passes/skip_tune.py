@@ -30,14 +30,16 @@ def _skip_tune(module: Any, ctx: ApproxContext, pctx: PassContext) -> ApproxOutc
 
     captured = module.captured
     if INPUT not in captured.call.extras:
-        raise PassError("skip-tune needs the skip-scale pass to run before it")
+        skip_scale_ran = any(p.name == "skip-scale" for p in module.report.passes)
+        raise PassError("the model has no encoder-decoder skips to tune" if skip_scale_ran
+                        else "skip-tune needs the skip-scale pass to run before it")
     index = captured.model_inputs + captured.call.extras.index(INPUT)
     count = int(captured.example_inputs[index].numel())
     result = search_run(module, ctx.sampler, ctx.example_inputs, nfe=int(ctx.nfe), space=("skip-scale",),
                         evaluator=ctx.evaluator, config=EvolutionConfig(**POPULATION), seed=ctx.seed,
                         workers=1, progress=ctx.progress, confirm=2, batch=ctx.batch)
     rho = result.space.rho_of(result.chosen.candidate)
-    assert rho is not None
+    assert rho is not None and len(rho) == 2  # one constant pair: the default of a plain call
     top, bottom = rho
     pctx.hit("skip", count)
     pctx.note(f"rho_top {top:g}, rho_bottom {bottom:g} (linear in skip depth over {count} skips), tuned at NFE "

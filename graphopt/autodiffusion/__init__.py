@@ -138,7 +138,8 @@ def search_run(model: nn.Module, sampler: Any, example_inputs: Sequence[Any], *,
                time_budget_s: float | None = None, config: EvolutionConfig | None = None, seed: int = 0,
                workers: int | None = None, ray: str | None = None, out: str | os.PathLike | None = None,
                resume: bool = False, progress: bool = True, max_skip_ratio: float = 0.1, confirm: int = 3,
-               batch: int = 256, measure_latency: bool = False, model_spec: str | None = None) -> SearchResult:
+               batch: int = 256, measure_latency: bool = False, model_spec: str | None = None,
+               skip_scale_schedule: str = "constant") -> SearchResult:
     """:func:`search`, returning the whole :class:`SearchResult` (front, table, state)."""
     from tqdm import tqdm
 
@@ -158,6 +159,8 @@ def search_run(model: nn.Module, sampler: Any, example_inputs: Sequence[Any], *,
         raise UsageError(f"time_budget_s must be a positive number of seconds, got {time_budget_s}")
     if confirm < 1:
         raise UsageError("confirm at least one candidate")
+    if skip_scale_schedule not in ("constant", "per-step"):
+        raise UsageError(f"skip_scale_schedule is 'constant' or 'per-step', got {skip_scale_schedule!r}")
     steps = steps_for_nfe(sampler.method, nfe)
     out_dir = prepare_out(out, resume)
     evaluator = evaluator or QualityEvaluator.for_digits(sampler.shape[-1])
@@ -169,7 +172,7 @@ def search_run(model: nn.Module, sampler: Any, example_inputs: Sequence[Any], *,
         space = SPACES if planned.skips else tuple(p for p in SPACES if p != "skip-scale")
     base = sampler.with_steps(steps, sampler.method)
     the_space = make_space(base.family, steps, len(planned.blocks), space, default_levels=base.levels,
-                           max_skip_ratio=max_skip_ratio)
+                           max_skip_ratio=max_skip_ratio, rho_per_step=skip_scale_schedule == "per-step")
     if "skip-scale" in space and planned.skips == 0:
         raise UsageError(f"the skip-scale space needs encoder-decoder skips; {type(model).__name__} has none "
                          "(search steps and skips instead)")
@@ -284,7 +287,8 @@ def search(model: nn.Module, sampler: Any, example_inputs: Sequence[Any], *, nfe
     (a cluster address or ``auto``), ``out`` (a folder for plan.json, the Pareto table and plot and
     the resumable state), ``resume``, ``progress``, ``max_skip_ratio``, ``confirm`` (candidates
     confirmed at full sample count), ``batch``, ``measure_latency`` (minimise measured ms instead of
-    FLOPs). Raises :class:`~graphopt.errors.BudgetError` for a budget no plan can meet, naming the
+    FLOPs), ``skip_scale_schedule`` (``constant``: one rho_top/rho_bottom for every step;
+    ``per-step``: their values at the first and last step, linear in between). Raises :class:`~graphopt.errors.BudgetError` for a budget no plan can meet, naming the
     cheapest feasible cost.
     """
     return search_run(model, sampler, example_inputs, nfe=nfe, space=space, **options).plan

@@ -13,11 +13,10 @@ from .space import Candidate, SearchSpace
 def candidate_plan(space: SearchSpace, candidate: Candidate, sampler: Any, identity: ModelIdentity,
                    **fields: Any) -> SamplingPlan:
     """The plan ``candidate`` stands for, with the reference ``sampler``'s family, method and guidance."""
-    rho = space.rho_of(candidate)
+    rho = space.step_rho(candidate)
     scales = None
     if rho is not None and identity.skips:
-        per_step = linear_scales(identity.skips, *rho)
-        scales = tuple(per_step for _ in range(space.steps))
+        scales = tuple(linear_scales(identity.skips, top, bottom) for top, bottom in rho)
     return SamplingPlan(identity, sampler.family, sampler.method, space.levels_of(candidate), tuple(sampler.shape),
                         skipped=candidate.skipped, skip_scales=scales, cfg_scale=sampler.cfg_scale,
                         null_class=sampler.null_class, **fields)

@@ -12,7 +12,10 @@ from .space import SearchSpace
 
 def _rho(space: SearchSpace, r: Record) -> str:
     rho = space.rho_of(r.candidate)
-    return "-" if rho is None else f"{rho[0]:.3g}/{rho[1]:.3g}"
+    if rho is None:
+        return "-"
+    text = f"{rho[0]:.3g}/{rho[1]:.3g}"
+    return text if len(rho) == 2 else f"{text} -> {rho[2]:.3g}/{rho[3]:.3g}"
 
 
 def _levels(space: SearchSpace, r: Record) -> str:

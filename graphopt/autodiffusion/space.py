@@ -9,7 +9,9 @@ A :class:`Candidate` is a sampling plan in genes:
   sampler's starting noise is exact; EDM may start lower than sigma_max.
 - **skipped blocks**: per step, the sorted ids of the residual blocks that step skips.
 - **skip scales**: two indices into a grid of rho values, (rho_top, rho_bottom), expanded linearly
-  in skip depth (:func:`graphopt.passes.skip_scale.linear_scales`) to every step's scales.
+  in skip depth (:func:`graphopt.passes.skip_scale.linear_scales`) to every step's scales; with
+  the per-step schedule, four: (rho_top, rho_bottom) at the first step and at the last, linear in
+  the step index in between.
 
 Operators, after AutoDiffusion (ICCV 2023) without its upstream bugs: mutation replaces each gene
 with probability ``p`` by a value the candidate does not use yet, and always changes at least one
@@ -34,12 +36,13 @@ GRID_SIZE = 1000
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One point of the space: level indices, per-step skipped block ids, and (rho_top, rho_bottom)
-    indices into the rho grid (None when skip scales are not searched)."""
+    """One point of the space: level indices, per-step skipped block ids, and rho indices into the
+    rho grid: (rho_top, rho_bottom), or with a per-step schedule (top, bottom) at the first step then
+    at the last (None when skip scales are not searched)."""
 
     levels: tuple[int, ...]
     skipped: tuple[tuple[int, ...], ...]
-    rho: tuple[int, int] | None = None
+    rho: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"levels": list(self.levels), "skipped": [list(s) for s in self.skipped],
@@ -49,7 +52,7 @@ class Candidate:
     def from_json(data: dict[str, Any]) -> "Candidate":
         rho = data.get("rho")
         return Candidate(tuple(int(i) for i in data["levels"]), tuple(tuple(int(b) for b in s) for s in data["skipped"]),
-                         None if rho is None else (int(rho[0]), int(rho[1])))
+                         None if rho is None else tuple(int(r) for r in rho))
 
     @property
     def key(self) -> str:
@@ -80,6 +83,7 @@ class SearchSpace:
     fixed_first: bool = False
     max_skip_ratio: float = 0.1
     rho_grid: tuple[float, ...] = RHO_GRID
+    rho_per_step: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -92,6 +96,11 @@ class SearchSpace:
             raise ValueError("the default schedule must be `steps` distinct increasing grid indices")
         if not 0 <= self.max_skip_ratio <= 1:
             raise ValueError(f"max_skip_ratio must be in [0, 1], got {self.max_skip_ratio}")
+
+    @property
+    def rho_genes(self) -> int:
+        """2 for one (rho_top, rho_bottom) for all steps, 4 for a per-step schedule."""
+        return 4 if self.rho_per_step else 2
 
     @property
     def one(self) -> int:
@@ -107,17 +116,32 @@ class SearchSpace:
     def levels_of(self, candidate: Candidate) -> tuple[float, ...]:
         return tuple(self.grid[i] for i in candidate.levels) + (0.0,)
 
-    def rho_of(self, candidate: Candidate) -> tuple[float, float] | None:
-        """(rho_top, rho_bottom), or None when skip scales are not part of the candidate."""
+    def rho_of(self, candidate: Candidate) -> tuple[float, ...] | None:
+        """(rho_top, rho_bottom) (per-step schedule: at the first step, then at the last), or None when
+        skip scales are not part of the candidate."""
         if candidate.rho is None:
             return None
-        return self.rho_grid[candidate.rho[0]], self.rho_grid[candidate.rho[1]]
+        return tuple(self.rho_grid[i] for i in candidate.rho)
+
+    def step_rho(self, candidate: Candidate) -> tuple[tuple[float, float], ...] | None:
+        """(rho_top, rho_bottom) of every step."""
+        rho = self.rho_of(candidate)
+        if rho is None:
+            return None
+        if len(rho) == 2:
+            return tuple((rho[0], rho[1]) for _ in range(self.steps))
+        out = []
+        for i in range(self.steps):
+            f = i / (self.steps - 1) if self.steps > 1 else 0.0
+            out.append((rho[0] + (rho[2] - rho[0]) * f, rho[1] + (rho[3] - rho[1]) * f))
+        return tuple(out)
 
     def describe(self) -> dict[str, Any]:
         return {"steps": self.steps, "grid": len(self.grid), "blocks": self.blocks,
                 "search": [name for name, on in zip(SPACES, (self.search_steps, self.search_skips, self.search_rho))
                            if on],
                 "fixed_first_level": self.fixed_first, "max_skip_ratio": self.max_skip_ratio,
+                "rho_schedule": "per-step" if self.rho_per_step else "constant",
                 "rho_grid": [self.rho_grid[0], self.rho_grid[-1], len(self.rho_grid)]}
 
     # -------------------------------------------------------------------------------- candidates
@@ -125,7 +149,7 @@ class SearchSpace:
     def uniform(self) -> Candidate:
         """The family's default schedule, nothing skipped, rho = 1."""
         return Candidate(self.default, tuple(() for _ in range(self.steps)),
-                         (self.one, self.one) if self.search_rho else None)
+                         (self.one,) * self.rho_genes if self.search_rho else None)
 
     def validate(self, c: Candidate, ratio: float | None = None) -> None:
         """Raise ValueError unless ``c`` is a well-formed candidate of this space (and, with ``ratio``,
@@ -149,6 +173,8 @@ class SearchSpace:
             raise ValueError(f"{c.skipped_count()} skipped block-steps exceed the bound {self.max_skipped(ratio)}")
         if (c.rho is not None) != self.search_rho:
             raise ValueError("rho genes present exactly when skip scales are searched")
+        if c.rho is not None and len(c.rho) != self.rho_genes:
+            raise ValueError(f"{len(c.rho)} rho genes, expected {self.rho_genes}")
         if c.rho is not None and not all(0 <= r < len(self.rho_grid) for r in c.rho):
             raise ValueError(f"rho indices out of the grid: {c.rho}")
 
@@ -158,7 +184,7 @@ class SearchSpace:
         if self.search_steps:
             levels = self._random_levels(rng)
         skipped = self._random_skips(rng, rng.integers(0, self.max_skipped(ratio) + 1))
-        rho = (int(rng.integers(len(self.rho_grid))), int(rng.integers(len(self.rho_grid)))) if self.search_rho else None
+        rho = tuple(int(rng.integers(len(self.rho_grid))) for _ in range(self.rho_genes)) if self.search_rho else None
         return Candidate(levels, skipped, rho)
 
     def _random_levels(self, rng: np.random.Generator) -> tuple[int, ...]:
@@ -222,11 +248,11 @@ class SearchSpace:
         rho = c.rho
         if rho is not None:
             genes = list(rho)
-            for g in range(2):
+            for g in range(len(genes)):
                 if rng.random() < p:
                     others = [j for j in range(len(self.rho_grid)) if j != genes[g]]
                     genes[g] = others[int(rng.integers(len(others)))]
-            rho = (genes[0], genes[1])
+            rho = tuple(genes)
         skipped = self._bounded(tuple(tuple(sorted(s)) for s in sets), rng, limit)
         return tuple(levels), skipped, rho
 
@@ -250,7 +276,7 @@ class SearchSpace:
         skipped = self._bounded(skipped, rng, self.max_skipped(ratio))
         rho = None
         if a.rho is not None and b.rho is not None:
-            rho = (a.rho[0] if rng.random() < 0.5 else b.rho[0], a.rho[1] if rng.random() < 0.5 else b.rho[1])
+            rho = tuple(x if rng.random() < 0.5 else y for x, y in zip(a.rho, b.rho))
         return Candidate(tuple(levels), skipped, rho)
 
     def _bounded(self, skipped: tuple[tuple[int, ...], ...], rng: np.random.Generator,
@@ -265,7 +291,7 @@ class SearchSpace:
 
 def make_space(family: str, steps: int, blocks: int, space: Sequence[str], *,
                default_levels: Sequence[float], max_skip_ratio: float = 0.1,
-               grid_size: int = GRID_SIZE) -> SearchSpace:
+               grid_size: int = GRID_SIZE, rho_per_step: bool = False) -> SearchSpace:
     """The space for a sampler family at ``steps`` steps: a dense grid of the family's levels merged
     with its default schedule (``default_levels``, ending at 0)."""
     from graphopt.models.samplers import edm_sigmas, flow_times
@@ -282,4 +308,4 @@ def make_space(family: str, steps: int, blocks: int, space: Sequence[str], *,
     return SearchSpace(steps=steps, grid=tuple(values), default=default, blocks=blocks,
                        search_steps="steps" in space, search_skips="skips" in space and blocks > 0,
                        search_rho="skip-scale" in space, fixed_first=family == "flow",
-                       max_skip_ratio=max_skip_ratio)
+                       max_skip_ratio=max_skip_ratio, rho_per_step=rho_per_step)

@@ -144,3 +144,49 @@ def test_cli_search_and_bench_with_the_plan(tmp_path, capsys):
     assert "not a graphopt sampling plan" in capsys.readouterr().err
     assert main(["bench", "unet-digits", "--plan", str(out / "plan.json"), "--out", str(tmp_path / "b")]) == 2
     assert "another model" in capsys.readouterr().err
+
+
+def test_a_search_can_minimise_measured_latency_with_per_step_skip_scales(tmp_path):
+    from graphopt.passes.skip_scale import linear_scales
+
+    ref = load("unet-digits")
+    evaluator = QualityEvaluator.for_digits(proxy_samples=8, confirm_samples=8, confirm_seeds=(0,))
+    config = EvolutionConfig(population=4, parents=2, mutations=2, crossovers=1, generations=2, steps_only=0,
+                             increments=1)
+    result = search_run(ref.model, ref.sampler.with_steps(2, "euler"), ref.example_inputs, nfe=3,
+                        space=("skips", "skip-scale"), evaluator=evaluator, config=config, workers=1, batch=8,
+                        progress=False, measure_latency=True, skip_scale_schedule="per-step", max_skip_ratio=0.2)
+    assert all(r.ms is not None and r.ms > 0 and r.cost == r.ms for r in result.state.records.values())
+    assert result.plan.cost["ms_per_image_measured"] == result.chosen.ms
+    scales = result.plan.skip_scales
+    top0, bottom0, top1, bottom1 = result.space.rho_of(result.chosen.candidate)
+    assert scales[0] == pytest.approx(linear_scales(6, top0, bottom0))
+    assert scales[-1] == pytest.approx(linear_scales(6, top1, bottom1))
+    with pytest.raises(UsageError, match="'constant' or 'per-step'"):
+        search_run(ref.model, ref.sampler, ref.example_inputs, nfe=3, evaluator=evaluator, config=config,
+                   skip_scale_schedule="wavy")
+
+
+def test_an_onnx_export_with_a_plan_writes_it_beside_the_file(searched, dit, tmp_path):
+    import graphopt
+
+    result, out = searched
+    opt = graphopt.optimize(dit.model, dit.example_inputs)
+    report = graphopt.export_onnx(opt, tmp_path / "dit.onnx", plan=result.plan)
+    assert SamplingPlan.load(tmp_path / "dit.plan.json", dit.model) == result.plan
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dit.onnx", "dit.plan.json"]
+    assert report.inputs == ("x", "t", "y")
+    unet = load("unet-digits")
+    with pytest.raises(graphopt.PlanError, match="another model"):
+        graphopt.export_onnx(graphopt.optimize(unet.model, unet.example_inputs), tmp_path / "u.onnx",
+                             plan=result.plan)
+    assert not (tmp_path / "u.onnx").exists()
+
+
+def test_cli_optimize_refuses_approximate_settings_it_cannot_use(capsys):
+    assert main(["optimize", "unet-digits", "--nfe", "6"]) == 2
+    assert "no approximate pass" in capsys.readouterr().err
+    assert main(["optimize", "tests.zoo:unet", "--passes", "skip-scale,skip-tune"]) == 2
+    assert "reference generator" in capsys.readouterr().err
+    assert main(["optimize", "dit-digits", "--passes", "noop,skip-tune", "--nfe", "2"]) == 1
+    assert "no encoder-decoder skips to tune" in capsys.readouterr().err

@@ -396,3 +396,24 @@ def test_crossover_respects_the_skip_ratio_bound(ratio):
             counts.append(child.skipped_count())
     assert max(counts) == limit
 
+
+
+def test_a_per_step_rho_schedule_has_four_genes_linear_in_the_step():
+    space = make_space("edm", 5, BLOCKS, ALL, default_levels=sampler("edm").with_steps(5).levels,
+                       rho_per_step=True)
+    rng = np.random.default_rng(0)
+    uniform = space.uniform()
+    assert uniform.rho == (space.one,) * 4 and space.step_rho(uniform) == ((1.0, 1.0),) * 5
+    for _ in range(50):
+        c = space.mutate(space.random(rng, 0.1), rng, 0.1)
+        space.validate(c, 0.1)
+        assert len(c.rho) == 4
+        first_top, first_bottom, last_top, last_bottom = space.rho_of(c)
+        steps = space.step_rho(c)
+        assert steps[0] == pytest.approx((first_top, first_bottom))
+        assert steps[-1] == pytest.approx((last_top, last_bottom))
+        assert steps[2] == pytest.approx(((first_top + last_top) / 2, (first_bottom + last_bottom) / 2))
+    child = space.crossover(space.random(rng, 0.1), space.random(rng, 0.1), rng, 0.1)
+    assert len(child.rho) == 4
+    with pytest.raises(ValueError, match="2 rho genes, expected 4"):
+        space.validate(Candidate(uniform.levels, uniform.skipped, (0, 0)))
