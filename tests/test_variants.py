@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -5,6 +7,17 @@ import graphopt
 from graphopt import InputError
 from graphopt.analysis.cost import graph_cost
 from tests import zoo
+
+
+@contextlib.contextmanager
+def replaced(obj, name, value):
+    """``obj.name`` is ``value`` inside the block (a module's forward, say), then what it was."""
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +37,8 @@ def test_a_skipped_block_returns_its_shortcut(dit):
     model, args, opt = dit
     # blocks.1's attention residual is x + gate * attention(...): skipping it is the model with that
     # attention returning zeros (x + gate * 0 is x, bit for bit)
-    original = model.blocks[1].attention
-    model.blocks[1].attention = lambda x: torch.zeros_like(x)
-    try:
-        with torch.no_grad():
-            want = model(*args)
-    finally:
-        model.blocks[1].attention = original
+    with replaced(model.blocks[1], "attention", lambda x: torch.zeros_like(x)), torch.no_grad():
+        want = model(*args)
     with torch.no_grad():
         got = opt.with_skipped([2])(*args)
         assert not torch.allclose(got, opt(*args))
@@ -72,12 +80,7 @@ def test_skipping_a_unet_decoder_block_uses_its_shortcut_projection():
     opt = graphopt.optimize(model, args)
     block = next(b for b in opt.blocks if b.module == "dec0.0")
     # the block is shortcut(cat) + h: skipped, it returns the 1x1 shortcut conv of its input
-    original = model.dec0[0].forward
-    model.dec0[0].forward = lambda x, emb: model.dec0[0].shortcut(x)
-    try:
-        with torch.no_grad():
-            want = model(*args)
-    finally:
-        model.dec0[0].forward = original
+    with replaced(model.dec0[0], "forward", lambda x, emb: model.dec0[0].shortcut(x)), torch.no_grad():
+        want = model(*args)
     with torch.no_grad():
         torch.testing.assert_close(opt.with_skipped([block.id])(*args), want)

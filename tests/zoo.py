@@ -66,7 +66,11 @@ class ConvAttention(nn.Module):
 
 
 class TinyUNet(nn.Module):
-    """Two resolutions, four encoder-to-decoder concatenations, attention at the low resolution."""
+    """Two resolutions, four encoder-to-decoder concatenations, attention at the low resolution.
+
+    ``skip_rho`` (tests only; empty by default, so the captured graph is the plain UNet) scales the
+    skip the ``i``-th decoder concatenation reads, deepest first: Skip-Tuning written by hand.
+    """
 
     def __init__(self, channels: int = 8, emb_dim: int = 16, use_attention: bool = True):
         super().__init__()
@@ -84,6 +88,11 @@ class TinyUNet(nn.Module):
         self.dec0 = nn.ModuleList([ResBlock(3 * c, c, emb_dim), ResBlock(2 * c, c, emb_dim)])
         self.norm_out = nn.GroupNorm(4, c)
         self.conv_out = nn.Conv2d(c, 1, 3, padding=1)
+        self.skip_rho: dict[int, float] = {}
+
+    def _skip(self, skips: list[torch.Tensor], join: int) -> torch.Tensor:
+        skip = skips.pop()
+        return skip * self.skip_rho[join] if join in self.skip_rho else skip
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         emb = self.map(timestep_embedding(sigma.log() / 4, self.emb_dim))
@@ -100,11 +109,11 @@ class TinyUNet(nn.Module):
         skips.append(h)
         for block in self.mid:
             h = block(h, emb)
-        for block in self.dec1:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        for i, block in enumerate(self.dec1):
+            h = block(torch.cat([h, self._skip(skips, i)], dim=1), emb)
         h = self.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        for block in self.dec0:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        for i, block in enumerate(self.dec0):
+            h = block(torch.cat([h, self._skip(skips, 2 + i)], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
