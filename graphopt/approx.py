@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from .errors import GraphoptError, PassError, UsageError
 from .pipeline import PassContext, PassReport
-from .quality import QualityCost, QualityEvaluator
+from .quality import QualityEvaluator
 
 if TYPE_CHECKING:
     from .emit import OptimizedModule

@@ -46,7 +46,7 @@ class SearchResult:
     space: SearchSpace
     front: tuple[Record, ...]
     chosen: Record
-    default: Record
+    default: Record | None
     table: str
     out: Path | None
 
@@ -143,7 +143,7 @@ def search_run(model: nn.Module, sampler: Any, example_inputs: Sequence[Any], *,
     """:func:`search`, returning the whole :class:`SearchResult` (front, table, state)."""
     from tqdm import tqdm
 
-    from graphopt.planned import PlannedDenoiser, PlanSampler
+    from graphopt.planned import PlannedDenoiser
     from graphopt.quality import QualityEvaluator
 
     from .report import front_rows, markdown_table, plot, text_table
@@ -214,47 +214,25 @@ def search_run(model: nn.Module, sampler: Any, example_inputs: Sequence[Any], *,
         backend.close()
         bar.close()
 
-    # confirm the best few (and the default schedule) at the evaluator's full sample count
     records = list(state.records.values())
-    default = state.records.get(the_space.uniform().key)
-    if default is None:  # a resumed search always has it; a search cut short by time may not
-        default = Record(the_space.uniform(), float("nan"), costs(the_space.uniform())[0], -1)
-    feasible = [r for r in records if max_gflops is None or r.gflops <= max_gflops + 1e-12]
-    if not feasible:
-        raise BudgetError(f"no evaluated candidate meets {max_gflops:g} GFLOPs per image")
-    shortlist = sorted(feasible, key=lambda r: (r.quality, r.gflops))[:confirm]
-    default_plan = costs.plan(default.candidate)
-
-    def generator(plan: Any) -> Any:
-        from graphopt.bench import sample_images
-
-        ps = PlanSampler(plan, planned)
-        return lambda n, s: sample_images(planned.module, ps, n, s, batch)
-
-    baseline = (f"default schedule ({base.method}, {steps} steps)", generator(default_plan))
-    confirmed = []
-    for r in tqdm(shortlist, desc="confirm", disable=not progress):
-        plan = costs.plan(r.candidate)
-        confirmed.append((evaluator.measure(generator(plan), baseline), r, plan))
-    quality, chosen, plan = min(confirmed, key=lambda x: (x[0].mean, x[1].gflops))
+    default = state.records.get(the_space.uniform().key)  # None only when a time budget cut gen 0 short
+    quality, chosen, plan = _confirm(records, costs, planned, evaluator, base, batch, max_gflops, confirm, progress)
     minutes = (time.perf_counter() - start) / 60
     front = pareto_front(records)
     cost = planned.plan_cost(plan)
     if chosen.ms is not None:
         cost["ms_per_image_measured"] = chosen.ms
     plan = dataclasses.replace(plan, cost=cost, quality=quality, search={
-        "method": "AutoDiffusion evolution (graphopt)", "space": list(space), "nfe": plan.nfe, "seed": seed,
+        **plan.search, "method": "AutoDiffusion evolution (graphopt)", "space": list(space), "nfe": plan.nfe, "seed": seed,
         "generations": state.generation, "evaluations": len(records), "minutes": round(minutes, 2),
         "search_seconds": round(state.elapsed_s, 1), "workers": backend.workers, "ray": ray,
         "proxy": {"metric": evaluator.metric, "samples": evaluator.proxy_samples, "seed": evaluator.proxy_seed,
                   "value": chosen.quality},
-        "confirmed": [{"proxy": r.quality, "gflops": r.gflops, "mean": q.mean, "std": q.std} for q, r, _ in confirmed],
         "max_gflops": max_gflops, "max_skip_ratio": max_skip_ratio,
-        "default_gflops_per_image": planned.plan_cost(default_plan)["gflops_per_image"],
+        "default_gflops_per_image": planned.plan_cost(costs.plan(the_space.uniform()))["gflops_per_image"],
         "population": dataclasses.asdict(config)})
-    rows = front_rows(the_space, front, chosen=chosen.candidate.key, default=default.candidate.key,
+    rows = front_rows(the_space, front, chosen=chosen.candidate.key, default=the_space.uniform().key,
                       measured_ms=measure_latency)
-    table = text_table(rows)
     if out_dir is not None:
         plan.save(out_dir / "plan.json")
         note = (f"Pareto front of {len(records)} evaluated plans ({state.generation} generations, {minutes:.1f} min), "
@@ -263,8 +241,38 @@ def search_run(model: nn.Module, sampler: Any, example_inputs: Sequence[Any], *,
         _write_text(out_dir / "pareto.md", note + markdown_table(rows) + "\n")
         plot(out_dir / "pareto.png", records, front, title=f"{type(model).__name__}, NFE {plan.nfe}: "
              f"{', '.join(space)}", quality_label=f"{evaluator.metric} (proxy, n={evaluator.proxy_samples})",
-             chosen=chosen, default=default if default.generation >= 0 else None, budget=max_gflops)
-    return SearchResult(plan, state, the_space, tuple(front), chosen, default, table, out_dir)
+             chosen=chosen, default=default, budget=max_gflops)
+    return SearchResult(plan, state, the_space, tuple(front), chosen, default, text_table(rows), out_dir)
+
+
+def _confirm(records: list[Record], costs: _Costs, planned: Any, evaluator: Any, base: Any, batch: int,
+             max_gflops: float | None, count: int, progress: bool) -> tuple[Any, Record, Any]:
+    """Confirm the ``count`` best feasible candidates at the evaluator's full sample count, next to
+    the default schedule on the same seeds; (quality, record, plan) of the best confirmed one."""
+    from tqdm import tqdm
+
+    from graphopt.bench import sample_images
+    from graphopt.planned import PlanSampler
+
+    feasible = [r for r in records if max_gflops is None or r.gflops <= max_gflops + 1e-12]
+    if not feasible:
+        raise BudgetError(f"no evaluated candidate meets {max_gflops:g} GFLOPs per image")
+    shortlist = sorted(feasible, key=lambda r: (r.quality, r.gflops))[:count]
+
+    def generator(plan: Any) -> Any:
+        sampler = PlanSampler(plan, planned)
+        return lambda n, s: sample_images(planned.module, sampler, n, s, batch)
+
+    baseline = (f"default schedule ({base.method}, {base.steps} steps)",
+                generator(costs.plan(costs.space.uniform())))
+    confirmed = []
+    for r in tqdm(shortlist, desc="confirm", disable=not progress):
+        plan = costs.plan(r.candidate)
+        confirmed.append((evaluator.measure(generator(plan), baseline), r, plan))
+    quality, chosen, plan = min(confirmed, key=lambda x: (x[0].mean, x[1].gflops))
+    plan = dataclasses.replace(plan, search={"confirmed": [
+        {"proxy": r.quality, "gflops": r.gflops, "mean": q.mean, "std": q.std} for q, r, _ in confirmed]})
+    return quality, chosen, plan
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -6,7 +6,6 @@ Token authentication is switched off for both sides: Ray 2.5x enables it for a h
 file exists in ~/.ray, but not for a driver connecting by address, which then cannot connect.
 """
 
-import os
 import shutil
 import socket
 import subprocess
