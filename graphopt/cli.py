@@ -358,8 +358,10 @@ def _positive(text: str) -> int:
 def _cmd_passes(ns: argparse.Namespace) -> int:
     from . import passes as registry
 
-    for name, exact, doc in registry.describe():
-        print(f"{name:8s} {'exact' if exact else 'approx':6s} {doc}")
+    described = registry.describe()
+    width = max(len(name) for name, _, _ in described)
+    for name, exact, doc in described:
+        print(f"{name:{width}s} {'exact' if exact else 'approx':6s} {doc}")
     print(f"default pipeline: {','.join(registry.DEFAULT_PIPELINE)}")
     return 0
 
