@@ -84,3 +84,17 @@ def test_skipping_a_unet_decoder_block_uses_its_shortcut_projection():
         want = model(*args)
     with torch.no_grad():
         torch.testing.assert_close(opt.with_skipped([block.id])(*args), want)
+
+
+def test_a_lowered_module_runs_its_skip_variants_on_kernels_too(dit):
+    pytest.importorskip("triton")
+    model, args, opt = dit
+    lowered = graphopt.optimize(model, args, target="cuda")  # the suite runs Triton's interpreter on the CPU
+    with torch.no_grad():
+        got = lowered.with_skipped([1, 4])(*args)
+        want = opt.with_skipped([1, 4])(*args)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    from graphopt.autotune.lower import _Tuned
+
+    (graph,) = [g for (i, s), g in lowered._skip_graphs.items() if s == frozenset({1, 4})]
+    assert any(isinstance(m, _Tuned) for m in graph.modules())  # kernel call sites, not the ATen graph
