@@ -73,7 +73,7 @@ def test_ray_search_equals_local_pool_search(ray_head):
     local = search_run(model, sampler, example_inputs, **options)
     on_ray = search_run(model, sampler, example_inputs, ray=ray_head, **options)
     assert on_ray.plan.search["ray"] == ray_head and on_ray.plan.search["workers"] == 2
-    assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
+    assert not ray.is_initialized()  # the search connected for itself, and closed that connection
     assert on_ray.chosen.candidate.key == local.chosen.candidate.key
     assert list(on_ray.state.records) == list(local.state.records)
     assert len(local.state.records) > config.population
