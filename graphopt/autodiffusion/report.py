@@ -76,6 +76,9 @@ def plot(path: str | os.PathLike, records: Sequence[Record], front: Sequence[Rec
             ax.scatter([cost], [quality], marker="^", s=50, label=label, zorder=3)
         if budget is not None and not measured:
             ax.axvline(budget, ls="--", color="tab:red", lw=1, label="GFLOPs budget")
+        qualities = [r.quality for r in records if r.quality > 0]
+        if qualities and max(qualities) > 20 * min(qualities):  # failed candidates would flatten the front
+            ax.set_yscale("log")
         ax.set_xlabel(cost_label)
         ax.set_ylabel(quality_label)
         ax.set_title(title, fontsize=10)
