@@ -132,9 +132,14 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
 def _cmd_export(ns: argparse.Namespace) -> int:
     from . import export_onnx, load, optimize
     from . import passes as registry
-    from .onnx import check_onnx_path
+    from .onnx import check_onnx_path, plan_path
 
     check_onnx_path(Path(ns.out), overwrite=True)
+    plan = None
+    if ns.plan is not None or (Path(ns.model).is_dir() and (Path(ns.model) / "plan.json").is_file()):
+        from .plan import SamplingPlan
+
+        plan = SamplingPlan.load(ns.plan or ns.model)  # a bad plan fails before any work
     if Path(ns.model).is_dir():
         _status(f"loading {ns.model} ...")
         optimized = load(ns.model)
@@ -143,19 +148,12 @@ def _cmd_export(ns: argparse.Namespace) -> int:
         model, args, kwargs = load_model_spec(ns.model)
         _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline) or 'no passes'} ...")
         optimized = optimize(model, args, kwargs, passes=pipeline, dynamic_batch=not ns.static)
-    plan = None
-    if ns.plan is not None or (Path(ns.model).is_dir() and (Path(ns.model) / "plan.json").is_file()):
-        from .plan import SamplingPlan
-
-        plan = SamplingPlan.load(ns.plan or ns.model)
     _status("exporting to ONNX and checking it with onnxruntime ...")
     report = export_onnx(optimized, ns.out, opset=ns.opset, plan=plan)
     print(f"wrote {report.path} (opset {report.opset}, inputs {', '.join(report.inputs)}, "
           f"outputs {', '.join(report.outputs)}) in {report.export_time_s:.1f}s")
     print(report.line())
     if plan is not None:
-        from .onnx import plan_path
-
         print(f"wrote {plan_path(report.path)} (levels and per-step skip scales to feed)")
     return 0
 

@@ -161,3 +161,23 @@ def test_bad_plans_are_refused_when_built(unet):
         _plan(planned, sampler, skip_scales=((1.0,), (1.0,)))
     with pytest.raises(PlanError, match="non-finite"):
         _plan(planned, sampler, skip_scales=((float("nan"),) * 6, (1.0,) * 6))
+
+
+def test_saving_a_plan_into_a_missing_folder_is_refused_and_writes_nothing(unet, tmp_path):
+    from graphopt import OutputPathError
+
+    ref, planned = unet
+    plan = _plan(planned, ref.sampler.with_steps(2, "euler"))
+    with pytest.raises(OutputPathError, match="does not exist"):
+        plan.save(tmp_path / "missing" / "plan.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_with_a_malformed_plan_exits_2_before_writing(tmp_path, capsys):
+    from graphopt.cli import main
+
+    (tmp_path / "plan.json").write_text('{"schema": "graphopt.sampling-plan", "schema_version": 1}')
+    assert main(["export", "tests.zoo:unet", "--out", str(tmp_path / "m.onnx"), "--plan",
+                 str(tmp_path / "plan.json")]) == 2
+    assert "is malformed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
