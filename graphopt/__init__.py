@@ -16,7 +16,7 @@ nn.Module or ONNX::
 
 from . import ops  # noqa: F401 - registers torch.ops.graphopt.*, which saved programs may hold
 from .approx import ApproxContext, ApproxPass, Budget, QualityBudgetError
-from .autodiffusion import search
+from .autodiffusion import EvolutionConfig, search
 from .capture import CapturedGraph, capture
 from .emit import OptimizationReport, OptimizedModule, load, optimize, save
 from .errors import (BudgetError, CaptureError, GraphoptError, InputError, LoadError, OnnxExportError,
@@ -30,8 +30,8 @@ from .quality import QualityCost, QualityEvaluator
 __version__ = "0.1.0"
 
 __all__ = [
-    "ApproxContext", "ApproxPass", "Budget", "BudgetError", "PlanError", "QualityBudgetError", "QualityCost",
-    "QualityEvaluator", "SamplingPlan", "search",
+    "ApproxContext", "ApproxPass", "Budget", "BudgetError", "EvolutionConfig", "PlanError", "QualityBudgetError",
+    "QualityCost", "QualityEvaluator", "SamplingPlan", "search",
     "CaptureError", "CapturedGraph", "GraphoptError", "InputError", "LoadError", "MatchResult", "OnnxExportError",
     "OnnxParityError", "OnnxReport", "OptimizationReport", "OptimizedModule", "OutputPathError", "Pass",
     "PassError", "PassReport", "Rule", "SaveError", "SignatureError", "UnknownPassError", "UsageError",

@@ -228,9 +228,7 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     budget = parse_duration(ns.time_budget) if ns.time_budget else None
     if ns.max_gflops is not None and not ns.max_gflops > 0:
         raise UsageError(f"--max-gflops must be positive, got {ns.max_gflops}")
-    config = EvolutionConfig(population=ns.population, parents=min(10, ns.population),
-                             mutations=ns.population // 2, crossovers=min(15, ns.population * 3 // 10),
-                             generations=ns.generations)
+    config = EvolutionConfig.sized(ns.population, ns.generations)
     ref = _reference_generator(ns.model, "search")
     out = prepare_out(ns.out, ns.resume)  # before any work: a bad --out is exit 2
     sampler = ref.sampler if ns.sampler is None else ref.sampler.with_steps(ref.sampler.steps, ns.sampler)
@@ -453,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-samples", type=_positive, default=500, help="samples per seed to confirm (500)")
     p.add_argument("--confirm-seeds", default="0,1,2", help="seeds to confirm on (default 0,1,2)")
     p.add_argument("--seed", type=int, default=0, help="search seed (default 0): the same seed, the same search")
-    p.add_argument("--population", type=_positive, default=50, help="candidates per generation (default 50)")
-    p.add_argument("--generations", type=_positive, default=20, help="generations (default 20)")
+    p.add_argument("--population", type=_positive, default=50, help="candidates per generation (default 50); parents, mutations and crossovers keep "
+                   "AutoDiffusion's proportions")
+    p.add_argument("--generations", type=_positive, default=20, help="generations (default 20); the first quarter searches time steps only")
     p.add_argument("--max-skip-ratio", type=float, default=0.1,
                    help="most block-steps a plan may skip, once the bound has opened (default 0.1)")
     p.add_argument("--batch", type=_positive, default=256, help="images per denoiser call while sampling (256)")

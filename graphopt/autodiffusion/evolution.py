@@ -58,11 +58,23 @@ class EvolutionConfig:
             raise UsageError("the search needs a population of at least 2, 1 parent and 1 generation")
         if self.mutations + self.crossovers > self.population:
             raise UsageError(f"{self.mutations} mutations + {self.crossovers} crossovers exceed the population "
-                             f"of {self.population}")
+                             f"of {self.population} (EvolutionConfig.sized(population, generations) scales them)")
         if self.increments < 1 or self.steps_only < 0:
             raise UsageError("the skip bound opens in at least 1 increment, after 0 or more steps-only generations")
         if not (0 < self.mutation_p <= 1 and 0 < self.initial_mutation_p <= 1):
             raise UsageError("mutation probabilities must be in (0, 1]")
+
+    @staticmethod
+    def sized(population: int = 50, generations: int = 20) -> "EvolutionConfig":
+        """AutoDiffusion's proportions at another size: a fifth of the population as parents, half
+        mutated, three tenths crossed over; a quarter of the generations steps-only, the skip bound
+        opening over the next quarter."""
+        if population < 2 or generations < 1:
+            raise UsageError(f"the search needs a population of at least 2 and 1 generation, got {population} "
+                             f"and {generations}")
+        return EvolutionConfig(population=population, parents=max(1, population // 5), mutations=population // 2,
+                               crossovers=population * 3 // 10, generations=generations,
+                               steps_only=generations // 4, increments=max(1, generations // 4))
 
     def skip_bound(self, space: SearchSpace, generation: int) -> float:
         """The skip ratio bound in ``generation`` (0-based): closed during stage one, then opening."""

@@ -244,6 +244,17 @@ def test_config_is_checked():
         EvolutionConfig(population=1)
 
 
+def test_sized_keeps_autodiffusions_proportions_at_any_size():
+    assert EvolutionConfig.sized() == EvolutionConfig()
+    small = EvolutionConfig.sized(24, 8)
+    assert (small.parents, small.mutations, small.crossovers, small.steps_only, small.increments) == (4, 12, 7, 2, 2)
+    for population in range(2, 60):
+        config = EvolutionConfig.sized(population, 1)  # never raises: operators fit the population
+        assert config.parents >= 1 and config.mutations + config.crossovers <= population
+    with pytest.raises(UsageError, match="population of at least 2"):
+        EvolutionConfig.sized(1, 5)
+
+
 # ------------------------------------------------------------------------------------- time budget
 
 
