@@ -5,18 +5,26 @@ spec, rebuilt in the worker, or the module itself), the example inputs, the refe
 space and the quality evaluator. A worker builds its :class:`Scorer` once (captures the model,
 whose graph variants then stay cached) and scores candidate after candidate: the quality proxy of
 the plan the candidate stands for. Pool and Ray workers compute with one thread each, so with the
-same seeds they give the same scores; in this process the scores use this process's threads. Results come back in the order the candidates were given.
+same seeds they give the same scores; in this process the scores use this process's threads.
+Results come back in the order the candidates were given.
 
 The local pool uses spawned processes (no fork of a threaded torch), so the model must be
-picklable or named by a spec; Ray workers are actors created once per search.
+picklable or named by a spec; Ray workers are actors created once per search. A spawned process
+re-imports the script that started the search, so a search called from a script's top level
+outside ``if __name__ == "__main__":`` runs in this process instead (with a warning): the script's
+own work would otherwise run again in every worker.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import multiprocessing as mp
 import queue
+import sys
 import traceback
+import warnings
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -225,4 +233,41 @@ def open_backend(job: SearchJob, workers: int, ray: str | None) -> InProcess | L
         return RayPool(job, ray, workers if workers > 1 else None)
     if workers <= 1:
         return InProcess(job)
+    script = unguarded_main_call()
+    if script is not None:
+        warnings.warn(f"the search evaluates in this process: {script} calls it outside `if __name__ == "
+                      f"\"__main__\":`, and each of the {workers} worker processes would run the script again",
+                      stacklevel=2)
+        return InProcess(job)
     return LocalPool(job, workers)
+
+
+def unguarded_main_call() -> Path | None:
+    """The main script's path when this call comes from its top-level code outside an
+    ``if __name__ == "__main__":`` block (which a spawned process would run again), else None."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None:  # interactive, python -c, a notebook: nothing is re-run
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:  # not called from the script's top level
+        return None
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.If) and _is_main_guard(node.test) and \
+                node.lineno <= frame.f_lineno <= (node.end_lineno or node.lineno):
+            return None
+    return Path(path)
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(a, ast.Name) and a.id == "__name__" for a in sides) and \
+        any(isinstance(a, ast.Constant) and a.value == "__main__" for a in sides)

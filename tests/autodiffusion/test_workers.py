@@ -157,3 +157,43 @@ def test_open_backend_without_ray_needs_ray_installed(monkeypatch):
     job = SearchJob((torch.zeros(1),), None, space, None, model=nn.Identity())
     with pytest.raises(UsageError, match=r"pip install 'graphopt\[ray\]'"):
         open_backend(job, 2, "auto")
+
+
+SCRIPT = '''
+from graphopt.autodiffusion.workers import unguarded_main_call
+
+def helper():
+    return unguarded_main_call()
+
+print("top", unguarded_main_call() is not None)
+print("top-via-function", helper() is not None)
+if __name__ == "__main__":
+    print("guarded", unguarded_main_call() is not None)
+    print("guarded-via-function", helper() is not None)
+'''
+
+
+def test_a_call_from_an_unguarded_script_top_level_is_detected(tmp_path):
+    """Spawned workers re-run a script's unguarded top level; only such calls are flagged."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:4] == ["top True", "top-via-function True", "guarded False",
+                                   "guarded-via-function False"]
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True).stdout
+    assert "True" not in out  # python -c: spawned workers import nothing of it
+
+
+def test_open_backend_evaluates_in_this_process_for_an_unguarded_script(job, monkeypatch):
+    import graphopt.autodiffusion.workers as workers
+
+    monkeypatch.setattr(workers, "unguarded_main_call", lambda: "script.py")
+    with pytest.warns(UserWarning, match="evaluates in this process"):
+        backend = workers.open_backend(job, 2, None)
+    try:
+        assert isinstance(backend, InProcess)
+    finally:
+        backend.close()
