@@ -34,9 +34,8 @@ def ray_head(monkeypatch):
     port = _free_port()
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths live under it
     log = temp / "head.log"
-    ray_cli = Path(sys.executable).with_name("ray")
-    with open(log, "w") as out:
-        head = subprocess.Popen([str(ray_cli) if ray_cli.exists() else "ray", "start", "--head",
+    with open(log, "w") as out:  # this interpreter: the head's workers must import the graphopt under test
+        head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
                                  "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                                  "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
                                  "--block"], stdout=out, stderr=subprocess.STDOUT)
