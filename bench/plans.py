@@ -13,7 +13,9 @@ without them are left out. Every search is AutoDiffusion's evolution with the pr
 ``--samples`` per seed and ``--seeds``, with its spread, next to the 32-NFE default sampler (Heun,
 17 steps, NFE 33) on the same seeds. Seconds per image: median of ``--repeats`` sampling runs of
 ``--latency-batch`` images after a warm-up, on this CPU. Writes the section between the plan
-markers of bench/RESULTS.md, a Pareto plot per model, and every search's folder under ``--out``.
+markers of bench/RESULTS.md (``--results``) and a Pareto plot per model beside it; every search's
+folder and the raw measurements (plans.json) go under ``--out``, and ``--render OUT/plans.json``
+rewrites the section from those without measuring again.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from graphopt.autodiffusion import EvolutionConfig, search_run, steps_for_nfe
 from graphopt.bench import sample_images
+from graphopt.errors import BudgetError
 from graphopt.models import load
 from graphopt.plan import SamplingPlan
 from graphopt.planned import PlannedDenoiser, PlanSampler
@@ -72,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-batch", type=int, default=64)
     parser.add_argument("--out", default="bench-out/plans")
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--render", metavar="PLANS_JSON",
+                        help="only rewrite the RESULTS.md section from a finished run's plans.json (no measuring)")
     ns = parser.parse_args(argv)
+    if ns.render:
+        saved = json.loads(Path(ns.render).read_text())
+        write_section(Path(ns.results), saved["conditions"], saved["models"])
+        return 0
     seeds = tuple(int(s) for s in ns.seeds.split(","))
     budgets = [int(n) for n in ns.nfe.split(",")]
     out = Path(ns.out)
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                              generations=ns.generations, steps_only=max(1, ns.generations // 3),
                              increments=max(1, ns.generations // 3))
     started = time.perf_counter()
-    sections, records = [], {}
+    records = {}
     for name in ns.models.split(","):
         ref = load(name)
         method = ref.sampler.method
@@ -104,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
                 folder = out / f"{name}-nfe{nfe}-{'-'.join(space)}{'-' + other_method if other_method else ''}"
                 shutil.rmtree(folder, ignore_errors=True)
                 sampler = ref.sampler if other_method is None else ref.sampler.with_steps(4, other_method)
-                result = search_run(ref.model, sampler, ref.example_inputs, nfe=nfe, space=space,
-                                    evaluator=evaluator, config=config, workers=ns.workers, out=folder,
-                                    max_gflops=None if fraction is None else default_cost * fraction,
-                                    model_spec=name, progress=False)
+                try:
+                    result = search_run(ref.model, sampler, ref.example_inputs, nfe=nfe, space=space,
+                                        evaluator=evaluator, config=config, workers=ns.workers, out=folder,
+                                        max_gflops=None if fraction is None else default_cost * fraction,
+                                        model_spec=name, progress=False)
+                except BudgetError as err:  # too few generations for the skip bound to open: say so, go on
+                    print(f"{name} NFE {nfe} {label}: {err}", flush=True)
+                    searches.append({"nfe": nfe, "label": label, "failed": str(err)})
+                    continue
                 print(f"{name} NFE {nfe} {label}: searched in {result.plan.search['minutes']:.1f} min", flush=True)
                 ways.append((label, result.plan.sampler()))
                 searches.append({"nfe": nfe, "label": label, "evaluations": result.plan.search["evaluations"],
@@ -130,26 +144,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: measuring", flush=True)
         rows = [measure(sampler, label) for label, sampler in ways]
         records[name] = {"rows": rows, "searches": searches}
-        joint = [s for s in searches if s["label"].startswith("joint")] or [s for s in searches
-                                                                           if "skips" in s["label"]]
+        done = [s for s in searches if "failed" not in s]
+        joint = [s for s in done if s["label"].startswith("joint")] or [s for s in done if "skips" in s["label"]]
         if joint:
-            shutil.copyfile(Path(joint[len(joint) // 2]["folder"]) / "pareto.png", HERE / f"{name}-pareto.png")
-        sections.append(_section(name, rows, searches))
-    minutes = (time.perf_counter() - started) / 60
-    (out / "plans.json").write_text(json.dumps(records, indent=2))
+            shutil.copyfile(Path(joint[len(joint) // 2]["folder"]) / "pareto.png",
+                            Path(ns.results).parent / f"{name}-pareto.png")
+    command = (f"python bench/plans.py --models {ns.models} --nfe {ns.nfe} --samples {ns.samples} --seeds {ns.seeds} "
+               f"--proxy-samples {ns.proxy_samples} --population {ns.population} --generations {ns.generations} "
+               f"--workers {ns.workers} --repeats {ns.repeats} --latency-batch {ns.latency_batch}")
+    conditions = {"command": command,
+                  "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                  "minutes": round((time.perf_counter() - started) / 60, 1), "nfe": ns.nfe, "samples": ns.samples,
+                  "seeds": ns.seeds, "proxy_samples": ns.proxy_samples, "proxy_seed": evaluator.proxy_seed,
+                  "config": dataclasses.asdict(config), "repeats": ns.repeats, "latency_batch": ns.latency_batch}
+    (out / "plans.json").write_text(json.dumps({"conditions": conditions, "models": records}, indent=2))
+    write_section(Path(ns.results), conditions, records)
+    return 0
+
+
+def write_section(path: Path, conditions: dict, records: dict) -> str:
+    """Render the measured records into the section between the plan markers of ``path``."""
+    c = conditions
     text = "\n".join([
         BEGIN, "", "## Sampling plans at low NFE", "",
-        f"Measured by `python bench/plans.py --samples {ns.samples} --seeds {ns.seeds} --proxy-samples "
-        f"{ns.proxy_samples} --population {ns.population} --generations {ns.generations}` on {platform.machine()} "
-        f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {ns.workers} search workers, in "
-        f"{minutes:.0f} min.", "",
-        f"FD: mean ± std over seeds {ns.seeds}, {ns.samples} samples per seed, in the `classifier-digits` feature "
-        f"space against the held-out digits (as above). Searches score candidates by FD on {ns.proxy_samples} "
-        f"samples from seed {evaluator.proxy_seed} (not a reported seed) and confirm the best 3 at the full count. "
-        f"Search config: {dataclasses.asdict(config)}; the steps + skips rows run under a FLOPs budget of 0.95x the "
-        "default schedule's at the same NFE. s/image: median of "
-        f"{ns.repeats} runs of {ns.latency_batch} images after a warm-up.", "", *sections, END])
-    path = Path(ns.results)
+        f"Measured by `{c['command']}` on {c['machine']}, in {c['minutes']:.0f} min.", "",
+        f"FD: mean ± std over seeds {c['seeds']}, {c['samples']} samples per seed, in the `classifier-digits` "
+        f"feature space against the held-out digits (as above). Searches score candidates by FD on "
+        f"{c['proxy_samples']} samples from seed {c['proxy_seed']} (not a reported seed) and confirm the best 3 "
+        f"at the full count. Search config: {c['config']}; the rows with skipped blocks run under a FLOPs "
+        "budget of 0.95x the default schedule's at the same NFE, so skipping has to pay. Heun's NFE is the odd "
+        f"one at or below each NFE budget ({c['nfe']}); Euler's is the budget. s/image: median of "
+        f"{c['repeats']} runs of {c['latency_batch']} images after a warm-up.", "",
+        *(_section(name, r["rows"], r["searches"], path.parent) for name, r in records.items()), END])
     current = path.read_text() if path.exists() else ""
     if BEGIN in current and END in current:
         current = current[:current.index(BEGIN)] + text + current[current.index(END) + len(END):]
@@ -157,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         current = current.rstrip() + "\n\n" + text + "\n"
     path.write_text(current)
     print(text)
-    return 0
+    return text
 
 
-def _section(name: str, rows: list[dict], searches: list[dict]) -> str:
+def _section(name: str, rows: list[dict], searches: list[dict], folder: Path) -> str:
     reference = rows[0]
     lines = [f"### {name}", "", "| sampling | sampler | NFE | FD | s/image | speedup vs NFE "
              f"{reference['nfe']} | GFLOPs/image |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -168,9 +194,14 @@ def _section(name: str, rows: list[dict], searches: list[dict]) -> str:
         lines.append(f"| {r['label']} | {r['method']} | {r['nfe']} | {r['fd']:.2f} ± {r['fd_std']:.2f} | "
                      f"{r['s_per_image'] * 1e3:.2f} ms | {reference['s_per_image'] / r['s_per_image']:.1f}x | "
                      f"{r['gflops']:.3f} |")
-    lines += ["", "Search cost: " + "; ".join(f"NFE {s['nfe']} {s['label']}: {s['evaluations']} evaluations, "
-                                             f"{s['minutes']:.1f} min, {s['skipped']} block-steps skipped"
-                                             for s in searches), ""]
+    lines += ["", "Search cost:", "", "| NFE budget | search | evaluations | minutes | block-steps skipped |",
+              "| ---: | --- | ---: | ---: | ---: |"]
+    lines += [f"| {s['nfe']} | {s['label']} | {s['evaluations']} | {s['minutes']:.1f} | {s['skipped']} |"
+              if "failed" not in s else f"| {s['nfe']} | {s['label']} | - | - | no plan: {s['failed']} |"
+              for s in searches]
+    lines.append("")
+    if (folder / f"{name}-pareto.png").exists():
+        lines += [f"![{name}: the Pareto front of the search with skipped blocks at the middle NFE budget]({name}-pareto.png)", ""]
     return "\n".join(lines)
 
 
