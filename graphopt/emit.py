@@ -409,7 +409,8 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
 
         module = run_approximate(module, approximate, approx)
     if target == "cuda":
-        module._report = dataclasses.replace(report, lowering=module._lower_variant(captured),
+        # the canonical graph, after any approximate pass, with the report rows they added
+        module._report = dataclasses.replace(module._report, lowering=module._lower_variant(module.captured),
                                              cuda_graphs=cuda_graphs)
         module._graph_runners = [] if cuda_graphs else None
     return module

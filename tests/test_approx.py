@@ -76,6 +76,16 @@ def test_a_changed_graph_becomes_the_canonical_one_and_saves(ctx, tmp_path):
     assert [p.name for p in loaded.report.passes][-1] == "zero"
 
 
+def test_target_cuda_lowers_the_approximate_graph_and_keeps_its_report_row(ctx):
+    """Lowering comes after the approximate passes: it lowers their graph, and their rows stay."""
+    opt = graphopt.optimize(ctx.source, ctx.example_inputs, passes=["noop", _halve_skips([])], approx=ctx,
+                            target="cuda")  # TRITON_INTERPRET=1: lowered and run on the CPU
+    assert [p.name for p in opt.report.passes][-1] == "halve-skips" and opt.report.lowering
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*ctx.example_inputs), opt.captured.run(opt.captured.example_inputs)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_a_pass_beyond_the_budget_raises_and_leaves_the_module_as_it_was(ctx):
     from graphopt.approx import run_approximate
 
