@@ -81,6 +81,19 @@ def test_inspect_json(model_file, capsys):
     assert len(data["residual_blocks"]) == 3
 
 
+def test_inspect_marks_cross_attention(capsys):
+    assert main(["inspect", "tests.zoo:text_unet", "--static"]) == 0
+    out = capsys.readouterr().out
+    assert "attention sites: 8 (4 self, 4 cross)" in out
+    site_lines = [line for line in out.splitlines() if ".block.attn" in line and "sdpa" in line]
+    assert [" cross to " in line for line in site_lines] == [False, True] * 4
+    assert main(["inspect", "tests.zoo:text_unet", "--static", "--json"]) == 0
+    sites = json.loads(capsys.readouterr().out)["attention_sites"]
+    assert [s["cross"] for s in sites] == [False, True] * 4
+    assert all(s["q_input"] == s["kv_input"] for s in sites[::2])
+    assert len({s["kv_input"] for s in sites[1::2]}) == 1  # the context input
+
+
 def test_optimize_saves_and_export_loads_the_directory(model_file, tmp_path, capsys):
     out_dir = tmp_path / "opt"
     assert main(["optimize", f"{model_file}:make", "--out", str(out_dir)]) == 0

@@ -57,10 +57,13 @@ class GraphAnalysis:
         lines += _table(["label", "units", "blocks per unit", "exits"],
                         [[s.label or "(root)", s.count, s.period, " ".join(b.exit for b in s.blocks)]
                          for s in self.stacks])
-        lines.append(f"attention sites: {len(self.attention_sites)}")
-        lines += _table(["label", "kind", "heads", "seq", "q/k/v", "out proj"],
-                        [[a.label or "(root)", a.kind, a.heads if a.heads is not None else "?",
-                          a.seq_len if a.seq_len is not None else "?",
+        crosses = sum(a.cross for a in self.attention_sites)
+        lines.append(f"attention sites: {len(self.attention_sites)}"
+                     + (f" ({len(self.attention_sites) - crosses} self, {crosses} cross)" if crosses else ""))
+        lines += _table(["label", "kind", "attends", "heads", "seq", "kv", "q/k/v", "out proj"],
+                        [[a.label or "(root)", a.kind, f"cross to {a.kv_input or a.k}" if a.cross else "self",
+                          a.heads if a.heads is not None else "?", a.seq_len if a.seq_len is not None else "?",
+                          a.kv_len if a.kv_len is not None else "?",
                           f"{a.q} (fused)" if a.fused_qkv else f"{a.q} / {a.k} / {a.v}", a.out_proj or "-"]
                          for a in self.attention_sites])
         return "\n".join(lines)

@@ -11,6 +11,26 @@ reached from the output through layout ops.
 
 Heads come from the shapes: a 4-d ``[N, H, L, E]`` layout gives ``H``; a 3-d ``[N*H, L, E]`` layout
 gives ``H`` when the leading size is an integer multiple of the batch symbol.
+
+Self- or cross-attention is decided from the data flow, never from module names. The *input* of a
+stream (``q_input``, ``kv_input``) is the tensor its projection reads, walked back through the same
+layout ops; for a fused qkv the two are one node. Where a source is no projection, the source itself
+stands in for its input (and the field is None). The *root* of an input is reached by walking further
+back through layout ops and the norms ``layer_norm``, ``group_norm`` and ``rms_norm``, so ``norm1(x)``
+and ``norm2(x)`` share the root ``x``. ``b`` is *derived from* ``a`` when ``a == b`` or every data path
+from a graph input (placeholder) to ``b`` passes through ``a`` (parameters and constants are not
+inputs: ``a`` dominates ``b`` on the inputs' paths). A site is self-attention when the key and value
+inputs are both derived from the query input's root, or the query input is derived from both the key
+and the value input's roots; otherwise it is cross-attention.
+
+So queries and keys/values read from one hidden state (or one from a norm, a pooling or a strided
+conv of the other: KV compression) are self-attention, while keys/values from a text context passed
+in as an input, or from any projection of it, are cross-attention: a path from the context input
+reaches them without passing through the query stream. Keys/values that mix the stream with a
+context (``cat([x, context])``) are cross by this rule, and so are joint attentions whose q and k/v
+sources are concatenations of per-stream projections rather than projections (neither
+concatenation is derived from the other): where the structure is ambiguous the answer errs towards
+"cross", which a substitution pass leaves alone by default.
 """
 
 from __future__ import annotations
@@ -28,6 +48,9 @@ _SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
 _CASTS = frozenset({"to", "_to_copy", "type_as", "dropout"})
 _MASKING = frozenset({"add", "masked_fill", "where"})
 _PROJECTIONS = frozenset({"linear", "addmm", "mm", "matmul", "einsum"}) | CONVS
+# Norms that keep the token sequence: walked through when comparing the query and key/value streams.
+_NORMS = frozenset({"layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "rms_norm",
+                    "_fused_rms_norm"})
 
 Size = int | str
 
@@ -40,7 +63,10 @@ class AttentionSite:
     ``nodes`` the core ops (scores, rescale, softmax, output). ``q``/``k``/``v`` are their source
     nodes, ``fused_qkv`` whether all three come from one projection, ``out_proj`` the output
     projection. ``heads``, ``seq_len`` (queries), ``kv_len`` (keys) and ``head_dim`` are None when
-    the shapes do not tell.
+    the shapes do not tell. ``q_input`` and ``kv_input`` are the tensors the query and key
+    projections read, through layout ops (equal for a fused qkv; None where a source is no
+    projection); ``cross`` is True when keys and values are not derived from the query stream, which
+    also weighs the value projection's input (the module docstring gives the rule).
     """
 
     kind: str  # "sdpa" or "softmax"
@@ -56,6 +82,9 @@ class AttentionSite:
     kv_len: Size | None
     head_dim: Size | None
     label: str
+    q_input: str | None = None
+    kv_input: str | None = None
+    cross: bool = False
 
 
 def find_attention(g: nx.DiGraph, batch_symbol: str | None = None) -> tuple[AttentionSite, ...]:
@@ -114,9 +143,11 @@ def _site(g: nx.DiGraph, kind: str, node: str, nodes: tuple[str, ...], qkv: tupl
     """The site around ``node``; ``scores_shape`` is the shape of QK^T, ``[..., L, S]``."""
     q, k, v = (_source(g, x) for x in qkv)
     fused = q == k == v and g.nodes[q]["name"] in _PROJECTIONS
+    q_in, k_in, v_in = (_projection_input(g, x) for x in (q, k, v))
     return AttentionSite(kind, node, nodes, q, k, v, fused, _out_projection(g, node),
                          _heads(scores_shape[:-2], batch_symbol), scores_shape[-2], scores_shape[-1], head_dim,
-                         common_module(g.nodes[m]["module"] for m in nodes))
+                         common_module(g.nodes[m]["module"] for m in nodes), q_in, k_in,
+                         _is_cross(g, q_in or q, k_in or k, v_in or v))
 
 
 def _name(g: nx.DiGraph, n: str) -> str:
@@ -137,6 +168,55 @@ def _source(g: nx.DiGraph, n: str) -> str:
             and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node.name
+
+
+def _projection_input(g: nx.DiGraph, n: str) -> str | None:
+    """The tensor the projection ``n`` reads, walked back through layout ops: the input argument of a
+    linear or conv (it may be a parameter: learned queries), addmm's middle operand, else the first
+    operand that is not a parameter (through layout ops, so ``t(weight)`` is one); None when ``n`` is
+    no projection."""
+    name, node = _name(g, n), g.nodes[n]["fx"]
+    if name not in _PROJECTIONS:
+        return None
+    position = 1 if name == "addmm" else 0 if name == "linear" or name in CONVS else None
+    if position is not None:
+        data = node.args[position] if len(node.args) > position else None
+        return _source(g, data.name) if isinstance(data, fx.Node) and data.name in g else None
+    for operand in node.all_input_nodes:
+        if operand.name in g and not g.nodes[_source(g, operand.name)]["parameter"]:
+            return _source(g, operand.name)
+    return None
+
+
+def _root(g: nx.DiGraph, n: str) -> str:
+    """Walk back from ``n`` through layout ops and token-preserving norms to the stream they normalise."""
+    node = g.nodes[n]["fx"]
+    while _name(g, node.name) in _NORMS and node.args and isinstance(node.args[0], fx.Node):
+        node = g.nodes[_source(g, node.args[0].name)]["fx"]
+    return node.name
+
+
+def _derived_from(g: nx.DiGraph, root: str, n: str) -> bool:
+    """``n`` is ``root``, or every data path from a graph input to ``n`` passes through ``root``
+    (``root`` dominates ``n`` on the inputs' paths; parameters and constants are not inputs)."""
+    if n == root:
+        return True
+    ancestors = nx.ancestors(g, n)
+    if root not in ancestors:
+        return False
+    bypass = nx.ancestors(g.subgraph((ancestors - {root}) | {n}), n)
+    return not any(g.nodes[a]["op"] == "placeholder" for a in bypass)
+
+
+def _is_cross(g: nx.DiGraph, q_in: str, k_in: str, v_in: str) -> bool:
+    """Keys/values not derived from the query stream, nor the queries from theirs (see the module
+    docstring); the arguments are the projection inputs, or the sources where there is no projection."""
+    if q_in == k_in == v_in:
+        return False
+    q_root = _root(g, q_in)
+    if _derived_from(g, q_root, k_in) and _derived_from(g, q_root, v_in):
+        return False
+    return not (_derived_from(g, _root(g, k_in), q_in) and _derived_from(g, _root(g, v_in), q_in))
 
 
 def _consumer_matmul(g: nx.DiGraph, softmax: str) -> tuple[fx.Node | None, fx.Node | None]:
