@@ -4,7 +4,9 @@ The graph exported is the captured (and, for an OptimizedModule, optimized) flat
 ONNX inputs and outputs are the model's tensor arguments and tensor outputs in order, named after
 the forward parameters. The batch axis stays dynamic when it was captured dynamic, and parity is
 checked at the example batch and at a second batch size. The file is written next to its target
-under a temporary name and moved into place only after the checks pass.
+under a temporary name and moved into place only after the checks pass. graphopt's own ops
+(:mod:`graphopt.ops`) export through their translations in :func:`custom_translation_table`, as
+standard ONNX ops that any onnxruntime runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +79,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
     else:
         raise UsageError(f"expected an nn.Module or OptimizedModule, got {type(model).__name__}")
 
-    custom = sorted({str(n.target).removesuffix(".default") for n in captured.graph_module.graph.nodes
-                     if str(n.target).startswith("graphopt.")})
-    if custom:
-        raise OnnxExportError(f"the graph holds graphopt's own op(s) {', '.join(custom)}, which have no ONNX "
-                              "translation yet; export the model before substituting them")
+    translations = custom_translation_table()
+    untranslated = sorted({str(n.target).removesuffix(".default") for n in captured.graph_module.graph.nodes
+                           if str(n.target).startswith("graphopt.") and n.target not in translations})
+    if untranslated:
+        raise OnnxExportError(f"the graph holds graphopt's own op(s) {', '.join(untranslated)}, which have no "
+                              "ONNX translation yet; export the model before substituting them")
     if plan is not None and isinstance(model, OptimizedModule):
         plan.check(model)
     start = time.perf_counter()
@@ -96,7 +100,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
                 warnings.simplefilter("ignore")
                 onnx_program = torch.onnx.export(program, tuple(captured.example_inputs), dynamo=True,
                                                  input_names=input_names, output_names=output_names,
-                                                 opset_version=opset, verbose=False)
+                                                 opset_version=opset, verbose=False,
+                                                 custom_translation_table=translations)
                 onnx_program.save(str(tmp))
         except Exception as e:
             raise OnnxExportError(f"torch.onnx could not export the model ({type(e).__name__}: "
@@ -119,6 +124,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
         shutil.rmtree(workdir, ignore_errors=True)
     return OnnxReport(str(target), opset_used, provider, tuple(input_names), tuple(output_names), sizes,
                       cmp.max_abs_error, cmp.max_rel_error, time.perf_counter() - start)
+
+
+def custom_translation_table() -> dict[torch._ops.OpOverload, Callable[..., Any]]:
+    """graphopt's own ops and their ONNX translations (standard ONNX ops, traced inline by torch.onnx).
+
+    A graph holding a ``graphopt::`` op that is not a key here is refused before export.
+    """
+    from .ops import block_causal_attention_onnx, dynamic_dwconv_onnx, linear_attention_onnx
+
+    return {torch.ops.graphopt.block_causal_attention.default: block_causal_attention_onnx,
+            torch.ops.graphopt.dynamic_dwconv.default: dynamic_dwconv_onnx,
+            torch.ops.graphopt.linear_attention.default: linear_attention_onnx}
 
 
 def plan_path(onnx_path: str | os.PathLike) -> Path:

@@ -7,10 +7,14 @@ scale and the earlier ones::
     O_i = sum_j softmax_j(s Q_i . K_j + M_ij) V_j,   M_ij = 0 if level_j <= level_i else -inf
 
 ``scale`` s defaults to D^-1/2. The reference is SDPA with the dense boolean mask; on CUDA the op runs
-the flash kernel of :mod:`graphopt.autotune.kernels.attention`, which skips fully masked key blocks.
+the flash kernel of :mod:`graphopt.autotune.kernels.attention`, which skips fully masked key blocks;
+in ONNX it is :func:`block_causal_attention_onnx`.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 
@@ -25,6 +29,36 @@ def block_causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     """SDPA under the level vector's dense mask."""
     mask = block_causal_mask(level.to(q.device))
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def block_causal_attention_onnx(q: Any, k: Any, v: Any, level: Any, scale: float | None = None) -> Any:
+    """The reference in standard ONNX ops, for torch.onnx's ``custom_translation_table``.
+
+    Traced by the exporter, so the ops land inline in the graph (no custom-domain node): the mask by
+    LessOrEqual of the level vector against its transpose, scores by MatMul with K transposed times
+    the scale, Where(mask, scores, -inf), Softmax over the keys, MatMul with V. No row is fully masked
+    (a token always sees its own level), so the softmax never divides by zero. SDPA accumulates in
+    fp32 whatever the input dtype, and so does the translation: it computes in fp32 and casts back to
+    ``q``'s dtype.
+    """
+    from onnx import TensorProto
+    from onnxscript import opset18 as op  # onnxscript loads only when a graph is exported
+
+    rank, head_dim = len(q.shape), q.shape[-1]
+    qf, kf, vf = (op.Cast(t, to=TensorProto.FLOAT) for t in (q, k, v))
+    k_t = op.Transpose(kf, perm=[*range(rank - 2), rank - 1, rank - 2])
+    if scale is not None:
+        factor = op.Constant(value_float=scale)
+    elif isinstance(head_dim, int):
+        factor = op.Constant(value_float=1.0 / math.sqrt(head_dim))
+    else:  # a symbolic head dim: D^-1/2 from the runtime shape
+        factor = op.Reciprocal(op.Sqrt(op.Cast(op.Shape(q, start=-1), to=TensorProto.FLOAT)))
+    scores = op.Mul(op.MatMul(qf, k_t), factor)
+    mask = op.LessOrEqual(op.Unsqueeze(level, op.Constant(value_ints=[0])),
+                          op.Unsqueeze(level, op.Constant(value_ints=[1])))  # (L, L): level_j <= level_i
+    masked = op.Where(mask, scores, op.Constant(value_float=-math.inf))
+    out = op.MatMul(op.Softmax(masked, axis=-1), vf)
+    return op.CastLike(out, q)
 
 
 @torch.library.custom_op("graphopt::block_causal_attention", mutates_args=())
