@@ -18,6 +18,7 @@ from . import ops  # noqa: F401 - registers torch.ops.graphopt.*, which saved pr
 from .approx import ApproxContext, ApproxPass, Budget, QualityBudgetError
 from .autodiffusion import EvolutionConfig, search
 from .capture import CapturedGraph, capture
+from .distill import DistillConfig, DistillReport, distill
 from .emit import OptimizationReport, OptimizedModule, load, optimize, save
 from .errors import (BudgetError, CaptureError, GraphoptError, InputError, LoadError, OnnxExportError,
                      OnnxParityError, OutputPathError, PassError, PlanError, SaveError, SignatureError,
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApproxContext", "ApproxPass", "Budget", "BudgetError", "EvolutionConfig", "PlanError", "QualityBudgetError",
-    "QualityCost", "QualityEvaluator", "SamplingPlan", "search",
+    "QualityCost", "QualityEvaluator", "SamplingPlan", "search", "DistillConfig", "DistillReport", "distill",
     "CaptureError", "CapturedGraph", "GraphoptError", "InputError", "LoadError", "MatchResult", "OnnxExportError",
     "OnnxParityError", "OnnxReport", "OptimizationReport", "OptimizedModule", "OutputPathError", "Pass",
     "PassError", "PassReport", "Rule", "SaveError", "SignatureError", "UnknownPassError", "UsageError",

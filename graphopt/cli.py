@@ -117,10 +117,30 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
         approx = ApproxContext.for_reference(ns.model, nfe=ns.nfe, method=ns.sampler)
     elif ns.nfe is not None or ns.sampler is not None:
         raise UsageError("--nfe and --sampler set how approximate passes are judged; no approximate pass is given")
+    distilling = bool(ns.distill_steps or ns.distill_all_steps)
+    if (distilling or ns.distill_checkpoint) and approx is None:
+        raise UsageError("--distill-steps trains what an approximate pass replaced; give one in --passes "
+                         "(e.g. linear-attention)")
+    if ns.distill_checkpoint and not distilling:
+        raise UsageError("--distill-checkpoint needs --distill-steps or --distill-all-steps")
+    if distilling and ns.target != "cpu":
+        raise UsageError("distillation trains on the CPU graph: optimize with --target cpu")
+    config = None
+    if distilling:
+        from .distill import DistillConfig
+
+        config = DistillConfig(steps=ns.distill_steps or 0, all_steps=ns.distill_all_steps or 0)
     model, args, kwargs = load_model_spec(ns.model)
     _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline)} ...")
     optimized = optimize(model, args, kwargs, passes=pipeline, target=ns.target, dynamic_batch=not ns.static,
                          approx=approx)
+    if config is not None:
+        from .distill import CHECKPOINT, distill
+
+        folder = Path(ns.distill_checkpoint) if ns.distill_checkpoint else None
+        resume = folder is not None and (folder / CHECKPOINT).is_file()
+        _status(f"distilling {config.steps} + {config.all_steps} steps" + (f", resuming {folder}" if resume else ""))
+        print(distill(optimized, model, config=config, context=approx, checkpoint_dir=folder, resume=resume).line())
     print(optimized.report.table())
     if out is not None:
         start = time.perf_counter()
@@ -396,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="approximate passes (skip-tune): the NFE their quality is judged at (default: the sampler's)")
     p.add_argument("--sampler", choices=("euler", "heun", "ddim"), default=None,
                    help="approximate passes: the ODE method they are judged with (default: the model's)")
+    p.add_argument("--distill-steps", type=_positive, default=None, metavar="N",
+                   help="after the approximate passes, train their new parameters N steps against the original "
+                        "(task loss + 0.5 x distillation loss); the final FD goes into the report")
+    p.add_argument("--distill-all-steps", type=_positive, default=None, metavar="N",
+                   help="then train every parameter N steps")
+    p.add_argument("--distill-checkpoint", metavar="DIR",
+                   help="checkpoint the distillation here; a DIR holding one resumes it")
     p.set_defaults(run=_cmd_optimize)
 
     p = sub.add_parser("export", help="export to ONNX and check parity with onnxruntime",

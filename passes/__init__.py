@@ -17,11 +17,13 @@ from graphopt.pipeline import Pass
 
 from .dce import DCE
 from .fold import FOLD
+from .linear_attention import LINEAR_ATTENTION
 from .noop import NOOP
 from .skip_scale import SKIP_SCALE
 from .skip_tune import SKIP_TUNE
 
-REGISTRY: Mapping[str, Pass | ApproxPass] = MappingProxyType({p.name: p for p in (NOOP, FOLD, DCE, SKIP_SCALE, SKIP_TUNE)})
+REGISTRY: Mapping[str, Pass | ApproxPass] = MappingProxyType(
+    {p.name: p for p in (NOOP, FOLD, DCE, SKIP_SCALE, SKIP_TUNE, LINEAR_ATTENTION)})
 
 # The exact pipeline, in the order each pass's docstring argues for.
 DEFAULT_PIPELINE: tuple[str, ...] = ("noop", "fold", "dce")

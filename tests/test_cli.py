@@ -125,6 +125,10 @@ def test_export_from_a_spec_with_chosen_passes(model_file, tmp_path, capsys):
     (["optimize", "{file}:make", "--out", "/no/such/dir/x"], 2, "does not exist"),
     (["export", "{file}:make", "--out", "/no/such/dir/x.onnx"], 2, "does not exist"),
     (["inspect", "{file}:broken"], 1, "could not capture"),
+    (["optimize", "dit-digits", "--distill-steps", "5"], 2, "give one in --passes"),
+    (["optimize", "dit-digits", "--passes", "linear-attention", "--distill-checkpoint", "x"], 2,
+     "needs --distill-steps"),
+    (["optimize", "{file}:make", "--passes", "linear-attention"], 2, "must be a reference generator"),
 ])
 def test_errors_are_one_line_with_the_right_exit_code(model_file, capsys, argv, code, message):
     argv = [a.replace("{file}", str(model_file)) for a in argv]

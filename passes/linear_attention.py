@@ -1,0 +1,417 @@
+"""linear-attention: LiT's ReLU linear attention with a depthwise-conv branch at every attention site.
+
+Approximate. At each self-attention site the structural analysis finds (a fused
+``scaled_dot_product_attention`` call, or softmax(QK^T)V written out with ``matmul``/``bmm``, in
+either the ``P @ V`` or the channels-first ``V @ P^T`` layout, fused or separate q/k/v projections)
+the softmax core becomes ``graphopt::linear_attention(q, k, v)`` plus a depthwise convolution
+(kernel 5 by default) on V in its H x W token layout, added before the output projection
+(arXiv 2501.12976; ../METHODS.md). The scores' rescale is dropped: ReLU linear attention is
+invariant to it. Everything else in the graph is inherited; the q/k/v projections and the
+depthwise conv are freshly initialised (seeded), as LiT does, and the output projection is
+inherited unless asked otherwise. Optionally the linear attention runs with fewer heads than the
+model (LiT's finding: fewer heads cost nothing); q, k and v are regrouped inside the site.
+
+Fresh tensors live under the graph's ``graphopt_fresh`` submodule (``lit<i>_q_weight``...), so
+:func:`graphopt.distill` can train the new parameters first. Sites that cannot be substituted
+(cross-attention unless ``cross=True``, masks, causal attention, tokens not on a square grid,
+einsum scores, unknown heads, projections that are not linears or convs) are listed in the
+report's notes with the reason; the row's hits count the sites replaced. Cross-attention sites
+substituted on request get the linear attention alone: their keys lie on no image grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
+
+import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.linear_attention
+from graphopt.analysis import find_attention
+from graphopt.analysis.attention import AttentionSite
+from graphopt.analysis.graph import CONVS, op_name, to_networkx
+from graphopt.approx import ApproxContext, ApproxOutcome, ApproxPass
+from graphopt.errors import PassError, UsageError
+from graphopt.fxgraph import copy_sharing_weights
+from graphopt.pipeline import PassContext
+
+aten = torch.ops.aten
+FRESH = "graphopt_fresh"  # the submodule holding every tensor an approximate pass initialised
+_SCORES = frozenset({"matmul", "bmm"})
+_MASKING = frozenset({"add", "masked_fill", "where"})
+_PASSTHROUGH = frozenset({"contiguous", "clone", "dropout", "alias", "detach", "_to_copy", "to"})
+_PROJECTIONS = frozenset({"linear"}) | CONVS
+_MODULE_META = ("graphopt_module", "nn_module_stack", "stack_trace")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionOptions:
+    """``heads``: heads of the linear attention (None: the model's; must divide its q/v widths);
+    ``kernel``: the depthwise conv's size (odd); ``inherit_out_proj``: keep the trained output
+    projection (else it is initialised afresh too); ``fresh_qkv``: initialise q/k/v afresh (LiT)
+    or keep the trained ones; ``cross``: substitute cross-attention sites as well; ``seed``: the
+    initialisation's seed."""
+
+    heads: int | None = None
+    kernel: int = 5
+    inherit_out_proj: bool = True
+    fresh_qkv: bool = True
+    cross: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.heads is not None and self.heads < 1:
+            raise UsageError(f"linear attention needs at least 1 head, got {self.heads}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise UsageError(f"the depthwise conv kernel must be odd and positive, got {self.kernel}")
+
+
+class _Refused(Exception):
+    """A site the pass leaves alone, with the reason."""
+
+
+def substitute_linear_attention(gm: fx.GraphModule, options: LinearAttentionOptions,
+                                ctx: PassContext | None = None) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` (sharing its inherited weights) with every substitutable attention site
+    replaced; returns it and the number of sites replaced. ``gm`` itself is not changed."""
+    out = copy_sharing_weights(gm)
+    sites = find_attention(to_networkx(out), _batch_symbol(out))
+    generator = torch.Generator().manual_seed(options.seed)
+    if not hasattr(out, FRESH):
+        out.add_submodule(FRESH, nn.Module())
+    fresh = getattr(out, FRESH)  # the copy's own module: the source graph's is not touched
+    first = 1 + max((int(n[3:].split("_")[0]) for n, _ in fresh.named_parameters() if n.startswith("lit")),
+                    default=-1)
+    replaced = 0
+    for site in sites:
+        try:
+            _substitute(out, site, options, generator, fresh, first + replaced)
+        except _Refused as why:
+            if ctx is not None:
+                ctx.note(f"{site.label or site.node}: left as it is: {why}")
+            continue
+        replaced += 1
+    if replaced:
+        out.graph.eliminate_dead_code()
+        out.graph.lint()
+        out.recompile()
+    return out, replaced
+
+
+def _batch_symbol(gm: fx.GraphModule) -> str | None:
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim():
+            size = n.meta["val"].shape[0]
+            return None if isinstance(size, int) else str(size)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ one site
+
+
+def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentionOptions,
+                generator: torch.Generator, fresh: nn.Module, index: int) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if getattr(site, "cross", False) and not options.cross:
+        raise _Refused("cross-attention (keys and values from another sequence); pass cross=True to replace it")
+    out = nodes[site.node]
+    if site.kind == "sdpa":
+        q, k, v, transposed = _sdpa_operands(out)
+    else:
+        q, k, v, transposed = _softmax_operands(site, nodes)
+    shape = tuple(q.meta["val"].shape)
+    tokens, kv_tokens = shape[-2], tuple(k.meta["val"].shape)[-2]
+    cross = bool(getattr(site, "cross", False))
+    if not (isinstance(tokens, int) and isinstance(kv_tokens, int)):
+        raise _Refused("the token counts are not static")
+    side = math.isqrt(tokens)
+    if not cross and tokens != kv_tokens:
+        raise _Refused(f"{tokens} queries attend to {kv_tokens} keys: not one token grid")
+    if not cross and side * side != tokens:
+        raise _Refused(f"{tokens} tokens are not a square grid: the depthwise conv needs H x W")
+    if len(shape) == 4:
+        heads = shape[1]
+    elif len(shape) == 3 and site.heads is not None:
+        heads = site.heads
+    else:
+        raise _Refused(f"cannot tell the heads of a {len(shape)}-d attention layout")
+    head_dim, value_dim = shape[-1], tuple(v.meta["val"].shape)[-1]
+    if not all(isinstance(d, int) for d in (heads, head_dim, value_dim)):
+        raise _Refused("head sizes are not static")
+    groups = options.heads or heads
+    if (heads * head_dim) % groups or (heads * value_dim) % groups:
+        raise _Refused(f"{groups} heads do not divide the q/v widths {heads * head_dim}/{heads * value_dim}")
+    projections = _projections(site, nodes) if options.fresh_qkv else []
+    out_proj = nodes.get(site.out_proj) if site.out_proj and not options.inherit_out_proj else None
+    if not options.inherit_out_proj and (out_proj is None or op_name(out_proj) not in _PROJECTIONS):
+        raise _Refused("no linear/conv output projection to initialise afresh")
+
+    g = gm.graph
+    build = _Builder(g, out)
+    with g.inserting_before(out):
+        q4, k4, v4 = (build._materialise(x) if len(shape) == 4 else
+                      build(aten.reshape.default, x, [-1, heads, n, d])
+                      for x, n, d in ((q, tokens, head_dim), (k, kv_tokens, head_dim), (v, kv_tokens, value_dim)))
+        attended = build(torch.ops.graphopt.linear_attention.default,
+                         *(_regroup(build, x, heads, groups, n) for x, n in ((q4, tokens), (k4, kv_tokens),
+                                                                           (v4, kv_tokens))))
+        result = _ungroup(build, attended, heads, groups, tokens, value_dim)
+        if not cross:  # keys from another sequence have no image grid: no depthwise conv there
+            result = _local(gm, build, fresh, v4, heads, value_dim, tokens, side, options, generator, index,
+                            result)
+        if len(shape) == 3:
+            result = build(aten.reshape.default, result, [-1, tokens, value_dim])
+        if transposed:
+            result = build(aten.transpose.int, result, -1, -2)
+    if tuple(result.meta["val"].shape) != tuple(out.meta["val"].shape):
+        raise PassError(f"{site.label}: the substitute's shape {tuple(result.meta['val'].shape)} differs from "
+                        f"the attention output's {tuple(out.meta['val'].shape)}")
+    out.replace_all_uses_with(result)
+    gm.graph.erase_node(out)  # SDPA counts as impure (dropout), so dead-code elimination would keep it
+    for i, proj in enumerate(projections):
+        _reinitialise(gm, fresh, proj, f"lit{index}_{'qkv'[i] if len(projections) == 3 else 'qkv'}", generator)
+    if out_proj is not None:
+        _reinitialise(gm, fresh, out_proj, f"lit{index}_out", generator)
+
+
+def _local(gm: fx.GraphModule, build: "_Builder", fresh: nn.Module, v4: fx.Node, heads: int, value_dim: int,
+           tokens: int, side: int, options: LinearAttentionOptions, generator: torch.Generator, index: int,
+           attended: fx.Node) -> fx.Node:
+    """LiT's locality branch: a depthwise conv over V as a ``[B, heads * Dv, side, side]`` image,
+    added to the attention output ``[B, heads, N, Dv]``."""
+    channels = heads * value_dim
+    weight = _fresh(gm, fresh, f"lit{index}_dwc_weight", (channels, 1, options.kernel, options.kernel),
+                    generator, build)
+    bias = _fresh(gm, fresh, f"lit{index}_dwc_bias", (channels,), generator, build,
+                  fan_in=options.kernel * options.kernel)
+    image = build(aten.reshape.default, build(aten.permute.default, v4, [0, 1, 3, 2]), [-1, channels, side, side])
+    local = build(aten.conv2d.default, image, weight, bias, [1, 1], [options.kernel // 2] * 2, [1, 1], channels)
+    local = build(aten.permute.default, build(aten.reshape.default, local, [-1, heads, value_dim, tokens]),
+                  [0, 1, 3, 2])
+    return build(aten.add.Tensor, attended, local)
+
+
+def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, bool]:
+    q, k, v = node.args[:3]
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    extra = dict(zip(names, node.args[3:]), **node.kwargs)
+    if extra.get("attn_mask") is not None:
+        raise _Refused("masked attention")
+    if extra.get("is_causal"):
+        raise _Refused("causal attention")
+    if extra.get("enable_gqa"):
+        raise _Refused("grouped-query attention")
+    if q.meta["val"].dim() != 4:
+        raise _Refused(f"a {q.meta['val'].dim()}-d SDPA layout")
+    return q, k, v, False
+
+
+def _softmax_operands(site: AttentionSite, nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node, bool]:
+    """(q, k, v, transposed) with q ``[..., Nq, D]``, k ``[..., Nk, D]``, v ``[..., Nk, Dv]``; transposed
+    when the site computes ``V @ P^T`` (channels first) rather than ``P @ V``."""
+    core = [nodes[n] for n in site.nodes]
+    out = nodes[site.node]
+    if any(op_name(n) in _MASKING for n in core):
+        raise _Refused("masked attention")
+    scores = [n for n in core if op_name(n) in _SCORES and n is not out]
+    softmax = [n for n in core if "softmax" in op_name(n)]
+    if len(scores) != 1 or len(softmax) != 1 or op_name(out) not in _SCORES:
+        raise _Refused("scores are not a plain matmul/bmm (einsum and baddbmm forms are not substituted)")
+    dim = softmax[0].args[1] if len(softmax[0].args) > 1 else softmax[0].kwargs.get("dim")
+    if dim not in (-1, softmax[0].meta["val"].dim() - 1):
+        raise _Refused("softmax over another axis than the keys")
+    a, b = scores[0].args[:2]
+    k = _Builder(None, out).deferred(aten.transpose.int, b, -1, -2)
+    first, second = out.args[:2]
+    flip_first, flip_second = _from_softmax(first, softmax[0]), _from_softmax(second, softmax[0])
+    if flip_first is False and flip_second is None:  # P @ V
+        return a, k, second, False
+    if flip_second is True and flip_first is None:  # V @ P^T, channels first: V is [..., Dv, Nk]
+        return a, k, _Builder(None, out).deferred(aten.transpose.int, first, -1, -2), True
+    raise _Refused("the attention weights reach the output matmul in an unsupported layout")
+
+
+def _from_softmax(node: fx.Node, softmax: fx.Node) -> bool | None:
+    """Whether ``node`` is the softmax output transposed (True), as it is (False), or not from it (None)."""
+    flipped = False
+    while node is not softmax:
+        name = op_name(node)
+        if name in _PASSTHROUGH:
+            pass
+        elif name in ("transpose", "t"):
+            ndim = node.meta["val"].dim()
+            dims = {d % ndim for d in node.args[1:3]} if name == "transpose" else {0, 1}
+            if dims != {ndim - 2, ndim - 1}:
+                return None
+            flipped = not flipped
+        elif name == "permute":
+            ndim = node.meta["val"].dim()
+            perm = [d % ndim for d in node.args[1]]
+            if perm != list(range(ndim - 2)) + [ndim - 1, ndim - 2]:
+                return None
+            flipped = not flipped
+        else:
+            return None
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return flipped
+
+
+def _projections(site: AttentionSite, nodes: dict[str, fx.Node]) -> list[fx.Node]:
+    names = [site.q] if site.fused_qkv else [site.q, site.k, site.v]
+    projections = [nodes[n] for n in names]
+    bad = [p.name for p in projections if op_name(p) not in _PROJECTIONS]
+    if bad:
+        raise _Refused(f"q/k/v do not come from linear or conv projections ({', '.join(bad)}); "
+                       "keep them with fresh_qkv=False")
+    if len({p.name for p in projections}) != len(projections):
+        raise _Refused("q, k and v share a projection in an unrecognised way")
+    return projections
+
+
+# ------------------------------------------------------------------------------------- graph building
+
+
+class _Builder:
+    """Adds call_function nodes whose ``val`` comes from running the op on the operands' fake values
+    (symbolic batch included), with the attention output's module labels."""
+
+    def __init__(self, graph: fx.Graph | None, anchor: fx.Node):
+        self.graph, self.anchor = graph, anchor
+
+    def __call__(self, target: Callable[..., Any], *args: Any) -> fx.Node:
+        args = tuple(self._materialise(a) for a in args)
+        node = self.graph.call_function(target, args)
+        values = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], args)
+        mode = detect_fake_mode(pytree.tree_leaves(values))
+        with mode if mode is not None else _nothing():
+            node.meta["val"] = target(*values)
+        for key in _MODULE_META:
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        return node
+
+    def deferred(self, target: Callable[..., Any], *args: Any) -> "_Deferred":
+        return _Deferred(target, args)
+
+    def _materialise(self, a: Any) -> Any:
+        if isinstance(a, _Deferred):
+            return self(a.target, *a.args)
+        return a
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deferred:
+    """An op to add once the builder inserts (operands found before the insertion point is known)."""
+
+    target: Callable[..., Any]
+    args: tuple[Any, ...]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        values = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], self.args)
+        mode = detect_fake_mode(pytree.tree_leaves(values))
+        with mode if mode is not None else _nothing():
+            return {"val": self.target(*values)}
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _regroup(build: _Builder, x: fx.Node, heads: int, groups: int, tokens: int) -> fx.Node:
+    """``[B, heads, N, d]`` -> ``[B, groups, N, heads * d / groups]`` (channels kept in order)."""
+    x = build._materialise(x)
+    if groups == heads:
+        return x
+    width = heads * x.meta["val"].shape[-1]
+    x = build(aten.reshape.default, build(aten.permute.default, x, [0, 2, 1, 3]), [-1, tokens, groups, width // groups])
+    return build(aten.permute.default, x, [0, 2, 1, 3])
+
+
+def _ungroup(build: _Builder, x: fx.Node, heads: int, groups: int, tokens: int, value_dim: int) -> fx.Node:
+    if groups == heads:
+        return x
+    x = build(aten.reshape.default, build(aten.permute.default, x, [0, 2, 1, 3]), [-1, tokens, heads, value_dim])
+    return build(aten.permute.default, x, [0, 2, 1, 3])
+
+
+def _fresh(gm: fx.GraphModule, fresh: nn.Module, name: str, shape: Sequence[int], generator: torch.Generator,
+           build: _Builder, fan_in: int | None = None, like: torch.Tensor | None = None) -> fx.Node:
+    """A new parameter under ``graphopt_fresh`` initialised like torch's default for linear and conv
+    layers (Kaiming uniform, a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both weights and
+    biases), and its get_attr node."""
+    fan_in = fan_in if fan_in is not None else math.prod(shape[1:])
+    bound = 1.0 / math.sqrt(fan_in)
+    dtype = like.dtype if like is not None else build.anchor.meta["val"].dtype
+    device = like.device if like is not None else build.anchor.meta["val"].device
+    value = (torch.rand(tuple(shape), generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    param = nn.Parameter(value.to(dtype=dtype, device=device), requires_grad=False)
+    if hasattr(fresh, name):
+        raise PassError(f"{FRESH}.{name} exists already")
+    fresh.register_parameter(name, param)
+    node = gm.graph.get_attr(f"{FRESH}.{name}")
+    mode = detect_fake_mode([build.anchor.meta["val"]])
+    node.meta["val"] = mode.from_tensor(param, static_shapes=True) if mode is not None else param
+    return node
+
+
+def _reinitialise(gm: fx.GraphModule, fresh: nn.Module, proj: fx.Node, prefix: str,
+                  generator: torch.Generator) -> None:
+    """Point ``proj``'s weight and bias at new tensors under ``graphopt_fresh``, initialised afresh;
+    the trained tensors stay untouched (the source model and other readers keep them)."""
+    if not isinstance(proj.args[1], fx.Node) or proj.args[1].op != "get_attr":
+        raise PassError(f"{proj.name}'s weight is computed in the graph; cannot initialise it afresh")
+    fan_in = math.prod(_attr(gm, proj.args[1].target).shape[1:])
+    for position, suffix in ((1, "weight"), (2, "bias")):
+        if len(proj.args) <= position or not isinstance(proj.args[position], fx.Node):
+            continue
+        old = proj.args[position]
+        if old.op != "get_attr":
+            raise PassError(f"{proj.name}'s {suffix} is computed in the graph; cannot initialise it afresh")
+        tensor = _attr(gm, old.target)
+        with gm.graph.inserting_before(proj):
+            node = _fresh(gm, fresh, f"{prefix}_{suffix}", tuple(tensor.shape), generator, _Builder(gm.graph, proj),
+                          fan_in=fan_in, like=tensor)
+        proj.replace_input_with(old, node)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------- pass
+
+
+def linear_attention_pass(options: LinearAttentionOptions | None = None) -> ApproxPass:
+    """The ``linear-attention`` approximate pass with these options (the registered one: defaults)."""
+    options = options or LinearAttentionOptions()
+
+    def transform(module: Any, ctx: ApproxContext, pctx: PassContext) -> ApproxOutcome:
+        gm, replaced = substitute_linear_attention(module.captured.graph_module, options, pctx)
+        if not replaced:
+            raise PassError("no attention site could be replaced" + (f" ({'; '.join(pctx.notes)})"
+                                                                     if pctx.notes else ""))
+        pctx.hit("site", replaced)
+        pctx.note(f"{replaced} attention site(s) now LiT linear attention + {options.kernel}x{options.kernel} "
+                  f"depthwise conv on V; heads {options.heads or 'as the model'}; q/k/v "
+                  f"{'fresh' if options.fresh_qkv else 'inherited'}, output projection "
+                  f"{'inherited' if options.inherit_out_proj else 'fresh'} (seed {options.seed})")
+        return ApproxOutcome(graph=gm)
+
+    return ApproxPass("linear-attention", transform, doc=__doc__ or "")
+
+
+LINEAR_ATTENTION = linear_attention_pass()

@@ -1,0 +1,191 @@
+"""The linear-attention pass: LiT's ReLU linear attention + depthwise conv on V at every self-attention site."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphopt
+from graphopt import ApproxContext, PassError, UsageError
+from graphopt.ops import linear_attention_reference
+from graphopt.passes.linear_attention import (FRESH, LINEAR_ATTENTION, LinearAttentionOptions,
+                                              linear_attention_pass, substitute_linear_attention)
+from graphopt.pipeline import PassContext
+from graphopt.quality import QualityCost, QualityEvaluator
+from tests import zoo
+
+
+class SeparateQKV(nn.Module):
+    """Third-party style: separate q/k/v linears, view/transpose head reshapes, SDPA, output linear."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(x), self.to_v(x)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.to_out(out.transpose(1, 2).reshape(b, n, c))
+
+
+class ChannelsFirst(nn.Module):
+    """unet-digits' style: fused 1x1-conv qkv, heads folded into the batch, bmm and V @ P^T."""
+
+    def __init__(self, channels: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        d = c // self.heads
+        q, k, v = self.qkv(x).reshape(b * self.heads, 3, d, h * w).unbind(1)
+        weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) / math.sqrt(d), dim=-1)
+        return x + self.proj(torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, h, w))
+
+
+def _dwc(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, side: int) -> torch.Tensor:
+    """LiT's branch by hand: V [B, H, N, d] as a [B, H*d, s, s] image, depthwise conv, back."""
+    b, heads, n, d = v.shape
+    image = v.permute(0, 1, 3, 2).reshape(b, heads * d, side, side)
+    out = F.conv2d(image, weight, bias, padding=weight.shape[-1] // 2, groups=heads * d)
+    return out.reshape(b, heads, d, n).permute(0, 1, 3, 2)
+
+
+def _substitute(model, args, options):
+    opt = graphopt.optimize(model, args)
+    ctx = PassContext("linear-attention")
+    gm, replaced = substitute_linear_attention(opt.captured.graph_module, options, ctx)
+    return opt, gm, replaced, ctx
+
+
+def test_separate_qkv_site_becomes_linear_attention_plus_depthwise_conv():
+    torch.manual_seed(0)
+    model = SeparateQKV().eval()
+    x = torch.randn(3, 16, 16)  # 16 tokens: a 4 x 4 grid
+    opt, gm, replaced, _ = _substitute(model, (x,), LinearAttentionOptions(fresh_qkv=False))
+    assert replaced == 1
+    fresh = getattr(gm, FRESH)
+    b, n, c = x.shape
+    q, k, v = (t.view(b, n, 2, 8).transpose(1, 2) for t in (model.to_q(x), model.to_k(x), model.to_v(x)))
+    out = linear_attention_reference(q, k, v) + _dwc(v, fresh.lit0_dwc_weight, fresh.lit0_dwc_bias, 4)
+    expected = x + model.to_out(out.transpose(1, 2).reshape(b, n, c))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0], expected.detach(), rtol=1e-5, atol=1e-5)
+    assert not any("scaled_dot_product" in str(node.target) for node in gm.graph.nodes)
+    assert fresh.lit0_dwc_weight.shape == (16, 1, 5, 5)
+
+
+def test_channels_first_bmm_site_with_fresh_projections():
+    torch.manual_seed(0)
+    model = ChannelsFirst().eval()
+    x = torch.randn(2, 8, 3, 3)
+    opt, gm, replaced, _ = _substitute(model, (x,), LinearAttentionOptions(seed=3))
+    assert replaced == 1
+    fresh = getattr(gm, FRESH)
+    assert not torch.equal(fresh.lit0_qkv_weight, model.qkv.weight)  # q/k/v afresh (LiT), the model's kept
+    qkv = F.conv2d(x, fresh.lit0_qkv_weight, fresh.lit0_qkv_bias).reshape(2, 2, 3, 4, 9)
+    q, k, v = (qkv[:, :, i].transpose(-1, -2) for i in range(3))  # [B, H, N, d]
+    out = linear_attention_reference(q, k, v) + _dwc(v, fresh.lit0_dwc_weight, fresh.lit0_dwc_bias, 3)
+    expected = x + model.proj(out.transpose(-1, -2).reshape(2, 8, 3, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0], expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_fewer_heads_regroup_inside_the_site():
+    torch.manual_seed(0)
+    model = SeparateQKV(dim=16, heads=4).eval()
+    x = torch.randn(2, 9, 16)
+    _, gm, replaced, _ = _substitute(model, (x,), LinearAttentionOptions(heads=1, fresh_qkv=False))
+    fresh = getattr(gm, FRESH)
+    q, k, v = (t[:, None] for t in (model.to_q(x), model.to_k(x), model.to_v(x)))  # one head of width 16
+    v4 = model.to_v(x).view(2, 9, 4, 4).transpose(1, 2)
+    local = _dwc(v4, fresh.lit0_dwc_weight, fresh.lit0_dwc_bias, 3).transpose(1, 2).reshape(2, 9, 16)
+    expected = x + model.to_out(linear_attention_reference(q, k, v)[:, 0] + local)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0], expected.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match="at least 1 head"):
+        LinearAttentionOptions(heads=0)
+    with pytest.raises(UsageError, match="odd"):
+        LinearAttentionOptions(kernel=4)
+
+
+def test_the_source_graph_and_model_are_left_as_they_were():
+    model, args, kwargs = zoo.dit()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = graphopt.optimize(model, args, kwargs)
+    before = opt.captured.run(opt.captured.example_inputs)
+    gm, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions())
+    assert replaced == 3 and not hasattr(opt.captured.graph_module, FRESH)
+    torch.testing.assert_close(opt.captured.run(opt.captured.example_inputs), before, rtol=0, atol=0)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_cross_attention_is_left_alone_unless_asked():
+    model, args, kwargs = zoo.text_unet()
+    opt = graphopt.optimize(model, args, kwargs)
+    ctx = PassContext("linear-attention")
+    _, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions(), ctx)
+    assert replaced == 4 and sum("cross-attention" in note for note in ctx.notes) == 4
+    _, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions(cross=True))
+    assert replaced == 8
+
+
+@pytest.mark.parametrize("factory, reason", [(zoo.mha, "not a square grid"), (zoo.uvit, "not a square grid"),
+                                             (zoo.unet, "einsum")])
+def test_sites_it_cannot_replace_are_listed_with_the_reason(factory, reason):
+    model, args, kwargs = factory()
+    opt = graphopt.optimize(model, args, kwargs)
+    ctx = PassContext("linear-attention")
+    gm, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions(), ctx)
+    assert replaced == 0 and ctx.notes and all(reason in note for note in ctx.notes)
+
+
+class _Moments:
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        flat = images.flatten(1)
+        return torch.stack([flat.mean(1), flat.std(1), flat[:, 0], flat[:, -1]], dim=1)
+
+
+@pytest.fixture
+def dit_context():
+    from graphopt.models.samplers import Sampler, flow_times
+
+    torch.manual_seed(0)
+    model = zoo.TinyDiT().eval()  # velocity out, one channel in and out
+    args = (torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([3, 10]))
+    real = torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    evaluator = QualityEvaluator.from_images(_Moments(), real, proxy_samples=8, confirm_samples=12,
+                                             confirm_seeds=(0,))
+    sampler = Sampler("flow", "euler", flow_times(2), (1, 8, 8))
+    return ApproxContext(model, sampler, args, evaluator, batch=12, progress=False)
+
+
+def test_through_optimize_the_row_counts_sites_and_carries_the_measured_cost(dit_context, tmp_path):
+    ctx = dit_context
+    opt = graphopt.optimize(ctx.source, ctx.example_inputs, passes=["noop", "fold", "dce", "linear-attention"],
+                            approx=ctx)
+    row = opt.report.passes[-1]
+    assert row.name == "linear-attention" and not row.exact and row.hits == 3
+    cost = QualityCost.from_json(row.quality)
+    assert cost.samples == 12 and cost.baseline == "before linear-attention"
+    loaded = graphopt.load(opt.save(tmp_path / "lit"))  # saves and loads like any optimized module
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*ctx.example_inputs), opt(*ctx.example_inputs))
+    report = graphopt.export_onnx(opt, tmp_path / "lit.onnx")
+    assert report.max_abs_error < 1e-4
+
+
+def test_a_model_without_attention_is_a_clear_error(dit_context):
+    model, args, _ = zoo.unet()
+    ctx = dit_context
+    with pytest.raises(PassError, match="no attention site could be replaced.*einsum"):
+        LINEAR_ATTENTION.transform(graphopt.optimize(model, args), ctx, PassContext("linear-attention"))
+    assert linear_attention_pass(LinearAttentionOptions(heads=1)).name == "linear-attention"

@@ -1,0 +1,119 @@
+"""Distillation of a substituted student towards its teacher: seeded, resumable, never touching the teacher."""
+
+import pytest
+import torch
+
+import graphopt
+from graphopt import DistillConfig, OutputPathError, UsageError, distill
+from graphopt.approx import ApproxOutcome, _apply
+from graphopt.distill import CHECKPOINT, RECORD, _DigitsTask
+from graphopt.passes.linear_attention import LinearAttentionOptions, substitute_linear_attention
+from tests import zoo
+
+SMALL = dict(steps=12, batch=8, lr=1e-3, warmup=2, checkpoint_every=4)
+
+
+def _student():
+    model, args, kwargs = zoo.dit()
+    opt = graphopt.optimize(model, args, kwargs)
+    gm, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions())
+    _apply(opt, ApproxOutcome(graph=gm))
+    return opt, model, args
+
+
+def _fresh_values(opt):
+    return {n: p.detach().clone() for n, p in opt.captured.graph_module.graphopt_fresh.named_parameters()}
+
+
+def _gap(opt, model, args):
+    """Mean squared output difference on 64 inputs drawn like the examples (what it trains on)."""
+    from graphopt.distill import _SyntheticTask
+
+    inputs = _SyntheticTask(args).draw(64, torch.Generator().manual_seed(5))[0]
+    with torch.no_grad():
+        return float((opt(*inputs) - model(*inputs)).pow(2).mean())
+
+
+def test_distillation_brings_the_student_towards_the_teacher_and_leaves_the_teacher_alone():
+    opt, model, args = _student()
+    teacher = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _gap(opt, model, args)
+    report = distill(opt, model, config=DistillConfig(**SMALL, all_steps=4), progress=False)
+    assert _gap(opt, model, args) < 0.6 * before
+    assert all(torch.equal(teacher[k], v) for k, v in model.state_dict().items())  # also after training all
+    assert report.steps == 16 and report.data == "synthetic inputs" and report.quality is None
+    assert [s for s, _ in report.losses] == [4, 8, 12, 16]
+    assert opt.report.passes[-1].name == "distill" and opt.report.passes[-1].hits == report.trained_tensors
+    assert not any(p.requires_grad for p in opt.captured.graph_module.parameters())
+
+
+def test_the_same_seed_gives_the_same_student():
+    a, model_a, _ = _student()
+    b, model_b, _ = _student()
+    distill(a, model_a, config=DistillConfig(**SMALL), progress=False)
+    distill(b, model_b, config=DistillConfig(**SMALL), progress=False)
+    for (name, x), y in zip(_fresh_values(a).items(), _fresh_values(b).values()):
+        assert torch.equal(x, y), name
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    whole, model, _ = _student()
+    distill(whole, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path / "whole", progress=False)
+
+    cut, model, _ = _student()
+    from graphopt.distill import _SyntheticTask
+
+    draw = _SyntheticTask.draw
+    calls = []
+
+    def interrupted(self, batch, g):
+        calls.append(1)
+        if len(calls) == 7:  # after the checkpoint of step 4 and before the one of step 8
+            raise KeyboardInterrupt
+        return draw(self, batch, g)
+
+    monkeypatch.setattr(_SyntheticTask, "draw", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cut, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path / "cut", progress=False)
+    assert (tmp_path / "cut" / CHECKPOINT).is_file() and (tmp_path / "cut" / RECORD).is_file()
+    monkeypatch.setattr(_SyntheticTask, "draw", draw)
+    resumed, model, _ = _student()  # a fresh process: the student rebuilt, its state from the checkpoint
+    report = distill(resumed, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path / "cut", resume=True,
+                     progress=False)
+    assert report.steps == 12
+    for (name, x), y in zip(_fresh_values(whole).items(), _fresh_values(resumed).values()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_bad_requests_are_clear_errors_and_write_nothing(tmp_path):
+    opt, model, _ = _student()
+    with pytest.raises(UsageError, match="at least one step"):
+        DistillConfig(steps=0)
+    with pytest.raises(UsageError, match="not both zero"):
+        DistillConfig(lambda1=0, task_weight=0)
+    with pytest.raises(UsageError, match="no distillation checkpoint"):
+        distill(opt, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(OutputPathError, match="does not exist"):
+        distill(opt, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path / "no" / "such", progress=False)
+    assert not (tmp_path / "no").exists()
+    plain = graphopt.optimize(*zoo.dit()[:2])
+    with pytest.raises(UsageError, match="no new parameters"):
+        distill(plain, zoo.dit()[0], config=DistillConfig(**SMALL), progress=False)
+    distill(opt, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path / "c", progress=False)
+    with pytest.raises(OutputPathError, match="holds a distillation checkpoint"):
+        distill(opt, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path / "c", progress=False)
+    with pytest.raises(UsageError, match="other distillation settings"):
+        distill(opt, model, config=DistillConfig(**{**SMALL, "lr": 1e-4}), checkpoint_dir=tmp_path / "c",
+                resume=True, progress=False)
+
+
+def test_a_reference_generator_is_distilled_on_its_own_objective():
+    from graphopt.models import load
+
+    ref = load("dit-digits")
+    task = _DigitsTask("dit", ref.model.config, ref.model.null_class)
+    (xt, t, y), target, weight = task.draw(4, torch.Generator().manual_seed(0))
+    assert xt.shape == target.shape == (4, 1, 16, 16) and weight is None and "training digits" in task.name
+    ref = load("unet-digits")
+    (noisy, sigma), target, weight = _DigitsTask("unet", ref.model.config, None).draw(4, torch.Generator())
+    assert noisy.shape == target.shape and weight.shape == sigma.shape == (4,)
