@@ -69,7 +69,9 @@ def linear_attention_state_kernel(k_ptr, v_ptr, kv_ptr, ksum_ptr,
         # phi(K)^T loaded transposed (BLOCK_D x BLOCK_N); masked entries are 0 and relu(0) = 0
         k_t = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                       mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        k_t = tl.maximum(k_t, 0.0)
+        # exact in the input dtype, but Triton 3.6 promotes a half tile to fp32 against the Python 0.0 and
+        # then rejects tl.dot's mixed operands: cast back so both are the input dtype in every release
+        k_t = tl.maximum(k_t, 0.0).to(k_ptr.dtype.element_ty)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         kv = tl.dot(k_t, v, kv, input_precision="ieee")

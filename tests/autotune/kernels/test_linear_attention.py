@@ -22,33 +22,42 @@ def quadratic_form(q, k, v, eps=1e-6):
     return (a @ v) / (a.sum(-1, keepdim=True) + eps)
 
 
+# fp16 too: stage 1 multiplies phi(K) and V in the input dtype, so the ReLU'd tile must stay fp16 (an fp32
+# tile there is the mixed-dtype tl.dot Triton 3.6 refuses to compile); bf16 is checked on a GPU only
+DTYPES = (torch.float32, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "config"), [
     ((2, 2, 23, 12, 23, 20), None),
     ((1, 2, 37, 20, 37, 18), SMALL),  # tiles over D and Dv (2 x 2), keys and queries (3 blocks), tails
     ((1, 1, 9, 8, 30, 8), SMALL),  # fewer queries than keys
     ((1, 1, 1, 1, 1, 1), None),
 ])
-def test_matches_reference(shape, config):
+def test_matches_reference(shape, config, dtype):
     b, h, n_q, d, n_k, d_v = shape
-    q, k, v = qkv(b, h, n_q, d, n_k, d_v)
+    q, k, v = qkv(b, h, n_q, d, n_k, d_v, dtype=dtype)
     close(linear_attention(q, k, v, config=config), linear_attention_reference(q, k, v))
 
 
-def test_every_config():
-    q, k, v = qkv(1, 2, 21, 12, d_v=20)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_config(dtype):
+    q, k, v = qkv(1, 2, 21, 12, d_v=20, dtype=dtype)
     expected = linear_attention_reference(q, k, v)
     for config in configs():
         close(linear_attention(q, k, v, config=config), expected)
 
 
-def test_strided_views_and_eps():
-    packed = torch.randn(2, 19, 3, 2, 8)  # (B, N, 3, H, D), as a fused QKV projection gives it
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_views_and_eps(dtype):
+    packed = torch.randn(2, 19, 3, 2, 8).to(dtype)  # (B, N, 3, H, D), as a fused QKV projection gives it
     q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
     close(linear_attention(q, k, v, eps=0.5, config=SMALL), linear_attention_reference(q, k, v, eps=0.5))
 
 
-def test_query_with_no_positive_feature_gives_zero():
-    q, k, v = qkv(1, 1, 4, 8)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_query_with_no_positive_feature_gives_zero(dtype):
+    q, k, v = qkv(1, 1, 4, 8, dtype=dtype)
     q[..., 1, :] = -1.0  # phi(Q_1) = 0: numerator and denominator are 0, the output 0 / eps = 0
     out = linear_attention(q, k, v, config=SMALL)
     assert not out[..., 1, :].any()
