@@ -1,8 +1,9 @@
 """linear-attention: LiT's ReLU linear attention with a depthwise-conv branch at every attention site.
 
 Approximate. At each self-attention site the structural analysis finds (a fused
-``scaled_dot_product_attention`` call, or softmax(QK^T)V written out with ``matmul``/``bmm``, in
-either the ``P @ V`` or the channels-first ``V @ P^T`` layout, fused or separate q/k/v projections)
+``scaled_dot_product_attention`` call, or softmax(QK^T)V written out with ``matmul``/``bmm`` in
+either the ``P @ V`` or the channels-first ``V @ P^T`` layout, or with two einsums; fused or separate
+q/k/v projections, heads split or folded into the batch)
 the softmax core becomes ``graphopt::linear_attention(q, k, v)`` plus a depthwise convolution
 (kernel 5 by default) on V in its H x W token layout, added before the output projection
 (arXiv 2501.12976; ../METHODS.md). The scores' rescale is dropped: ReLU linear attention is
@@ -14,7 +15,7 @@ model (LiT's finding: fewer heads cost nothing); q, k and v are regrouped inside
 Fresh tensors live under the graph's ``graphopt_fresh`` submodule (``lit<i>_q_weight``...), so
 :func:`graphopt.distill` can train the new parameters first. Sites that cannot be substituted
 (cross-attention unless ``cross=True``, masks, causal attention, tokens not on a square grid,
-einsum scores, unknown heads, projections that are not linears or convs) are listed in the
+baddbmm scores, unknown heads, projections that are not linears or convs) are listed in the
 report's notes with the reason; the row's hits count the sites replaced. Cross-attention sites
 substituted on request get the linear attention alone: their keys lie on no image grid.
 """
@@ -120,9 +121,9 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentio
         raise _Refused("cross-attention (keys and values from another sequence); pass cross=True to replace it")
     out = nodes[site.node]
     if site.kind == "sdpa":
-        q, k, v, transposed = _sdpa_operands(out)
+        q, k, v, finish = _sdpa_operands(out)
     else:
-        q, k, v, transposed = _softmax_operands(site, nodes)
+        q, k, v, finish = _softmax_operands(site, nodes)
     shape = tuple(q.meta["val"].shape)
     tokens, kv_tokens = shape[-2], tuple(k.meta["val"].shape)[-2]
     cross = bool(getattr(site, "cross", False))
@@ -165,8 +166,7 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentio
                             result)
         if len(shape) == 3:
             result = build(aten.reshape.default, result, [-1, tokens, value_dim])
-        if transposed:
-            result = build(aten.transpose.int, result, -1, -2)
+        result = finish(build, result)
     if tuple(result.meta["val"].shape) != tuple(out.meta["val"].shape):
         raise PassError(f"{site.label}: the substitute's shape {tuple(result.meta['val'].shape)} differs from "
                         f"the attention output's {tuple(out.meta['val'].shape)}")
@@ -195,7 +195,18 @@ def _local(gm: fx.GraphModule, build: "_Builder", fresh: nn.Module, v4: fx.Node,
     return build(aten.add.Tensor, attended, local)
 
 
-def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, bool]:
+Finish = Callable[["_Builder", fx.Node], fx.Node]  # the canonical [..., Nq, Dv] result -> the site's layout
+
+
+def _same(build: "_Builder", result: fx.Node) -> fx.Node:
+    return result
+
+
+def _transpose(build: "_Builder", result: fx.Node) -> fx.Node:
+    return build(aten.transpose.int, result, -1, -2)
+
+
+def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, Finish]:
     q, k, v = node.args[:3]
     names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     extra = dict(zip(names, node.args[3:]), **node.kwargs)
@@ -207,32 +218,81 @@ def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, bool]:
         raise _Refused("grouped-query attention")
     if q.meta["val"].dim() != 4:
         raise _Refused(f"a {q.meta['val'].dim()}-d SDPA layout")
-    return q, k, v, False
+    return q, k, v, _same
 
 
-def _softmax_operands(site: AttentionSite, nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node, bool]:
-    """(q, k, v, transposed) with q ``[..., Nq, D]``, k ``[..., Nk, D]``, v ``[..., Nk, Dv]``; transposed
-    when the site computes ``V @ P^T`` (channels first) rather than ``P @ V``."""
+def _softmax_operands(site: AttentionSite, nodes: dict[str, fx.Node]) -> tuple[Any, Any, Any, Finish]:
+    """(q, k, v, finish) with q ``[..., Nq, D]``, k ``[..., Nk, D]``, v ``[..., Nk, Dv]`` (nodes, or
+    layout ops still to add) and ``finish`` mapping the result back to the site's output layout:
+    ``P @ V`` as it is, channels-first ``V @ P^T`` transposed, einsum by an einsum."""
     core = [nodes[n] for n in site.nodes]
     out = nodes[site.node]
     if any(op_name(n) in _MASKING for n in core):
         raise _Refused("masked attention")
-    scores = [n for n in core if op_name(n) in _SCORES and n is not out]
+    scores = [n for n in core if op_name(n) in _SCORES | {"einsum"} and n is not out]
     softmax = [n for n in core if "softmax" in op_name(n)]
-    if len(scores) != 1 or len(softmax) != 1 or op_name(out) not in _SCORES:
-        raise _Refused("scores are not a plain matmul/bmm (einsum and baddbmm forms are not substituted)")
+    if len(scores) != 1 or len(softmax) != 1 or op_name(out) not in _SCORES | {"einsum"}:
+        raise _Refused("scores are not a plain matmul, bmm or einsum (baddbmm forms are not substituted)")
     dim = softmax[0].args[1] if len(softmax[0].args) > 1 else softmax[0].kwargs.get("dim")
     if dim not in (-1, softmax[0].meta["val"].dim() - 1):
         raise _Refused("softmax over another axis than the keys")
+    if "einsum" in (op_name(scores[0]), op_name(out)):
+        return _einsum_operands(scores[0], softmax[0], out)
     a, b = scores[0].args[:2]
-    k = _Builder(None, out).deferred(aten.transpose.int, b, -1, -2)
+    k = _Deferred(aten.transpose.int, (b, -1, -2))
     first, second = out.args[:2]
     flip_first, flip_second = _from_softmax(first, softmax[0]), _from_softmax(second, softmax[0])
     if flip_first is False and flip_second is None:  # P @ V
-        return a, k, second, False
+        return a, k, second, _same
     if flip_second is True and flip_first is None:  # V @ P^T, channels first: V is [..., Dv, Nk]
-        return a, k, _Builder(None, out).deferred(aten.transpose.int, first, -1, -2), True
+        return a, k, _Deferred(aten.transpose.int, (first, -1, -2)), _transpose
     raise _Refused("the attention weights reach the output matmul in an unsupported layout")
+
+
+def _einsum_operands(scores: fx.Node, softmax: fx.Node, out: fx.Node) -> tuple[Any, Any, Any, Finish]:
+    """Both contractions as einsums (``bci,bcj->bij`` then ``bij,bcj->bci``, say): q, k and v are
+    brought to ``[lead..., N, D]`` by einsum permutations, the result back by one more."""
+    if op_name(scores) != "einsum" or op_name(out) != "einsum":
+        raise _Refused("scores and output mix einsum with matmul")
+    s_terms, s_rhs = _einsum_terms(scores.args[0], 2)
+    o_terms, o_rhs = _einsum_terms(out.args[0], 2)
+    lead, i, j = s_rhs[:-2], s_rhs[-2], s_rhs[-1]
+    q_term, k_term = s_terms if i in s_terms[0] else s_terms[::-1]
+    q, k = scores.args[1] if i in s_terms[0] else scores.args[1][::-1]
+    contracted = set(q_term) - set(s_rhs)
+    if len(contracted) != 1 or set(q_term) != set(lead) | {i} | contracted or \
+            set(k_term) != set(lead) | {j} | contracted:
+        raise _Refused(f"einsum {scores.args[0]!r} is not a per-head q.k contraction")
+    d = contracted.pop()
+    operands = list(out.args[1])
+    which = [_from_softmax(o, softmax) for o in operands]
+    if sorted(which, key=str) != [False, None] or len(operands) != 2:
+        raise _Refused("the attention weights reach the output einsum in an unsupported layout")
+    p_index = which.index(False)
+    p_term, v_term, v = o_terms[p_index], o_terms[1 - p_index], operands[1 - p_index]
+    if len(p_term) != len(s_rhs):
+        raise _Refused(f"einsum {out.args[0]!r} does not read the weights as {s_rhs}")
+    lead_o, i_o, j_o = p_term[:-2], p_term[-2], p_term[-1]
+    value = set(v_term) - set(p_term)
+    if len(value) != 1 or set(v_term) != set(lead_o) | {j_o} | value or set(o_rhs) != set(lead_o) | {i_o} | value:
+        raise _Refused(f"einsum {out.args[0]!r} is not a per-head weights.v contraction")
+    e = value.pop()
+
+    def finish(build: "_Builder", result: fx.Node) -> fx.Node:
+        return build(aten.einsum.default, f"{lead_o}{i_o}{e}->{o_rhs}", [result])
+
+    return (_Deferred(aten.einsum.default, (f"{q_term}->{lead}{i}{d}", [q])),
+            _Deferred(aten.einsum.default, (f"{k_term}->{lead}{j}{d}", [k])),
+            _Deferred(aten.einsum.default, (f"{v_term}->{lead_o}{j_o}{e}", [v])), finish)
+
+
+def _einsum_terms(equation: str, count: int) -> tuple[list[str], str]:
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not arrow or "." in equation or len(terms) != count or any(len(set(t)) != len(t) for t in terms + [rhs]) \
+            or len(rhs) < 3:
+        raise _Refused(f"einsum {equation!r} is not in a form the pass reads (explicit output, no ellipsis)")
+    return terms, rhs
 
 
 def _from_softmax(node: fx.Node, softmax: fx.Node) -> bool | None:
@@ -295,9 +355,6 @@ class _Builder:
             if key in self.anchor.meta:
                 node.meta[key] = self.anchor.meta[key]
         return node
-
-    def deferred(self, target: Callable[..., Any], *args: Any) -> "_Deferred":
-        return _Deferred(target, args)
 
     def _materialise(self, a: Any) -> Any:
         if isinstance(a, _Deferred):
