@@ -15,6 +15,7 @@ from graphopt.errors import UnknownPassError
 from graphopt.approx import ApproxPass
 from graphopt.pipeline import Pass
 
+from .atconv import ATCONV
 from .dce import DCE
 from .fold import FOLD
 from .linear_attention import LINEAR_ATTENTION
@@ -23,7 +24,7 @@ from .skip_scale import SKIP_SCALE
 from .skip_tune import SKIP_TUNE
 
 REGISTRY: Mapping[str, Pass | ApproxPass] = MappingProxyType(
-    {p.name: p for p in (NOOP, FOLD, DCE, SKIP_SCALE, SKIP_TUNE, LINEAR_ATTENTION)})
+    {p.name: p for p in (NOOP, FOLD, DCE, SKIP_SCALE, SKIP_TUNE, LINEAR_ATTENTION, ATCONV)})
 
 # The exact pipeline, in the order each pass's docstring argues for.
 DEFAULT_PIPELINE: tuple[str, ...] = ("noop", "fold", "dce")

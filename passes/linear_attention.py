@@ -344,13 +344,13 @@ class _Builder:
     def __init__(self, graph: fx.Graph | None, anchor: fx.Node):
         self.graph, self.anchor = graph, anchor
 
-    def __call__(self, target: Callable[..., Any], *args: Any) -> fx.Node:
+    def __call__(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
         args = tuple(self._materialise(a) for a in args)
-        node = self.graph.call_function(target, args)
-        values = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], args)
-        mode = detect_fake_mode(pytree.tree_leaves(values))
+        node = self.graph.call_function(target, args, kwargs)
+        values, kw_values = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], (args, kwargs))
+        mode = detect_fake_mode(pytree.tree_leaves((values, kw_values)))
         with mode if mode is not None else _nothing():
-            node.meta["val"] = target(*values)
+            node.meta["val"] = target(*values, **kw_values)
         for key in _MODULE_META:
             if key in self.anchor.meta:
                 node.meta[key] = self.anchor.meta[key]

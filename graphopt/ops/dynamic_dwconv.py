@@ -79,3 +79,20 @@ def _(v: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     except ImportError:  # no Triton: the reference is correct everywhere, only slower
         return dynamic_dwconv_reference(v, kernels)
     return kernel(v, kernels)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients through the reference (distillation trains the kernel generator around the op)."""
+    v, kernels = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (v, kernels)]
+        out = dynamic_dwconv_reference(*leaves)
+        grads = torch.autograd.grad(out, leaves, grad)
+    return grads[0], grads[1]
+
+
+dynamic_dwconv.register_autograd(_backward, setup_context=_setup_context)

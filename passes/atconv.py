@@ -1,0 +1,212 @@
+"""atconv: ATConv, an attentive 3x3 convolution, in place of self-attention in transformer blocks.
+
+Approximate (arXiv 2510.20092; ../METHODS.md). At a self-attention site over ``[B, N, C]`` tokens
+on a square grid (N = s^2), whose q/k/v come from linear projections of one input ``x`` and whose
+output projection is a linear, the attention from the q/k/v projections to the output projection
+becomes::
+
+    K = GELU_tanh(pool_{k^2}(Linear_CxC(x)^T)) @ W_gen + b_gen      per (sample, channel): k x k
+    K = K - sigmoid(lambda) * mean_{k x k}(K)                         lateral inhibition, lambda = 0
+    Y = dynamic_dwconv(Linear_v(x) as [B, C, s, s], K)                 graphopt::dynamic_dwconv
+    out = Linear_out(Y as [B, N, C])
+
+``pool`` is the adaptive average pool over the raster token axis to k^2 bins. The value and output
+projections are inherited (the value rows of a fused qkv weight are sliced, not copied); the kernel
+generator's C x C linear, the shared k^2 x k^2 linear and lambda (zeros) are new, under the graph's
+``graphopt_fresh`` submodule, for :func:`graphopt.distill`. ``hybrid=True`` replaces every second
+site only (the second, fourth, ...); ``drop_pos_embed=True`` removes a learned position embedding
+added to the patch tokens (all-ATConv models drop it upstream). Sites it cannot replace are listed
+with the reason; the row's hits count the sites replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.dynamic_dwconv
+from graphopt.analysis import find_attention
+from graphopt.analysis.attention import AttentionSite
+from graphopt.analysis.graph import op_name, to_networkx
+from graphopt.approx import ApproxContext, ApproxOutcome, ApproxPass
+from graphopt.errors import PassError, UsageError
+from graphopt.fxgraph import copy_sharing_weights
+from graphopt.pipeline import PassContext
+
+from .linear_attention import FRESH, _attr, _batch_symbol, _Builder, _fresh, _Refused
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class ATConvOptions:
+    """``kernel``: the dynamic kernel's size (odd, METHODS: 3); ``hybrid``: every second site only;
+    ``drop_pos_embed``: remove a learned position embedding; ``seed``: the initialisation's seed."""
+
+    kernel: int = 3
+    hybrid: bool = False
+    drop_pos_embed: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise UsageError(f"the ATConv kernel must be odd and positive, got {self.kernel}")
+
+
+def substitute_atconv(gm: fx.GraphModule, options: ATConvOptions,
+                      ctx: PassContext | None = None) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` (sharing its inherited weights) with ATConv at every (or every second)
+    substitutable self-attention site; returns it and the number of sites replaced."""
+    out = copy_sharing_weights(gm)
+    sites = find_attention(to_networkx(out), _batch_symbol(out))
+    generator = torch.Generator().manual_seed(options.seed)
+    if not hasattr(out, FRESH):
+        out.add_submodule(FRESH, nn.Module())
+    fresh = getattr(out, FRESH)
+    first = 1 + max((int(n[3:].split("_")[0]) for n, _ in fresh.named_parameters() if n.startswith("atc")),
+                    default=-1)
+    replaced = 0
+    position = -1
+    for site in sites:
+        position += not site.cross  # hybrid counts self-attention sites: cross ones are never replaced
+        if options.hybrid and not site.cross and position % 2 == 0:
+            continue
+        try:
+            _substitute(out, site, options, generator, fresh, first + replaced)
+        except _Refused as why:
+            if ctx is not None:
+                ctx.note(f"{site.label or site.node}: left as it is: {why}")
+            continue
+        replaced += 1
+    if replaced:
+        if options.drop_pos_embed:
+            note = _drop_pos_embed(out)
+            if ctx is not None:
+                ctx.note(note)
+        _eliminate(out)
+        out.graph.lint()
+        out.recompile()
+    return out, replaced
+
+
+def _eliminate(gm: fx.GraphModule) -> None:
+    """Dead-code elimination, including attention calls (SDPA counts as impure: dropout)."""
+    while True:
+        gm.graph.eliminate_dead_code()
+        dead = [n for n in gm.graph.nodes if n.op == "call_function" and not n.users
+                and "scaled_dot_product" in op_name(n)]
+        if not dead:
+            return
+        for n in dead:
+            gm.graph.erase_node(n)
+
+
+def _substitute(gm: fx.GraphModule, site: AttentionSite, options: ATConvOptions, generator: torch.Generator,
+                fresh: nn.Module, index: int) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if site.cross:
+        raise _Refused("cross-attention: ATConv replaces self-attention only")
+    projections = [nodes[n] for n in dict.fromkeys((site.q, site.k, site.v))]
+    if any(op_name(p) != "linear" for p in projections):
+        raise _Refused("q/k/v do not come from linear projections of the tokens")
+    inputs = {p.args[0] for p in projections}
+    if len(inputs) != 1:
+        raise _Refused("q, k and v read different tensors")
+    x = inputs.pop()
+    shape = tuple(x.meta["val"].shape)
+    if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
+        raise _Refused(f"the tokens are not a static [B, N, C] tensor ({shape})")
+    tokens, channels = shape[1], shape[2]
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise _Refused(f"{tokens} tokens are not a square grid: the convolution needs H x W")
+    out_proj = nodes.get(site.out_proj) if site.out_proj else None
+    if out_proj is None or op_name(out_proj) != "linear" or tuple(out_proj.args[0].meta["val"].shape)[1:] != \
+            (tokens, channels):
+        raise _Refused("no linear output projection reading [B, N, C]")
+    k = options.kernel
+    bins = k * k
+    build = _Builder(gm.graph, out_proj)
+    with gm.graph.inserting_before(out_proj):
+        value = _value(build, x, projections, site, channels)
+        weight = _fresh(gm, fresh, f"atc{index}_k_weight", (channels, channels), generator, build)
+        bias = _fresh(gm, fresh, f"atc{index}_k_bias", (channels,), generator, build, fan_in=channels)
+        routed = build(aten.transpose.int, build(aten.linear.default, x, weight, bias), 1, 2)  # [B, C, N]
+        pooled = build(aten.gelu.default, build(aten.adaptive_avg_pool1d.default, routed, [bins]), approximate="tanh")
+        gen_w = _fresh(gm, fresh, f"atc{index}_gen_weight", (bins, bins), generator, build)
+        gen_b = _fresh(gm, fresh, f"atc{index}_gen_bias", (bins,), generator, build, fan_in=bins)
+        kernels = build(aten.reshape.default, build(aten.linear.default, pooled, gen_w, gen_b), [-1, channels, k, k])
+        lam = _zeros(gm, fresh, f"atc{index}_lambda", channels, build)
+        inhibit = build(aten.mul.Tensor, build(aten.reshape.default, build(aten.sigmoid.default, lam),
+                                               [1, channels, 1, 1]),
+                        build(aten.mean.dim, kernels, [2, 3], True))
+        kernels = build(aten.sub.Tensor, kernels, inhibit)
+        image = build(aten.reshape.default, build(aten.transpose.int, value, 1, 2), [-1, channels, side, side])
+        conv = build(torch.ops.graphopt.dynamic_dwconv.default, image, kernels)
+        y = build(aten.transpose.int, build(aten.reshape.default, conv, [-1, channels, tokens]), 1, 2)
+    out_proj.replace_input_with(out_proj.args[0], y)
+
+
+def _value(build: _Builder, x: fx.Node, projections: list[fx.Node], site: AttentionSite, channels: int) -> fx.Node:
+    """The value projection of ``x``: its own linear, or the value rows of a fused qkv linear (sliced,
+    so the trained weight is shared, not copied)."""
+    if not site.fused_qkv:
+        return projections[-1]
+    fused = projections[0]
+    weight = fused.args[1]
+    bias = fused.args[2] if len(fused.args) > 2 else None
+    if tuple(weight.meta["val"].shape)[0] != 3 * channels:
+        raise _Refused("the fused projection is not [3C, C] (q, k, v stacked)")
+    v_weight = build(aten.slice.Tensor, weight, 0, 2 * channels, 3 * channels)
+    v_bias = build(aten.slice.Tensor, bias, 0, 2 * channels, 3 * channels) if isinstance(bias, fx.Node) else None
+    return build(aten.linear.default, x, v_weight, v_bias)
+
+
+def _zeros(gm: fx.GraphModule, fresh: nn.Module, name: str, size: int, build: _Builder) -> fx.Node:
+    """lambda, initialised to 0 (METHODS: sigmoid(0) = 1/2 of the mean is inhibited at the start)."""
+    node = _fresh(gm, fresh, name, (size,), torch.Generator(), build, fan_in=1)
+    with torch.no_grad():
+        _attr(gm, node.target).zero_()
+    return node
+
+
+def _drop_pos_embed(gm: fx.GraphModule) -> str:
+    """Remove ``tokens + pos_embed``: the first add of a [1, N, C] parameter to [B, N, C] tokens."""
+    for node in gm.graph.nodes:
+        if op_name(node) != "add" or len(node.args) < 2:
+            continue
+        a, b = node.args[:2]
+        for tokens, embed in ((a, b), (b, a)):
+            if isinstance(embed, fx.Node) and embed.op == "get_attr" and isinstance(tokens, fx.Node):
+                e, t = embed.meta.get("val"), tokens.meta.get("val")
+                if e is not None and t is not None and e.dim() == 3 and t.dim() == 3 and e.shape[0] == 1 \
+                        and tuple(e.shape[1:]) == tuple(t.shape[1:]):
+                    node.replace_all_uses_with(tokens)
+                    gm.graph.erase_node(node)
+                    return f"position embedding {embed.target} dropped"
+    return "no learned position embedding found to drop"
+
+
+def atconv_pass(options: ATConvOptions | None = None) -> ApproxPass:
+    """The ``atconv`` approximate pass with these options (the registered one: all sites, defaults)."""
+    options = options or ATConvOptions()
+
+    def transform(module: Any, ctx: ApproxContext, pctx: PassContext) -> ApproxOutcome:
+        gm, replaced = substitute_atconv(module.captured.graph_module, options, pctx)
+        if not replaced:
+            raise PassError("no attention site could be replaced" + (f" ({'; '.join(pctx.notes)})"
+                                                                     if pctx.notes else ""))
+        pctx.hit("site", replaced)
+        pctx.note(f"{replaced} attention site(s) now ATConv ({options.kernel}x{options.kernel} dynamic kernels, "
+                  f"{'hybrid: every second site' if options.hybrid else 'all sites'}); value and output "
+                  f"projections inherited, kernel generator fresh, lambda 0 (seed {options.seed})")
+        return ApproxOutcome(graph=gm)
+
+    return ApproxPass("atconv", transform, doc=__doc__ or "")
+
+
+ATCONV = atconv_pass()
