@@ -61,6 +61,7 @@ class DistillConfig:
     task_weight: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
+    max_minutes: float | None = None  # stop after the step that crosses it (checkpointed), fewer steps done
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.all_steps < 0 or self.steps + self.all_steps < 1:
@@ -69,6 +70,8 @@ class DistillConfig:
             raise UsageError("distillation needs a positive batch, learning rate and checkpoint interval")
         if self.lambda1 < 0 or self.task_weight < 0 or self.lambda1 + self.task_weight == 0:
             raise UsageError("lambda1 and task_weight must be non-negative and not both zero")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UsageError(f"max_minutes must be positive, got {self.max_minutes}")
 
     @property
     def total(self) -> int:
@@ -210,6 +213,7 @@ def distill(student: "OptimizedModule", teacher: nn.Module, example_inputs: Sequ
     started = time.perf_counter() - state.seconds
     bar = tqdm(range(start_step + 1, config.total + 1), "distill", disable=not progress, initial=start_step,
                total=config.total)
+    done = start_step
     try:
         for step in bar:
             params = state.phase(step)
@@ -235,10 +239,14 @@ def distill(student: "OptimizedModule", teacher: nn.Module, example_inputs: Sequ
                 raise UsageError(f"the distillation loss diverged at step {step} (lower the learning rate)")
             smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
             bar.set_postfix_str(f"loss {smoothed:.4f}", refresh=False)
-            if step % config.checkpoint_every == 0 or step == config.total:
+            out_of_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+            if step % config.checkpoint_every == 0 or step == config.total or out_of_time:
                 losses.append((step, smoothed))
                 if folder is not None:
                     state.save(folder, step, losses, smoothed, time.perf_counter() - started)
+            done = step
+            if out_of_time:
+                break
     finally:
         bar.close()
         for p in gm.parameters():
@@ -247,7 +255,7 @@ def distill(student: "OptimizedModule", teacher: nn.Module, example_inputs: Sequ
     minutes = (time.perf_counter() - started) / 60
     _apply(student, ApproxOutcome(graph=gm))  # trained weights: new reference outputs, caches dropped
     trained = state.trained
-    report = DistillReport(config.total, round(minutes, 2), float(smoothed or 0.0), tuple(losses), len(trained),
+    report = DistillReport(done, round(minutes, 2), float(smoothed or 0.0), tuple(losses), len(trained),
                            sum(t.numel() for t in trained), task.name)
     if context is not None:
         quality = context.evaluator.measure(context.generator(student), ("teacher", context.generator(teacher)))

@@ -117,3 +117,13 @@ def test_a_reference_generator_is_distilled_on_its_own_objective():
     ref = load("unet-digits")
     (noisy, sigma), target, weight = _DigitsTask("unet", ref.model.config, None).draw(4, torch.Generator())
     assert noisy.shape == target.shape and weight.shape == sigma.shape == (4,)
+
+
+def test_a_time_budget_stops_after_the_step_that_crosses_it(tmp_path):
+    opt, model, _ = _student()
+    report = distill(opt, model, config=DistillConfig(**SMALL, max_minutes=1e-6), checkpoint_dir=tmp_path / "t",
+                     progress=False)
+    assert report.steps == 1 and report.losses == ((1, report.loss),)
+    assert (tmp_path / "t" / CHECKPOINT).is_file()
+    with pytest.raises(UsageError, match="max_minutes"):
+        DistillConfig(max_minutes=0)
