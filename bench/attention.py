@@ -168,7 +168,8 @@ def write_section(path: Path, c: dict, rows: list[dict], timing: list[dict]) -> 
     lines = [BEGIN, "", "## Attention replaced: LiT and ATConv, distilled", "",
              f"Measured by `{c['command']}` on {c['machine']}, in {c['minutes']:.0f} min. FD at 16 Heun steps "
              f"(NFE 31), {c['samples']} samples on each of seeds {c['seeds']} (mean ± std), in the "
-             "`classifier-digits` feature space; the teacher is the reference model on the same seeds. Distillation: new parameters first, "
+             "`classifier-digits` feature space; the teacher is the reference model on the same seeds. "
+             "Distillation: new parameters first, "
              "then every parameter (lr 2e-4), batch 64, the model's own objective + 0.5 x the teacher term; "
              "minutes on this CPU.", "",
              "| model | substitution | sites | teacher FD | FD before distillation | FD after | vs teacher | "
@@ -176,7 +177,8 @@ def write_section(path: Path, c: dict, rows: list[dict], timing: list[dict]) -> 
     for r in rows:
         t, b, a = r["teacher"], r["before"], r["after"]
         lines.append(f"| {r['model']} | {r['label']} | {r['sites']} | {t[0]:.2f} ± {t[1]:.2f} | "
-                     f"{b[0]:.2f} ± {b[1]:.2f} | {a[0]:.2f} ± {a[1]:.2f} | {100 * (a[0] / t[0] - 1):+.0f}% | {r['minutes']:.1f} min "
+                     f"{b[0]:.2f} ± {b[1]:.2f} | {a[0]:.2f} ± {a[1]:.2f} | {100 * (a[0] / t[0] - 1):+.0f}% | "
+                     f"{r['minutes']:.1f} min "
                      f"({' + '.join(map(str, r['steps']))} steps) | max abs err {r['onnx_err']:.1e} at batches "
                      f"{', '.join(map(str, r['onnx_batches']))} |")
     lines += ["", "One attention site (width 384, 6 heads, batch 1) on this CPU, median of interleaved runs:", "",
