@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 from torch import fx, nn
@@ -32,12 +31,12 @@ import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.dynamic_dwconv
 from graphopt.analysis import find_attention
 from graphopt.analysis.attention import AttentionSite
 from graphopt.analysis.graph import op_name, to_networkx
-from graphopt.approx import ApproxContext, ApproxOutcome, ApproxPass
-from graphopt.errors import PassError, UsageError
+from graphopt.approx import ApproxPass
+from graphopt.errors import UsageError
 from graphopt.fxgraph import copy_sharing_weights
 from graphopt.pipeline import PassContext
 
-from .linear_attention import FRESH, _attr, _batch_symbol, _Builder, _fresh, _Refused
+from ._substitution import Builder, Refused, attribute, batch_symbol, fresh_module, fresh_parameter, substituting_pass
 
 aten = torch.ops.aten
 
@@ -62,13 +61,9 @@ def substitute_atconv(gm: fx.GraphModule, options: ATConvOptions,
     """A copy of ``gm`` (sharing its inherited weights) with ATConv at every (or every second)
     substitutable self-attention site; returns it and the number of sites replaced."""
     out = copy_sharing_weights(gm)
-    sites = find_attention(to_networkx(out), _batch_symbol(out))
+    sites = find_attention(to_networkx(out), batch_symbol(out))
     generator = torch.Generator().manual_seed(options.seed)
-    if not hasattr(out, FRESH):
-        out.add_submodule(FRESH, nn.Module())
-    fresh = getattr(out, FRESH)
-    first = 1 + max((int(n[3:].split("_")[0]) for n, _ in fresh.named_parameters() if n.startswith("atc")),
-                    default=-1)
+    fresh, first = fresh_module(out, "atc")
     replaced = 0
     position = -1
     for site in sites:
@@ -77,7 +72,7 @@ def substitute_atconv(gm: fx.GraphModule, options: ATConvOptions,
             continue
         try:
             _substitute(out, site, options, generator, fresh, first + replaced)
-        except _Refused as why:
+        except Refused as why:
             if ctx is not None:
                 ctx.note(f"{site.label or site.node}: left as it is: {why}")
             continue
@@ -109,36 +104,36 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: ATConvOptions,
                 fresh: nn.Module, index: int) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     if site.cross:
-        raise _Refused("cross-attention: ATConv replaces self-attention only")
+        raise Refused("cross-attention: ATConv replaces self-attention only")
     projections = [nodes[n] for n in dict.fromkeys((site.q, site.k, site.v))]
     if any(op_name(p) != "linear" for p in projections):
-        raise _Refused("q/k/v do not come from linear projections of the tokens")
+        raise Refused("q/k/v do not come from linear projections of the tokens")
     inputs = {p.args[0] for p in projections}
     if len(inputs) != 1:
-        raise _Refused("q, k and v read different tensors")
+        raise Refused("q, k and v read different tensors")
     x = inputs.pop()
     shape = tuple(x.meta["val"].shape)
     if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
-        raise _Refused(f"the tokens are not a static [B, N, C] tensor ({shape})")
+        raise Refused(f"the tokens are not a static [B, N, C] tensor ({shape})")
     tokens, channels = shape[1], shape[2]
     side = math.isqrt(tokens)
     if side * side != tokens:
-        raise _Refused(f"{tokens} tokens are not a square grid: the convolution needs H x W")
+        raise Refused(f"{tokens} tokens are not a square grid: the convolution needs H x W")
     out_proj = nodes.get(site.out_proj) if site.out_proj else None
     if out_proj is None or op_name(out_proj) != "linear" or tuple(out_proj.args[0].meta["val"].shape)[1:] != \
             (tokens, channels):
-        raise _Refused("no linear output projection reading [B, N, C]")
+        raise Refused("no linear output projection reading [B, N, C]")
     k = options.kernel
     bins = k * k
-    build = _Builder(gm.graph, out_proj)
+    build = Builder(gm.graph, out_proj)
     with gm.graph.inserting_before(out_proj):
         value = _value(build, x, projections, site, channels)
-        weight = _fresh(gm, fresh, f"atc{index}_k_weight", (channels, channels), generator, build)
-        bias = _fresh(gm, fresh, f"atc{index}_k_bias", (channels,), generator, build, fan_in=channels)
+        weight = fresh_parameter(gm, fresh, f"atc{index}_k_weight", (channels, channels), generator, build)
+        bias = fresh_parameter(gm, fresh, f"atc{index}_k_bias", (channels,), generator, build, fan_in=channels)
         routed = build(aten.transpose.int, build(aten.linear.default, x, weight, bias), 1, 2)  # [B, C, N]
         pooled = build(aten.gelu.default, build(aten.adaptive_avg_pool1d.default, routed, [bins]), approximate="tanh")
-        gen_w = _fresh(gm, fresh, f"atc{index}_gen_weight", (bins, bins), generator, build)
-        gen_b = _fresh(gm, fresh, f"atc{index}_gen_bias", (bins,), generator, build, fan_in=bins)
+        gen_w = fresh_parameter(gm, fresh, f"atc{index}_gen_weight", (bins, bins), generator, build)
+        gen_b = fresh_parameter(gm, fresh, f"atc{index}_gen_bias", (bins,), generator, build, fan_in=bins)
         kernels = build(aten.reshape.default, build(aten.linear.default, pooled, gen_w, gen_b), [-1, channels, k, k])
         lam = _zeros(gm, fresh, f"atc{index}_lambda", channels, build)
         inhibit = build(aten.mul.Tensor, build(aten.reshape.default, build(aten.sigmoid.default, lam),
@@ -151,7 +146,7 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: ATConvOptions,
     out_proj.replace_input_with(out_proj.args[0], y)
 
 
-def _value(build: _Builder, x: fx.Node, projections: list[fx.Node], site: AttentionSite, channels: int) -> fx.Node:
+def _value(build: Builder, x: fx.Node, projections: list[fx.Node], site: AttentionSite, channels: int) -> fx.Node:
     """The value projection of ``x``: its own linear, or the value rows of a fused qkv linear (sliced,
     so the trained weight is shared, not copied)."""
     if not site.fused_qkv:
@@ -160,17 +155,17 @@ def _value(build: _Builder, x: fx.Node, projections: list[fx.Node], site: Attent
     weight = fused.args[1]
     bias = fused.args[2] if len(fused.args) > 2 else None
     if tuple(weight.meta["val"].shape)[0] != 3 * channels:
-        raise _Refused("the fused projection is not [3C, C] (q, k, v stacked)")
+        raise Refused("the fused projection is not [3C, C] (q, k, v stacked)")
     v_weight = build(aten.slice.Tensor, weight, 0, 2 * channels, 3 * channels)
     v_bias = build(aten.slice.Tensor, bias, 0, 2 * channels, 3 * channels) if isinstance(bias, fx.Node) else None
     return build(aten.linear.default, x, v_weight, v_bias)
 
 
-def _zeros(gm: fx.GraphModule, fresh: nn.Module, name: str, size: int, build: _Builder) -> fx.Node:
+def _zeros(gm: fx.GraphModule, fresh: nn.Module, name: str, size: int, build: Builder) -> fx.Node:
     """lambda, initialised to 0 (METHODS: sigmoid(0) = 1/2 of the mean is inhibited at the start)."""
-    node = _fresh(gm, fresh, name, (size,), torch.Generator(), build, fan_in=1)
+    node = fresh_parameter(gm, fresh, name, (size,), torch.Generator(), build, fan_in=1)
     with torch.no_grad():
-        _attr(gm, node.target).zero_()
+        attribute(gm, node.target).zero_()
     return node
 
 
@@ -194,19 +189,12 @@ def _drop_pos_embed(gm: fx.GraphModule) -> str:
 def atconv_pass(options: ATConvOptions | None = None) -> ApproxPass:
     """The ``atconv`` approximate pass with these options (the registered one: all sites, defaults)."""
     options = options or ATConvOptions()
-
-    def transform(module: Any, ctx: ApproxContext, pctx: PassContext) -> ApproxOutcome:
-        gm, replaced = substitute_atconv(module.captured.graph_module, options, pctx)
-        if not replaced:
-            raise PassError("no attention site could be replaced" + (f" ({'; '.join(pctx.notes)})"
-                                                                     if pctx.notes else ""))
-        pctx.hit("site", replaced)
-        pctx.note(f"{replaced} attention site(s) now ATConv ({options.kernel}x{options.kernel} dynamic kernels, "
-                  f"{'hybrid: every second site' if options.hybrid else 'all sites'}); value and output "
-                  f"projections inherited, kernel generator fresh, lambda 0 (seed {options.seed})")
-        return ApproxOutcome(graph=gm)
-
-    return ApproxPass("atconv", transform, doc=__doc__ or "")
+    return substituting_pass(
+        "atconv", lambda gm, pctx: substitute_atconv(gm, options, pctx),
+        lambda n: (f"{n} attention site(s) now ATConv ({options.kernel}x{options.kernel} dynamic kernels, "
+                   f"{'hybrid: every second site' if options.hybrid else 'all sites'}); value and output "
+                   f"projections inherited, kernel generator fresh, lambda 0 (seed {options.seed})"),
+        __doc__ or "")
 
 
 ATCONV = atconv_pass()

@@ -24,29 +24,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
-from torch._guards import detect_fake_mode
-from torch.utils import _pytree as pytree
 
 import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.linear_attention
 from graphopt.analysis import find_attention
 from graphopt.analysis.attention import AttentionSite
 from graphopt.analysis.graph import CONVS, op_name, to_networkx
-from graphopt.approx import ApproxContext, ApproxOutcome, ApproxPass
+from graphopt.approx import ApproxPass
 from graphopt.errors import PassError, UsageError
 from graphopt.fxgraph import copy_sharing_weights
 from graphopt.pipeline import PassContext
 
+from ._substitution import FRESH  # noqa: F401 - re-exported: where the pass's new tensors live
+from ._substitution import (Builder, Deferred, Refused, attribute, batch_symbol, fresh_module, fresh_parameter,
+                            substituting_pass)
+
 aten = torch.ops.aten
-FRESH = "graphopt_fresh"  # the submodule holding every tensor an approximate pass initialised
 _SCORES = frozenset({"matmul", "bmm"})
 _MASKING = frozenset({"add", "masked_fill", "where"})
 _PASSTHROUGH = frozenset({"contiguous", "clone", "dropout", "alias", "detach", "_to_copy", "to"})
 _PROJECTIONS = frozenset({"linear"}) | CONVS
-_MODULE_META = ("graphopt_module", "nn_module_stack", "stack_trace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,27 +71,19 @@ class LinearAttentionOptions:
             raise UsageError(f"the depthwise conv kernel must be odd and positive, got {self.kernel}")
 
 
-class _Refused(Exception):
-    """A site the pass leaves alone, with the reason."""
-
-
 def substitute_linear_attention(gm: fx.GraphModule, options: LinearAttentionOptions,
                                 ctx: PassContext | None = None) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` (sharing its inherited weights) with every substitutable attention site
     replaced; returns it and the number of sites replaced. ``gm`` itself is not changed."""
     out = copy_sharing_weights(gm)
-    sites = find_attention(to_networkx(out), _batch_symbol(out))
+    sites = find_attention(to_networkx(out), batch_symbol(out))
     generator = torch.Generator().manual_seed(options.seed)
-    if not hasattr(out, FRESH):
-        out.add_submodule(FRESH, nn.Module())
-    fresh = getattr(out, FRESH)  # the copy's own module: the source graph's is not touched
-    first = 1 + max((int(n[3:].split("_")[0]) for n, _ in fresh.named_parameters() if n.startswith("lit")),
-                    default=-1)
+    fresh, first = fresh_module(out, "lit")  # the copy's own module: the source graph's is not touched
     replaced = 0
     for site in sites:
         try:
             _substitute(out, site, options, generator, fresh, first + replaced)
-        except _Refused as why:
+        except Refused as why:
             if ctx is not None:
                 ctx.note(f"{site.label or site.node}: left as it is: {why}")
             continue
@@ -103,14 +95,6 @@ def substitute_linear_attention(gm: fx.GraphModule, options: LinearAttentionOpti
     return out, replaced
 
 
-def _batch_symbol(gm: fx.GraphModule) -> str | None:
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim():
-            size = n.meta["val"].shape[0]
-            return None if isinstance(size, int) else str(size)
-    return None
-
-
 # ------------------------------------------------------------------------------------------ one site
 
 
@@ -118,7 +102,7 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentio
                 generator: torch.Generator, fresh: nn.Module, index: int) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     if getattr(site, "cross", False) and not options.cross:
-        raise _Refused("cross-attention (keys and values from another sequence); pass cross=True to replace it")
+        raise Refused("cross-attention (keys and values from another sequence); pass cross=True to replace it")
     out = nodes[site.node]
     if site.kind == "sdpa":
         q, k, v, finish = _sdpa_operands(out)
@@ -128,31 +112,31 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentio
     tokens, kv_tokens = shape[-2], tuple(k.meta["val"].shape)[-2]
     cross = bool(getattr(site, "cross", False))
     if not (isinstance(tokens, int) and isinstance(kv_tokens, int)):
-        raise _Refused("the token counts are not static")
+        raise Refused("the token counts are not static")
     side = math.isqrt(tokens)
     if not cross and tokens != kv_tokens:
-        raise _Refused(f"{tokens} queries attend to {kv_tokens} keys: not one token grid")
+        raise Refused(f"{tokens} queries attend to {kv_tokens} keys: not one token grid")
     if not cross and side * side != tokens:
-        raise _Refused(f"{tokens} tokens are not a square grid: the depthwise conv needs H x W")
+        raise Refused(f"{tokens} tokens are not a square grid: the depthwise conv needs H x W")
     if len(shape) == 4:
         heads = shape[1]
     elif len(shape) == 3 and site.heads is not None:
         heads = site.heads
     else:
-        raise _Refused(f"cannot tell the heads of a {len(shape)}-d attention layout")
+        raise Refused(f"cannot tell the heads of a {len(shape)}-d attention layout")
     head_dim, value_dim = shape[-1], tuple(v.meta["val"].shape)[-1]
     if not all(isinstance(d, int) for d in (heads, head_dim, value_dim)):
-        raise _Refused("head sizes are not static")
+        raise Refused("head sizes are not static")
     groups = options.heads or heads
     if (heads * head_dim) % groups or (heads * value_dim) % groups:
-        raise _Refused(f"{groups} heads do not divide the q/v widths {heads * head_dim}/{heads * value_dim}")
+        raise Refused(f"{groups} heads do not divide the q/v widths {heads * head_dim}/{heads * value_dim}")
     projections = _projections(site, nodes) if options.fresh_qkv else []
     out_proj = nodes.get(site.out_proj) if site.out_proj and not options.inherit_out_proj else None
     if not options.inherit_out_proj and (out_proj is None or op_name(out_proj) not in _PROJECTIONS):
-        raise _Refused("no linear/conv output projection to initialise afresh")
+        raise Refused("no linear/conv output projection to initialise afresh")
 
     g = gm.graph
-    build = _Builder(g, out)
+    build = Builder(g, out)
     with g.inserting_before(out):
         q4, k4, v4 = (build._materialise(x) if len(shape) == 4 else
                       build(aten.reshape.default, x, [-1, heads, n, d])
@@ -178,15 +162,15 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentio
         _reinitialise(gm, fresh, out_proj, f"lit{index}_out", generator)
 
 
-def _local(gm: fx.GraphModule, build: "_Builder", fresh: nn.Module, v4: fx.Node, heads: int, value_dim: int,
+def _local(gm: fx.GraphModule, build: "Builder", fresh: nn.Module, v4: fx.Node, heads: int, value_dim: int,
            tokens: int, side: int, options: LinearAttentionOptions, generator: torch.Generator, index: int,
            attended: fx.Node) -> fx.Node:
     """LiT's locality branch: a depthwise conv over V as a ``[B, heads * Dv, side, side]`` image,
     added to the attention output ``[B, heads, N, Dv]``."""
     channels = heads * value_dim
-    weight = _fresh(gm, fresh, f"lit{index}_dwc_weight", (channels, 1, options.kernel, options.kernel),
+    weight = fresh_parameter(gm, fresh, f"lit{index}_dwc_weight", (channels, 1, options.kernel, options.kernel),
                     generator, build)
-    bias = _fresh(gm, fresh, f"lit{index}_dwc_bias", (channels,), generator, build,
+    bias = fresh_parameter(gm, fresh, f"lit{index}_dwc_bias", (channels,), generator, build,
                   fan_in=options.kernel * options.kernel)
     image = build(aten.reshape.default, build(aten.permute.default, v4, [0, 1, 3, 2]), [-1, channels, side, side])
     local = build(aten.conv2d.default, image, weight, bias, [1, 1], [options.kernel // 2] * 2, [1, 1], channels)
@@ -195,14 +179,14 @@ def _local(gm: fx.GraphModule, build: "_Builder", fresh: nn.Module, v4: fx.Node,
     return build(aten.add.Tensor, attended, local)
 
 
-Finish = Callable[["_Builder", fx.Node], fx.Node]  # the canonical [..., Nq, Dv] result -> the site's layout
+Finish = Callable[["Builder", fx.Node], fx.Node]  # the canonical [..., Nq, Dv] result -> the site's layout
 
 
-def _same(build: "_Builder", result: fx.Node) -> fx.Node:
+def _same(build: "Builder", result: fx.Node) -> fx.Node:
     return result
 
 
-def _transpose(build: "_Builder", result: fx.Node) -> fx.Node:
+def _transpose(build: "Builder", result: fx.Node) -> fx.Node:
     return build(aten.transpose.int, result, -1, -2)
 
 
@@ -211,13 +195,13 @@ def _sdpa_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, Finish]:
     names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     extra = dict(zip(names, node.args[3:]), **node.kwargs)
     if extra.get("attn_mask") is not None:
-        raise _Refused("masked attention")
+        raise Refused("masked attention")
     if extra.get("is_causal"):
-        raise _Refused("causal attention")
+        raise Refused("causal attention")
     if extra.get("enable_gqa"):
-        raise _Refused("grouped-query attention")
+        raise Refused("grouped-query attention")
     if q.meta["val"].dim() != 4:
-        raise _Refused(f"a {q.meta['val'].dim()}-d SDPA layout")
+        raise Refused(f"a {q.meta['val'].dim()}-d SDPA layout")
     return q, k, v, _same
 
 
@@ -228,32 +212,32 @@ def _softmax_operands(site: AttentionSite, nodes: dict[str, fx.Node]) -> tuple[A
     core = [nodes[n] for n in site.nodes]
     out = nodes[site.node]
     if any(op_name(n) in _MASKING for n in core):
-        raise _Refused("masked attention")
+        raise Refused("masked attention")
     scores = [n for n in core if op_name(n) in _SCORES | {"einsum"} and n is not out]
     softmax = [n for n in core if "softmax" in op_name(n)]
     if len(scores) != 1 or len(softmax) != 1 or op_name(out) not in _SCORES | {"einsum"}:
-        raise _Refused("scores are not a plain matmul, bmm or einsum (baddbmm forms are not substituted)")
+        raise Refused("scores are not a plain matmul, bmm or einsum (baddbmm forms are not substituted)")
     dim = softmax[0].args[1] if len(softmax[0].args) > 1 else softmax[0].kwargs.get("dim")
     if dim not in (-1, softmax[0].meta["val"].dim() - 1):
-        raise _Refused("softmax over another axis than the keys")
+        raise Refused("softmax over another axis than the keys")
     if "einsum" in (op_name(scores[0]), op_name(out)):
         return _einsum_operands(scores[0], softmax[0], out)
     a, b = scores[0].args[:2]
-    k = _Deferred(aten.transpose.int, (b, -1, -2))
+    k = Deferred(aten.transpose.int, (b, -1, -2))
     first, second = out.args[:2]
     flip_first, flip_second = _from_softmax(first, softmax[0]), _from_softmax(second, softmax[0])
     if flip_first is False and flip_second is None:  # P @ V
         return a, k, second, _same
     if flip_second is True and flip_first is None:  # V @ P^T, channels first: V is [..., Dv, Nk]
-        return a, k, _Deferred(aten.transpose.int, (first, -1, -2)), _transpose
-    raise _Refused("the attention weights reach the output matmul in an unsupported layout")
+        return a, k, Deferred(aten.transpose.int, (first, -1, -2)), _transpose
+    raise Refused("the attention weights reach the output matmul in an unsupported layout")
 
 
 def _einsum_operands(scores: fx.Node, softmax: fx.Node, out: fx.Node) -> tuple[Any, Any, Any, Finish]:
     """Both contractions as einsums (``bci,bcj->bij`` then ``bij,bcj->bci``, say): q, k and v are
     brought to ``[lead..., N, D]`` by einsum permutations, the result back by one more."""
     if op_name(scores) != "einsum" or op_name(out) != "einsum":
-        raise _Refused("scores and output mix einsum with matmul")
+        raise Refused("scores and output mix einsum with matmul")
     s_terms, s_rhs = _einsum_terms(scores.args[0], 2)
     o_terms, o_rhs = _einsum_terms(out.args[0], 2)
     lead, i, j = s_rhs[:-2], s_rhs[-2], s_rhs[-1]
@@ -262,28 +246,28 @@ def _einsum_operands(scores: fx.Node, softmax: fx.Node, out: fx.Node) -> tuple[A
     contracted = set(q_term) - set(s_rhs)
     if len(contracted) != 1 or set(q_term) != set(lead) | {i} | contracted or \
             set(k_term) != set(lead) | {j} | contracted:
-        raise _Refused(f"einsum {scores.args[0]!r} is not a per-head q.k contraction")
+        raise Refused(f"einsum {scores.args[0]!r} is not a per-head q.k contraction")
     d = contracted.pop()
     operands = list(out.args[1])
     which = [_from_softmax(o, softmax) for o in operands]
     if sorted(which, key=str) != [False, None] or len(operands) != 2:
-        raise _Refused("the attention weights reach the output einsum in an unsupported layout")
+        raise Refused("the attention weights reach the output einsum in an unsupported layout")
     p_index = which.index(False)
     p_term, v_term, v = o_terms[p_index], o_terms[1 - p_index], operands[1 - p_index]
     if len(p_term) != len(s_rhs):
-        raise _Refused(f"einsum {out.args[0]!r} does not read the weights as {s_rhs}")
+        raise Refused(f"einsum {out.args[0]!r} does not read the weights as {s_rhs}")
     lead_o, i_o, j_o = p_term[:-2], p_term[-2], p_term[-1]
     value = set(v_term) - set(p_term)
     if len(value) != 1 or set(v_term) != set(lead_o) | {j_o} | value or set(o_rhs) != set(lead_o) | {i_o} | value:
-        raise _Refused(f"einsum {out.args[0]!r} is not a per-head weights.v contraction")
+        raise Refused(f"einsum {out.args[0]!r} is not a per-head weights.v contraction")
     e = value.pop()
 
-    def finish(build: "_Builder", result: fx.Node) -> fx.Node:
+    def finish(build: "Builder", result: fx.Node) -> fx.Node:
         return build(aten.einsum.default, f"{lead_o}{i_o}{e}->{o_rhs}", [result])
 
-    return (_Deferred(aten.einsum.default, (f"{q_term}->{lead}{i}{d}", [q])),
-            _Deferred(aten.einsum.default, (f"{k_term}->{lead}{j}{d}", [k])),
-            _Deferred(aten.einsum.default, (f"{v_term}->{lead_o}{j_o}{e}", [v])), finish)
+    return (Deferred(aten.einsum.default, (f"{q_term}->{lead}{i}{d}", [q])),
+            Deferred(aten.einsum.default, (f"{k_term}->{lead}{j}{d}", [k])),
+            Deferred(aten.einsum.default, (f"{v_term}->{lead_o}{j_o}{e}", [v])), finish)
 
 
 def _einsum_terms(equation: str, count: int) -> tuple[list[str], str]:
@@ -291,7 +275,7 @@ def _einsum_terms(equation: str, count: int) -> tuple[list[str], str]:
     terms = lhs.split(",")
     if not arrow or "." in equation or len(terms) != count or any(len(set(t)) != len(t) for t in terms + [rhs]) \
             or len(rhs) < 3:
-        raise _Refused(f"einsum {equation!r} is not in a form the pass reads (explicit output, no ellipsis)")
+        raise Refused(f"einsum {equation!r} is not in a form the pass reads (explicit output, no ellipsis)")
     return terms, rhs
 
 
@@ -327,65 +311,17 @@ def _projections(site: AttentionSite, nodes: dict[str, fx.Node]) -> list[fx.Node
     projections = [nodes[n] for n in names]
     bad = [p.name for p in projections if op_name(p) not in _PROJECTIONS]
     if bad:
-        raise _Refused(f"q/k/v do not come from linear or conv projections ({', '.join(bad)}); "
+        raise Refused(f"q/k/v do not come from linear or conv projections ({', '.join(bad)}); "
                        "keep them with fresh_qkv=False")
     if len({p.name for p in projections}) != len(projections):
-        raise _Refused("q, k and v share a projection in an unrecognised way")
+        raise Refused("q, k and v share a projection in an unrecognised way")
     return projections
 
 
 # ------------------------------------------------------------------------------------- graph building
 
 
-class _Builder:
-    """Adds call_function nodes whose ``val`` comes from running the op on the operands' fake values
-    (symbolic batch included), with the attention output's module labels."""
-
-    def __init__(self, graph: fx.Graph | None, anchor: fx.Node):
-        self.graph, self.anchor = graph, anchor
-
-    def __call__(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
-        args = tuple(self._materialise(a) for a in args)
-        node = self.graph.call_function(target, args, kwargs)
-        values, kw_values = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], (args, kwargs))
-        mode = detect_fake_mode(pytree.tree_leaves((values, kw_values)))
-        with mode if mode is not None else _nothing():
-            node.meta["val"] = target(*values, **kw_values)
-        for key in _MODULE_META:
-            if key in self.anchor.meta:
-                node.meta[key] = self.anchor.meta[key]
-        return node
-
-    def _materialise(self, a: Any) -> Any:
-        if isinstance(a, _Deferred):
-            return self(a.target, *a.args)
-        return a
-
-
-@dataclasses.dataclass(frozen=True)
-class _Deferred:
-    """An op to add once the builder inserts (operands found before the insertion point is known)."""
-
-    target: Callable[..., Any]
-    args: tuple[Any, ...]
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        values = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], self.args)
-        mode = detect_fake_mode(pytree.tree_leaves(values))
-        with mode if mode is not None else _nothing():
-            return {"val": self.target(*values)}
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _regroup(build: _Builder, x: fx.Node, heads: int, groups: int, tokens: int) -> fx.Node:
+def _regroup(build: Builder, x: fx.Node, heads: int, groups: int, tokens: int) -> fx.Node:
     """``[B, heads, N, d]`` -> ``[B, groups, N, heads * d / groups]`` (channels kept in order)."""
     x = build._materialise(x)
     if groups == heads:
@@ -395,31 +331,11 @@ def _regroup(build: _Builder, x: fx.Node, heads: int, groups: int, tokens: int) 
     return build(aten.permute.default, x, [0, 2, 1, 3])
 
 
-def _ungroup(build: _Builder, x: fx.Node, heads: int, groups: int, tokens: int, value_dim: int) -> fx.Node:
+def _ungroup(build: Builder, x: fx.Node, heads: int, groups: int, tokens: int, value_dim: int) -> fx.Node:
     if groups == heads:
         return x
     x = build(aten.reshape.default, build(aten.permute.default, x, [0, 2, 1, 3]), [-1, tokens, heads, value_dim])
     return build(aten.permute.default, x, [0, 2, 1, 3])
-
-
-def _fresh(gm: fx.GraphModule, fresh: nn.Module, name: str, shape: Sequence[int], generator: torch.Generator,
-           build: _Builder, fan_in: int | None = None, like: torch.Tensor | None = None) -> fx.Node:
-    """A new parameter under ``graphopt_fresh`` initialised like torch's default for linear and conv
-    layers (Kaiming uniform, a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both weights and
-    biases), and its get_attr node."""
-    fan_in = fan_in if fan_in is not None else math.prod(shape[1:])
-    bound = 1.0 / math.sqrt(fan_in)
-    dtype = like.dtype if like is not None else build.anchor.meta["val"].dtype
-    device = like.device if like is not None else build.anchor.meta["val"].device
-    value = (torch.rand(tuple(shape), generator=generator, dtype=torch.float64) * 2 - 1) * bound
-    param = nn.Parameter(value.to(dtype=dtype, device=device), requires_grad=False)
-    if hasattr(fresh, name):
-        raise PassError(f"{FRESH}.{name} exists already")
-    fresh.register_parameter(name, param)
-    node = gm.graph.get_attr(f"{FRESH}.{name}")
-    mode = detect_fake_mode([build.anchor.meta["val"]])
-    node.meta["val"] = mode.from_tensor(param, static_shapes=True) if mode is not None else param
-    return node
 
 
 def _reinitialise(gm: fx.GraphModule, fresh: nn.Module, proj: fx.Node, prefix: str,
@@ -428,25 +344,18 @@ def _reinitialise(gm: fx.GraphModule, fresh: nn.Module, proj: fx.Node, prefix: s
     the trained tensors stay untouched (the source model and other readers keep them)."""
     if not isinstance(proj.args[1], fx.Node) or proj.args[1].op != "get_attr":
         raise PassError(f"{proj.name}'s weight is computed in the graph; cannot initialise it afresh")
-    fan_in = math.prod(_attr(gm, proj.args[1].target).shape[1:])
+    fan_in = math.prod(attribute(gm, proj.args[1].target).shape[1:])
     for position, suffix in ((1, "weight"), (2, "bias")):
         if len(proj.args) <= position or not isinstance(proj.args[position], fx.Node):
             continue
         old = proj.args[position]
         if old.op != "get_attr":
             raise PassError(f"{proj.name}'s {suffix} is computed in the graph; cannot initialise it afresh")
-        tensor = _attr(gm, old.target)
+        tensor = attribute(gm, old.target)
         with gm.graph.inserting_before(proj):
-            node = _fresh(gm, fresh, f"{prefix}_{suffix}", tuple(tensor.shape), generator, _Builder(gm.graph, proj),
-                          fan_in=fan_in, like=tensor)
+            node = fresh_parameter(gm, fresh, f"{prefix}_{suffix}", tuple(tensor.shape), generator,
+                                   Builder(gm.graph, proj), fan_in=fan_in, like=tensor)
         proj.replace_input_with(old, node)
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # --------------------------------------------------------------------------------------------- pass
@@ -455,20 +364,13 @@ def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
 def linear_attention_pass(options: LinearAttentionOptions | None = None) -> ApproxPass:
     """The ``linear-attention`` approximate pass with these options (the registered one: defaults)."""
     options = options or LinearAttentionOptions()
-
-    def transform(module: Any, ctx: ApproxContext, pctx: PassContext) -> ApproxOutcome:
-        gm, replaced = substitute_linear_attention(module.captured.graph_module, options, pctx)
-        if not replaced:
-            raise PassError("no attention site could be replaced" + (f" ({'; '.join(pctx.notes)})"
-                                                                     if pctx.notes else ""))
-        pctx.hit("site", replaced)
-        pctx.note(f"{replaced} attention site(s) now LiT linear attention + {options.kernel}x{options.kernel} "
-                  f"depthwise conv on V; heads {options.heads or 'as the model'}; q/k/v "
-                  f"{'fresh' if options.fresh_qkv else 'inherited'}, output projection "
-                  f"{'inherited' if options.inherit_out_proj else 'fresh'} (seed {options.seed})")
-        return ApproxOutcome(graph=gm)
-
-    return ApproxPass("linear-attention", transform, doc=__doc__ or "")
+    return substituting_pass(
+        "linear-attention", lambda gm, pctx: substitute_linear_attention(gm, options, pctx),
+        lambda n: (f"{n} attention site(s) now LiT linear attention + {options.kernel}x{options.kernel} depthwise "
+                   f"conv on V; heads {options.heads or 'as the model'}; q/k/v "
+                   f"{'fresh' if options.fresh_qkv else 'inherited'}, output projection "
+                   f"{'inherited' if options.inherit_out_proj else 'fresh'} (seed {options.seed})"),
+        __doc__ or "")
 
 
 LINEAR_ATTENTION = linear_attention_pass()

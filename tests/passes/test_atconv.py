@@ -45,9 +45,9 @@ def test_fused_qkv_value_rows_are_shared_and_hybrid_takes_every_second_site():
     shared = {p.data_ptr() for p in model.parameters()}
     qkv = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("qkv.weight")]
     assert len(qkv) == 3  # the value rows are sliced in the graph from the trained weight, not copied
-    from graphopt.passes.linear_attention import _attr
+    from graphopt.passes._substitution import attribute
 
-    assert all(_attr(gm, n.target).data_ptr() in shared for n in qkv)
+    assert all(attribute(gm, n.target).data_ptr() in shared for n in qkv)
     gm, replaced = substitute_atconv(opt.captured.graph_module, ATConvOptions(hybrid=True, drop_pos_embed=True),
                                      ctx := PassContext("atconv"))
     assert replaced == 1 and sum("scaled_dot_product" in str(n.target) for n in gm.graph.nodes) == 2
