@@ -19,8 +19,12 @@ from torch import fx, nn
 from torch._guards import detect_fake_mode
 from torch.utils import _pytree as pytree
 
+from graphopt.analysis import find_attention
+from graphopt.analysis.attention import AttentionSite
+from graphopt.analysis.graph import op_name, to_networkx
 from graphopt.approx import ApproxContext, ApproxOutcome, ApproxPass
 from graphopt.errors import PassError
+from graphopt.fxgraph import copy_sharing_weights
 from graphopt.pipeline import PassContext
 
 FRESH = "graphopt_fresh"  # the submodule holding every tensor an approximate pass initialised
@@ -48,6 +52,53 @@ def fresh_module(gm: fx.GraphModule, prefix: str) -> tuple[nn.Module, int]:
     used = [int(n[len(prefix):].split("_")[0]) for n, _ in fresh.named_parameters()
             if n.startswith(prefix) and n[len(prefix):].split("_")[0].isdigit()]
     return fresh, 1 + max(used, default=-1)
+
+
+Replace = Callable[[fx.GraphModule, AttentionSite, torch.Generator, nn.Module, int], None]
+
+
+def substitute_sites(gm: fx.GraphModule, prefix: str, seed: int, replace: Replace, ctx: PassContext | None = None,
+                     select: Callable[[AttentionSite, Sequence[AttentionSite]], bool] | None = None,
+                     finish: Callable[[fx.GraphModule], str | None] | None = None) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` (sharing its weights; ``gm`` is not changed) with ``replace(graph, site,
+    generator, fresh, index)`` run at every attention site ``select(site, sites_before)`` keeps; a
+    site it refuses is noted with the reason. ``finish`` runs once after any replacement (its text,
+    if any, is noted), then dead code (attention calls included) goes. Returns (copy, replaced)."""
+    out = copy_sharing_weights(gm)
+    sites = find_attention(to_networkx(out), batch_symbol(out))
+    generator = torch.Generator().manual_seed(seed)
+    fresh, first = fresh_module(out, prefix)
+    replaced = 0
+    for i, site in enumerate(sites):
+        if select is not None and not select(site, sites[:i]):
+            continue
+        try:
+            replace(out, site, generator, fresh, first + replaced)
+        except Refused as why:
+            if ctx is not None:
+                ctx.note(f"{site.label or site.node}: left as it is: {why}")
+            continue
+        replaced += 1
+    if replaced:
+        note = finish(out) if finish is not None else None
+        if note and ctx is not None:
+            ctx.note(note)
+        _eliminate(out)
+        out.graph.lint()
+        out.recompile()
+    return out, replaced
+
+
+def _eliminate(gm: fx.GraphModule) -> None:
+    """Dead-code elimination, including attention calls (SDPA counts as impure: dropout)."""
+    while True:
+        gm.graph.eliminate_dead_code()
+        dead = [n for n in gm.graph.nodes if n.op == "call_function" and not n.users
+                and "scaled_dot_product" in op_name(n)]
+        if not dead:
+            return
+        for n in dead:
+            gm.graph.erase_node(n)
 
 
 def substituting_pass(name: str, substitute: Callable[[fx.GraphModule, PassContext], tuple[fx.GraphModule, int]],

@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 import torch
 from torch import fx, nn
 
 import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.dynamic_dwconv
-from graphopt.analysis import find_attention
 from graphopt.analysis.attention import AttentionSite
-from graphopt.analysis.graph import op_name, to_networkx
+from graphopt.analysis.graph import op_name
 from graphopt.approx import ApproxPass
 from graphopt.errors import UsageError
-from graphopt.fxgraph import copy_sharing_weights
 from graphopt.pipeline import PassContext
 
-from ._substitution import Builder, Refused, attribute, batch_symbol, fresh_module, fresh_parameter, substituting_pass
+from ._substitution import Builder, Refused, attribute, fresh_parameter, substitute_sites, substituting_pass
 
 aten = torch.ops.aten
 
@@ -60,44 +59,16 @@ def substitute_atconv(gm: fx.GraphModule, options: ATConvOptions,
                       ctx: PassContext | None = None) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` (sharing its inherited weights) with ATConv at every (or every second)
     substitutable self-attention site; returns it and the number of sites replaced."""
-    out = copy_sharing_weights(gm)
-    sites = find_attention(to_networkx(out), batch_symbol(out))
-    generator = torch.Generator().manual_seed(options.seed)
-    fresh, first = fresh_module(out, "atc")
-    replaced = 0
-    position = -1
-    for site in sites:
-        position += not site.cross  # hybrid counts self-attention sites: cross ones are never replaced
-        if options.hybrid and not site.cross and position % 2 == 0:
-            continue
-        try:
-            _substitute(out, site, options, generator, fresh, first + replaced)
-        except Refused as why:
-            if ctx is not None:
-                ctx.note(f"{site.label or site.node}: left as it is: {why}")
-            continue
-        replaced += 1
-    if replaced:
-        if options.drop_pos_embed:
-            note = _drop_pos_embed(out)
-            if ctx is not None:
-                ctx.note(note)
-        _eliminate(out)
-        out.graph.lint()
-        out.recompile()
-    return out, replaced
+    return substitute_sites(gm, "atc", options.seed,
+                            lambda out, site, generator, fresh, index: _substitute(out, site, options, generator,
+                                                                                   fresh, index), ctx,
+                            select=_every_second if options.hybrid else None,
+                            finish=_drop_pos_embed if options.drop_pos_embed else None)
 
 
-def _eliminate(gm: fx.GraphModule) -> None:
-    """Dead-code elimination, including attention calls (SDPA counts as impure: dropout)."""
-    while True:
-        gm.graph.eliminate_dead_code()
-        dead = [n for n in gm.graph.nodes if n.op == "call_function" and not n.users
-                and "scaled_dot_product" in op_name(n)]
-        if not dead:
-            return
-        for n in dead:
-            gm.graph.erase_node(n)
+def _every_second(site: AttentionSite, before: Sequence[AttentionSite]) -> bool:
+    """Hybrid: the second, fourth, ... self-attention site (cross sites are refused with their reason)."""
+    return site.cross or sum(not s.cross for s in before) % 2 == 1
 
 
 def _substitute(gm: fx.GraphModule, site: AttentionSite, options: ATConvOptions, generator: torch.Generator,

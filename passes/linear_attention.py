@@ -30,17 +30,14 @@ import torch
 from torch import fx, nn
 
 import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.linear_attention
-from graphopt.analysis import find_attention
 from graphopt.analysis.attention import AttentionSite
-from graphopt.analysis.graph import CONVS, op_name, to_networkx
+from graphopt.analysis.graph import CONVS, op_name
 from graphopt.approx import ApproxPass
 from graphopt.errors import PassError, UsageError
-from graphopt.fxgraph import copy_sharing_weights
 from graphopt.pipeline import PassContext
 
 from ._substitution import FRESH  # noqa: F401 - re-exported: where the pass's new tensors live
-from ._substitution import (Builder, Deferred, Refused, attribute, batch_symbol, fresh_module, fresh_parameter,
-                            substituting_pass)
+from ._substitution import Builder, Deferred, Refused, attribute, fresh_parameter, substitute_sites, substituting_pass
 
 aten = torch.ops.aten
 _SCORES = frozenset({"matmul", "bmm"})
@@ -75,24 +72,9 @@ def substitute_linear_attention(gm: fx.GraphModule, options: LinearAttentionOpti
                                 ctx: PassContext | None = None) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` (sharing its inherited weights) with every substitutable attention site
     replaced; returns it and the number of sites replaced. ``gm`` itself is not changed."""
-    out = copy_sharing_weights(gm)
-    sites = find_attention(to_networkx(out), batch_symbol(out))
-    generator = torch.Generator().manual_seed(options.seed)
-    fresh, first = fresh_module(out, "lit")  # the copy's own module: the source graph's is not touched
-    replaced = 0
-    for site in sites:
-        try:
-            _substitute(out, site, options, generator, fresh, first + replaced)
-        except Refused as why:
-            if ctx is not None:
-                ctx.note(f"{site.label or site.node}: left as it is: {why}")
-            continue
-        replaced += 1
-    if replaced:
-        out.graph.eliminate_dead_code()
-        out.graph.lint()
-        out.recompile()
-    return out, replaced
+    return substitute_sites(gm, "lit", options.seed,
+                            lambda out, site, generator, fresh, index: _substitute(out, site, options, generator,
+                                                                                   fresh, index), ctx)
 
 
 # ------------------------------------------------------------------------------------------ one site
@@ -155,7 +137,6 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentio
         raise PassError(f"{site.label}: the substitute's shape {tuple(result.meta['val'].shape)} differs from "
                         f"the attention output's {tuple(out.meta['val'].shape)}")
     out.replace_all_uses_with(result)
-    gm.graph.erase_node(out)  # SDPA counts as impure (dropout), so dead-code elimination would keep it
     for i, proj in enumerate(projections):
         _reinitialise(gm, fresh, proj, f"lit{index}_{'qkv'[i] if len(projections) == 3 else 'qkv'}", generator)
     if out_proj is not None:
