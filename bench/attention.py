@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from _sections import replace_section  # bench/, beside this script
 
 import graphopt
 from graphopt.approx import ApproxContext, ApproxOutcome, _apply
 from graphopt.distill import DistillConfig, distill
 from graphopt.models import load
+from graphopt.models.dit import SelfAttention
 from graphopt.passes.atconv import ATConvOptions, substitute_atconv
 from graphopt.passes.linear_attention import LinearAttentionOptions, substitute_linear_attention
 from graphopt.quality import QualityEvaluator
@@ -51,26 +51,11 @@ VARIANTS = {
 }
 
 
-class Site(nn.Module):
-    """One DiT attention site: fused qkv, SDPA, output projection."""
-
-    def __init__(self, dim: int = 384, heads: int = 6):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
-
-
 def site_times(tokens: list[int], repeats: int) -> list[dict]:
     rows = []
     for n in tokens:
         torch.manual_seed(0)
-        site = Site().eval()
+        site = SelfAttention(384, 6).eval()  # dit-digits' attention at DiT-S width
         x = torch.randn(2, n, 384)
         opt = graphopt.optimize(site, (x,))
         graphs = {"softmax": opt.captured.graph_module,
@@ -188,12 +173,7 @@ def write_section(path: Path, c: dict, rows: list[dict], timing: list[dict]) -> 
         lines.append(f"| {t['tokens']} | {t['softmax']:.2f} ms | {t['LiT']:.2f} ms | {t['ATConv']:.2f} ms | "
                      f"{t['softmax'] / t['LiT']:.2f}x | {t['softmax'] / t['ATConv']:.2f}x |")
     text = "\n".join(lines + ["", END])
-    current = path.read_text() if path.exists() else ""
-    if BEGIN in current and END in current:
-        current = current[:current.index(BEGIN)] + text + current[current.index(END) + len(END):]
-    else:
-        current = current.rstrip() + "\n\n" + text + "\n"
-    path.write_text(current)
+    replace_section(path, BEGIN, END, text)
     print(text)
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _sections import replace_section  # bench/, beside this script
 
 from graphopt.autodiffusion import EvolutionConfig, search_run, steps_for_nfe
 from graphopt.bench import sample_images
@@ -176,12 +177,7 @@ def write_section(path: Path, conditions: dict, records: dict) -> str:
         f"one at or below each NFE budget ({c['nfe']}); Euler's is the budget. s/image: median of "
         f"{c['repeats']} runs of {c['latency_batch']} images after a warm-up.", "",
         *(_section(name, r["rows"], r["searches"], path.parent) for name, r in records.items()), END])
-    current = path.read_text() if path.exists() else ""
-    if BEGIN in current and END in current:
-        current = current[:current.index(BEGIN)] + text + current[current.index(END) + len(END):]
-    else:
-        current = current.rstrip() + "\n\n" + text + "\n"
-    path.write_text(current)
+    replace_section(path, BEGIN, END, text)
     print(text)
     return text
 
