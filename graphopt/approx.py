@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from .errors import GraphoptError, PassError, UsageError
 from .pipeline import PassContext, PassReport
-from .quality import QualityEvaluator
+from .quality import OutputFidelity, QualityEvaluator
 
 if TYPE_CHECKING:
     from .emit import OptimizedModule
@@ -50,12 +50,13 @@ class Budget:
 @dataclasses.dataclass
 class ApproxContext:
     """What approximate passes get: the source model, its sampler at the NFE quality is judged at,
-    calibration inputs, the quality evaluator and the budget."""
+    calibration inputs, the quality evaluator and the budget. A model with no sampler gets
+    :meth:`for_model`: ``sampler`` None, judged by :class:`~graphopt.quality.OutputFidelity`."""
 
     source: nn.Module
     sampler: Any
     example_inputs: tuple[Any, ...]
-    evaluator: QualityEvaluator
+    evaluator: QualityEvaluator | OutputFidelity
     budget: Budget = dataclasses.field(default_factory=Budget)
     nfe: int | None = None
     batch: int = 256
@@ -64,10 +65,25 @@ class ApproxContext:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.sampler is None:  # no sampler: judged on the denoiser's outputs (OutputFidelity)
+            if self.nfe is not None:
+                raise UsageError("nfe sets how sampling is judged; this context has no sampler")
+            return
         if self.nfe is None:
             self.nfe = self.sampler.nfe
         if self.nfe < 1:
             raise UsageError(f"nfe must be at least 1, got {self.nfe}")
+
+    @staticmethod
+    def for_model(model: nn.Module, example_inputs: Sequence[Any], *, samples: int = 64,
+                  seeds: Sequence[int] = (0, 1, 2), **options: Any) -> "ApproxContext":
+        """A context for any model, with no sampler or data: each approximate change is judged by the
+        relative error of the model's outputs against the original's on inputs drawn like
+        ``example_inputs`` (:class:`~graphopt.quality.OutputFidelity`)."""
+        from .quality import OutputFidelity
+
+        return ApproxContext(model, None, tuple(example_inputs), OutputFidelity(samples, tuple(seeds)),
+                             **options)
 
     @staticmethod
     def for_reference(name: str, *, nfe: int | None = None, method: str | None = None,
@@ -86,9 +102,18 @@ class ApproxContext:
         """The sampler quality is judged with: the context's family and method at ``nfe``."""
         from .autodiffusion import steps_for_nfe
 
+        if self.sampler is None:
+            raise UsageError("this approximate change needs a sampler (a generator and its sampling loop); the "
+                             "context has none")
         return self.sampler.with_steps(steps_for_nfe(self.sampler.method, int(self.nfe)), self.sampler.method)
 
     def generator(self, denoiser: Callable[..., Any]) -> Callable[[int, int], torch.Tensor]:
+        """``(n, seed) -> tensor`` for the evaluator: ``n`` samples of the judging sampler, or (no
+        sampler) ``denoiser``'s outputs on ``n`` inputs drawn like the example inputs from ``seed``."""
+        if self.sampler is None:
+            from .distill import synthetic_outputs
+
+            return lambda n, seed: synthetic_outputs(denoiser, self.example_inputs, n, seed, self.batch)
         from .bench import sample_images
 
         sampler = self.judging_sampler()

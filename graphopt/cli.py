@@ -109,16 +109,18 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
         from .emit import check_save_target
 
         check_save_target(out, ns.overwrite)
+    approximate = any(not p.exact for p in pipeline)
     approx = None
-    if any(not p.exact for p in pipeline):
+    generator = _is_reference_generator(ns.model)
+    if approximate and generator:
         from .approx import ApproxContext
 
-        _reference_generator(ns.model, "an approximate pass")
         approx = ApproxContext.for_reference(ns.model, nfe=ns.nfe, method=ns.sampler)
-    elif ns.nfe is not None or ns.sampler is not None:
-        raise UsageError("--nfe and --sampler set how approximate passes are judged; no approximate pass is given")
+    elif (ns.nfe is not None or ns.sampler is not None) and not (approximate and generator):
+        raise UsageError("--nfe and --sampler set how approximate passes judge a reference generator's sampling"
+                         + ("" if approximate else "; no approximate pass is given"))
     distilling = bool(ns.distill_steps or ns.distill_all_steps)
-    if (distilling or ns.distill_checkpoint) and approx is None:
+    if (distilling or ns.distill_checkpoint) and not approximate:
         raise UsageError("--distill-steps trains what an approximate pass replaced; give one in --passes "
                          "(e.g. linear-attention)")
     if ns.distill_checkpoint and not distilling:
@@ -131,6 +133,12 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
 
         config = DistillConfig(steps=ns.distill_steps or 0, all_steps=ns.distill_all_steps or 0)
     model, args, kwargs = load_model_spec(ns.model)
+    if approximate and approx is None:  # any model: judged by its outputs against the original's
+        from .approx import ApproxContext
+
+        if kwargs:
+            raise UsageError("approximate passes on a model called with keyword arguments are not supported yet")
+        approx = ApproxContext.for_model(model, args)
     _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline)} ...")
     optimized = optimize(model, args, kwargs, passes=pipeline, target=ns.target, dynamic_batch=not ns.static,
                          approx=approx)
@@ -223,6 +231,12 @@ def parse_duration(text: str) -> float:
     if not seconds > 0:
         raise UsageError(f"a duration must be positive, got {text!r}")
     return seconds
+
+
+def _is_reference_generator(spec: str) -> bool:
+    from .models import REFERENCES
+
+    return REFERENCES.get(spec) not in (None, "classifier")
 
 
 def _reference_generator(spec: str, what: str) -> "Any":

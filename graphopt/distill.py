@@ -166,6 +166,13 @@ class _SyntheticTask(_Task):
         return tuple(out), None, None
 
 
+def synthetic_outputs(model: Any, example_inputs: Sequence[Any], n: int, seed: int, batch: int) -> torch.Tensor:
+    """``model``'s outputs on ``n`` inputs drawn like ``example_inputs`` from ``seed``, ``batch`` at a time."""
+    inputs = _SyntheticTask(example_inputs).draw(n, torch.Generator().manual_seed(seed))[0]
+    with torch.no_grad():
+        return torch.cat([_first(model(*(t[i:i + batch] for t in inputs))) for i in range(0, n, batch)])
+
+
 def _task_for(teacher: nn.Module, example_inputs: Sequence[Any], use_data: bool) -> _Task:
     config = getattr(teacher, "config", None)
     family = {"UNetConfig": "unet", "DiTConfig": "dit"}.get(type(config).__name__)

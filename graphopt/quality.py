@@ -140,6 +140,43 @@ class QualityCost:
                            None if base is None else tuple(float(v) for v in base), data.get("psnr_db"))
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputFidelity:
+    """Quality for a model with no sampler or data (a ``file.py:factory`` model): the relative RMS
+    error of its outputs against a baseline's (the original model's) on the same inputs, drawn
+    like the example inputs, ``samples`` per seed. The baseline scores 0 by definition."""
+
+    samples: int = 64
+    seeds: tuple[int, ...] = (0, 1, 2)
+    metric: str = "rel. output error"
+
+    @property
+    def confirm_samples(self) -> int:
+        return self.samples
+
+    @property
+    def confirm_seeds(self) -> tuple[int, ...]:
+        return self.seeds
+
+    def measure(self, generate: Generator, baseline: tuple[str, Generator] | None = None, *,
+                samples: int | None = None, seeds: Sequence[int] | None = None) -> QualityCost:
+        """Per seed: ``||out - base|| / ||base||`` of ``generate(n, seed)`` against the baseline's."""
+        if baseline is None:
+            raise ValueError("output fidelity is measured against a baseline")
+        n = self.samples if samples is None else int(samples)
+        seeds = self.seeds if seeds is None else tuple(int(s) for s in seeds)
+        values, errors, ranges = [], [], []
+        for seed in seeds:
+            out, base = generate(n, seed).double(), baseline[1](n, seed).double()
+            values.append(float((out - base).norm() / base.norm().clamp_min(1e-12)))
+            errors.append(float(((out - base) ** 2).mean()))
+            ranges.append(float(base.max() - base.min()))
+        mse = statistics.fmean(errors)
+        peak = max(ranges) if ranges else 1.0
+        psnr = math.inf if mse == 0 else 10 * math.log10(max(peak, 1e-12) ** 2 / mse)
+        return QualityCost(self.metric, n, seeds, tuple(values), baseline[0], tuple(0.0 for _ in seeds), psnr)
+
+
 class QualityEvaluator:
     """FD of generated images against cached reference statistics: a proxy for inner loops and a
     confirmation at larger n before anything is reported (see the module docstring)."""

@@ -130,3 +130,15 @@ def test_skip_tune_tunes_the_scales_and_reports_what_they_cost(ctx):
     # the search keeps rho = 1 among its candidates, so on its own proxy it never ends worse; the
     # confirmation on other seeds is reported as measured
     assert cost.samples == 24 and len(cost.values) == 2
+
+
+def test_a_model_without_sampler_is_judged_by_its_outputs():
+    model, args, _ = zoo.dit()
+    ctx = ApproxContext.for_model(model, args, samples=6, seeds=(0, 1), batch=4, progress=False)
+    opt = graphopt.optimize(model, args, passes=["noop", "linear-attention"], approx=ctx)
+    cost = QualityCost.from_json(opt.report.passes[-1].quality)
+    assert cost.metric == "rel. output error" and cost.samples == 6 and cost.seeds == (0, 1) and cost.mean > 0
+    with pytest.raises(UsageError, match="no sampler"):
+        ApproxContext(model, None, args, ctx.evaluator, nfe=4)
+    with pytest.raises(UsageError, match="needs a sampler"):
+        ctx.judging_sampler()

@@ -128,7 +128,7 @@ def test_export_from_a_spec_with_chosen_passes(model_file, tmp_path, capsys):
     (["optimize", "dit-digits", "--distill-steps", "5"], 2, "give one in --passes"),
     (["optimize", "dit-digits", "--passes", "linear-attention", "--distill-checkpoint", "x"], 2,
      "needs --distill-steps"),
-    (["optimize", "{file}:make", "--passes", "linear-attention"], 2, "must be a reference generator"),
+    (["optimize", "{file}:make", "--passes", "linear-attention", "--nfe", "4"], 2, "judge a reference generator"),
 ])
 def test_errors_are_one_line_with_the_right_exit_code(model_file, capsys, argv, code, message):
     argv = [a.replace("{file}", str(model_file)) for a in argv]
@@ -235,3 +235,17 @@ def test_autotune_casts_the_model_and_only_its_float_inputs():
                                 {"extra": [torch.randn(1)]}, "bfloat16")
     assert model.weight.dtype == torch.bfloat16 and args[0].dtype == torch.bfloat16
     assert args[1].dtype == torch.int64 and kwargs["extra"][0].dtype == torch.bfloat16
+
+
+def test_any_model_gets_attention_replaced_and_distilled_judged_by_its_outputs(tmp_path, capsys):
+    """A factory model has no sampler or data: the pass and distillation are judged by the relative
+    error of its outputs against the original's, on inputs drawn like its example inputs."""
+    out_dir = tmp_path / "lit"
+    assert main(["optimize", "tests.zoo:dit", "--passes", "noop,fold,dce,linear-attention", "--distill-steps", "3",
+                 "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "linear-attention: quality rel. output error" in printed and "site x3" in printed
+    assert "distilled 3 steps" in printed and "on synthetic inputs" in printed
+    assert (out_dir / "graphopt.json").is_file()
+    assert main(["optimize", "tests.zoo:dit", "--passes", "skip-scale,skip-tune"]) == 1
+    assert "needs a generator's sampler" in capsys.readouterr().err

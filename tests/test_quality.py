@@ -98,3 +98,17 @@ def test_the_shipped_evaluator_uses_the_digit_classifier():
 
     held = load_digits(16).heldout_images
     assert evaluator.score(held) < evaluator.score(torch.rand_like(held) * 2 - 1) / 10
+
+
+def test_output_fidelity_is_the_relative_error_against_the_baseline_per_seed():
+    from graphopt.quality import OutputFidelity
+
+    fidelity = OutputFidelity(samples=8, seeds=(0, 1))
+    base = lambda n, seed: torch.full((n, 3), float(seed + 1))  # noqa: E731
+    same = fidelity.measure(base, ("original", base))
+    assert same.values == (0.0, 0.0) and same.psnr_db == float("inf") and same.samples == 8
+    off = fidelity.measure(lambda n, seed: base(n, seed) * 1.1, ("original", base))
+    assert off.values == pytest.approx((0.1, 0.1)) and off.delta == pytest.approx(0.1)
+    assert "rel. output error 0.10" in off.line()
+    with pytest.raises(ValueError, match="against a baseline"):
+        fidelity.measure(base)
