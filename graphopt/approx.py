@@ -131,19 +131,24 @@ class ApproxOutcome:
 @dataclasses.dataclass(frozen=True)
 class ApproxPass:
     """A named approximate transformation of an optimized module. ``requires`` are exact passes that
-    must have run before it (``optimize`` adds them)."""
+    must have run before it (``optimize`` adds them); ``needs_sampler``: it tunes a sampling loop, so
+    a context without a sampler (:meth:`ApproxContext.for_model`) cannot run it."""
 
     name: str
     transform: Callable[["OptimizedModule", ApproxContext, PassContext], ApproxOutcome]
     doc: str = ""
     requires: tuple[str, ...] = ()
     exact: bool = False
+    needs_sampler: bool = False
 
 
 def run_approximate(module: "OptimizedModule", passes: Sequence[ApproxPass], ctx: ApproxContext) -> "OptimizedModule":
     """Run each approximate pass once on ``module``'s canonical graph, measuring its quality cost."""
     from .analysis.cost import graph_cost
 
+    unable = [p.name for p in passes if p.needs_sampler and ctx.sampler is None]
+    if unable:
+        raise UsageError(f"{', '.join(unable)} tune(s) a sampling loop: the context needs a generator's sampler")
     for p in passes:
         captured = module.captured
         symbol = captured.batch_symbol()

@@ -9,6 +9,7 @@ failed (the model cannot be captured, a pass broke verification, ONNX parity fai
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .errors import GraphoptError, OutputPathError, UsageError
+from .errors import GraphoptError, UsageError, no_folder
 
 
 def load_model_spec(spec: str) -> tuple[nn.Module, tuple, dict]:
@@ -66,8 +67,11 @@ def load_model_spec(spec: str) -> tuple[nn.Module, tuple, dict]:
     result = factory()
     if isinstance(result, nn.Module):
         raise UsageError(f"{spec} returned only a model; return (model, example_args) or (model, args, kwargs)")
-    if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], nn.Module):
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
         raise UsageError(f"{spec} must return (model, example_args) or (model, example_args, example_kwargs)")
+    if not isinstance(result[0], nn.Module):
+        raise UsageError(f"{spec} returned a {type(result[0]).__name__} as its model; the model must be a "
+                         "torch.nn.Module")
     model, args = result[0], result[1]
     kwargs = result[2] if len(result) == 3 else {}
     args = args if isinstance(args, tuple) else (tuple(args) if isinstance(args, list) else (args,))
@@ -112,6 +116,9 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
     approximate = any(not p.exact for p in pipeline)
     approx = None
     generator = _is_reference_generator(ns.model)
+    samplers = [p.name for p in pipeline if getattr(p, "needs_sampler", False)]
+    if samplers and not generator:
+        _reference_generator(ns.model, ", ".join(samplers))  # says what MODEL must be
     if approximate and generator:
         from .approx import ApproxContext
 
@@ -139,7 +146,7 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
         if kwargs:
             raise UsageError("approximate passes on a model called with keyword arguments are not supported yet")
         approx = ApproxContext.for_model(model, args)
-    _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline)} ...")
+    _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline) or 'no passes'} ...")
     optimized = optimize(model, args, kwargs, passes=pipeline, target=ns.target, dynamic_batch=not ns.static,
                          approx=approx)
     if config is not None:
@@ -162,7 +169,7 @@ def _cmd_export(ns: argparse.Namespace) -> int:
     from . import passes as registry
     from .onnx import check_onnx_path, plan_path
 
-    check_onnx_path(Path(ns.out), overwrite=True)
+    check_onnx_path(Path(ns.out), overwrite=ns.overwrite)
     plan = None
     if ns.plan is not None or (Path(ns.model).is_dir() and (Path(ns.model) / "plan.json").is_file()):
         from .plan import SamplingPlan
@@ -303,7 +310,7 @@ def _cmd_autotune(ns: argparse.Namespace) -> int:
         print(format_listing(list_caches(ns.cache_dir)))
     elif ns.export:
         if not Path(ns.export).parent.is_dir():
-            raise OutputPathError(f"cannot write {ns.export}: folder {Path(ns.export).parent} does not exist")
+            raise no_folder(ns.export, Path(ns.export).parent)
         count = export_bundle(ns.export, ns.cache_dir)
         print(f"exported {count} entries to {ns.export}")
     elif ns.import_:
@@ -397,7 +404,12 @@ def _cmd_passes(ns: argparse.Namespace) -> int:
 
 
 def _passes_arg(text: str) -> list[str]:
-    return [] if text.strip().lower() == "none" else [p.strip() for p in text.split(",") if p.strip()]
+    if text.strip().lower() == "none":
+        return []
+    names = [p.strip() for p in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"an empty pass name in {text!r} (comma-separated names, or 'none')")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,7 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "classifier-digits), package.module:factory or path/to/file.py:factory "
                                             "(a callable returning (model, example_args[, example_kwargs])).")
     parser.add_argument("--verbose", "-v", action="store_true", help="print full tracebacks on errors")
+    # --verbose also after the subcommand; SUPPRESS keeps an absent one from resetting the global one
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                         help="print full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[verbose])  # type: ignore[method-assign]
 
     p = sub.add_parser("inspect", help="capture a model and summarise its graph",
                        description="Capture MODEL and print op counts, residual blocks, skip edges, stacks, "
@@ -445,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compared with torch's and the max error printed.")
     p.add_argument("model", metavar="MODEL", help="a model spec, or a directory saved by 'graphopt optimize'")
     p.add_argument("--out", "-o", required=True, help="the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--passes", type=_passes_arg, default=None, help="passes to run first (default: exact pipeline)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--plan", default=None, help="a sampling plan to write beside the .onnx as NAME.plan.json "

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import OutputPathError, UsageError
+from .errors import OutputPathError, UsageError, no_folder
 
 if TYPE_CHECKING:
     from .approx import ApproxContext
@@ -392,7 +392,7 @@ def _checkpoint_folder(checkpoint_dir: str | os.PathLike | None, resume: bool) -
         raise OutputPathError(f"{folder} exists and is not a folder")
     if not folder.exists():
         if not folder.parent.is_dir():
-            raise OutputPathError(f"cannot create {folder}: folder {folder.parent} does not exist")
+            raise no_folder(folder, folder.parent, "create")
         folder.mkdir()
     elif not resume and (folder / CHECKPOINT).exists():
         raise OutputPathError(f"{folder} holds a distillation checkpoint already; resume it or choose another folder")

@@ -34,7 +34,8 @@ from torch.export import Dim
 
 from . import structure
 from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards, capture, retrace
-from .errors import CaptureError, InputError, LoadError, OutputPathError, SaveError, UsageError, VerificationError, first_line
+from .errors import (CaptureError, InputError, LoadError, OutputPathError, SaveError, UsageError, VerificationError,
+                     first_line, no_folder)
 from .logs import quiet
 from .pipeline import Pass, PassReport, run_pipeline
 
@@ -548,7 +549,7 @@ def check_save_target(target: Path, overwrite: bool) -> None:
         raise OutputPathError(f"{target} exists and is not a directory")
     parent = target.parent
     if not parent.is_dir():
-        raise OutputPathError(f"cannot write {target}: folder {parent} does not exist")
+        raise no_folder(target, parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot write {target}: no write permission in {parent}")
 

@@ -7,6 +7,9 @@ rest (the request was fine but the work failed).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 def first_line(e: BaseException, limit: int = 240) -> str:
     """The first meaningful line of an exception's message (torch's exporters prefix log lines with '[')."""
@@ -70,6 +73,12 @@ class VerificationError(PassError):
 
 class OutputPathError(UsageError):
     """A path graphopt was asked to write cannot be written (missing folder, no permission, exists)."""
+
+
+def no_folder(target: object, parent: "os.PathLike[str] | str", verb: str = "write") -> OutputPathError:
+    """The error for ``target`` whose parent folder is missing, or is a file (``x.py/out``)."""
+    kind = "is a file, not a folder" if Path(parent).exists() else "does not exist"
+    return OutputPathError(f"cannot {verb} {target}: {'' if kind.startswith('is') else 'folder '}{parent} {kind}")
 
 
 class SaveError(UsageError):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .capture import CapturedGraph, capture
-from .errors import OnnxExportError, OnnxParityError, OutputPathError, UsageError, first_line
+from .errors import OnnxExportError, OnnxParityError, OutputPathError, UsageError, first_line, no_folder
 from .logs import quiet
 from .verify import Comparison, compare
 
@@ -148,9 +148,9 @@ def check_onnx_path(target: Path, overwrite: bool) -> None:
     if target.is_dir():
         raise OutputPathError(f"cannot write ONNX to {target}: it is a directory")
     if target.exists() and not overwrite:
-        raise OutputPathError(f"{target} already exists")
+        raise OutputPathError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it")
     if not target.parent.is_dir():
-        raise OutputPathError(f"cannot write {target}: folder {target.parent} does not exist")
+        raise no_folder(target, target.parent)
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot write {target}: no write permission in {target.parent}")
 

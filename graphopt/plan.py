@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .errors import PlanError
+from .errors import PlanError, no_folder
 from .quality import QualityCost
 
 SCHEMA = "graphopt.sampling-plan"
@@ -265,9 +265,7 @@ class SamplingPlan:
         if path.is_dir():
             path = path / FILENAME
         if not path.parent.is_dir():
-            from .errors import OutputPathError
-
-            raise OutputPathError(f"cannot write {path}: folder {path.parent} does not exist")
+            raise no_folder(path, path.parent)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")

@@ -28,8 +28,6 @@ POPULATION = dict(population=16, parents=4, mutations=8, crossovers=4, generatio
 def _skip_tune(module: Any, ctx: ApproxContext, pctx: PassContext) -> ApproxOutcome:
     from graphopt.autodiffusion import EvolutionConfig, search_run
 
-    if ctx.sampler is None:
-        raise PassError("skip-tune tunes skips for a sampling loop: it needs a generator's sampler")
     captured = module.captured
     if INPUT not in captured.call.extras:
         skip_scale_ran = any(p.name == "skip-scale" for p in module.report.passes)
@@ -51,4 +49,4 @@ def _skip_tune(module: Any, ctx: ApproxContext, pctx: PassContext) -> ApproxOutc
     return ApproxOutcome(defaults={INPUT: values})
 
 
-SKIP_TUNE = ApproxPass("skip-tune", _skip_tune, doc=__doc__ or "", requires=("skip-scale",))
+SKIP_TUNE = ApproxPass("skip-tune", _skip_tune, doc=__doc__ or "", requires=("skip-scale",), needs_sampler=True)

@@ -142,3 +142,5 @@ def test_a_model_without_sampler_is_judged_by_its_outputs():
         ApproxContext(model, None, args, ctx.evaluator, nfe=4)
     with pytest.raises(UsageError, match="needs a sampler"):
         ctx.judging_sampler()
+    with pytest.raises(UsageError, match="skip-tune tune"):
+        graphopt.optimize(*zoo.unet()[:2], passes=["skip-scale", "skip-tune"], approx=ctx)

@@ -55,6 +55,9 @@ MODEL_FILE = textwrap.dedent('''
         return Branchy().eval(), (torch.randn(2, 3),)
 
 
+    def not_a_module():
+        return (lambda x: x), (torch.randn(2, 4),)
+
     def only_model():
         return Net()
 ''')
@@ -126,6 +129,8 @@ def test_export_from_a_spec_with_chosen_passes(model_file, tmp_path, capsys):
     (["export", "{file}:make", "--out", "/no/such/dir/x.onnx"], 2, "does not exist"),
     (["inspect", "{file}:broken"], 1, "could not capture"),
     (["optimize", "dit-digits", "--distill-steps", "5"], 2, "give one in --passes"),
+    (["inspect", "{file}:not_a_module"], 2, "the model must be a torch.nn.Module"),
+    (["optimize", "{file}:make", "--out", "{file}/sub"], 2, "mymodel.py is a file, not a folder"),
     (["optimize", "dit-digits", "--passes", "linear-attention", "--distill-checkpoint", "x"], 2,
      "needs --distill-steps"),
     (["optimize", "{file}:make", "--passes", "linear-attention", "--nfe", "4"], 2, "judge a reference generator"),
@@ -247,5 +252,23 @@ def test_any_model_gets_attention_replaced_and_distilled_judged_by_its_outputs(t
     assert "linear-attention: quality rel. output error" in printed and "site x3" in printed
     assert "distilled 3 steps" in printed and "on synthetic inputs" in printed
     assert (out_dir / "graphopt.json").is_file()
-    assert main(["optimize", "tests.zoo:dit", "--passes", "skip-scale,skip-tune"]) == 1
-    assert "needs a generator's sampler" in capsys.readouterr().err
+    assert main(["optimize", "tests.zoo:dit", "--passes", "skip-scale,skip-tune"]) == 2  # before any work
+    assert "skip-tune needs a sampler" in capsys.readouterr().err
+
+
+def test_verbose_after_the_subcommand_and_malformed_pass_lists(capsys):
+    assert main(["inspect", "no_colon_here", "--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "run with --verbose" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["optimize", "dit-digits", "--passes", "noop,,dce"])
+    assert exit_info.value.code == 2 and "an empty pass name" in capsys.readouterr().err
+
+
+def test_export_refuses_to_replace_a_file_without_overwrite(model_file, tmp_path, capsys):
+    target = tmp_path / "m.onnx"
+    target.write_text("precious")
+    assert main(["export", f"{model_file}:make", "--out", str(target)]) == 2
+    assert "already exists" in capsys.readouterr().err and target.read_text() == "precious"
+    assert main(["export", f"{model_file}:make", "--out", str(target), "--overwrite"]) == 0
+    assert target.stat().st_size > len("precious")

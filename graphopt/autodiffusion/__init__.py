@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from graphopt.errors import BudgetError, OutputPathError, UsageError
+from graphopt.errors import BudgetError, OutputPathError, UsageError, no_folder
 
 from .evolution import STATE_FILE, EvolutionConfig, Record, SearchState, best, evolve, pareto_front
 from .plans import candidate_plan
@@ -75,7 +75,7 @@ def prepare_out(out: str | os.PathLike | None, resume: bool) -> Path | None:
             raise OutputPathError(f"cannot write {path}: no write permission")
         return path
     if not path.parent.is_dir():
-        raise OutputPathError(f"cannot create {path}: folder {path.parent} does not exist")
+        raise no_folder(path, path.parent, "create")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot create {path}: no write permission in {path.parent}")
     path.mkdir()
