@@ -127,13 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--json", default=None, help="also write the raw figures here")
+    parser.add_argument("--render", metavar="JSON[,JSON...]", default=None,
+                        help="only rewrite the section from runs' --json files (a later file's rows replace an "
+                             "earlier one's of the same variant)")
     ns = parser.parse_args(argv)
+    if ns.render:
+        runs = [json.loads(Path(f).read_text()) for f in ns.render.split(",")]
+        rows: dict[str, dict] = {}
+        for run in runs:
+            rows.update({r["key"]: dict(r, command=run["conditions"]["command"]) for r in run["variants"]})
+        timing = next((run["timing"] for run in reversed(runs) if run["timing"]), [])
+        write_section(Path(ns.results), [run["conditions"] for run in runs], list(rows.values()), timing)
+        return 0
     keys = [k for k in ns.variants.split(",") if k]
     unknown = set(keys) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     started = time.perf_counter()
-    timing = site_times([int(t) for t in ns.tokens.split(",")], ns.repeats)
+    timing = site_times([int(t) for t in ns.tokens.split(",") if t], ns.repeats)
     contexts: dict = {}
     rows = [run_variant(k, ns, contexts) for k in keys]
     minutes = (time.perf_counter() - started) / 60
@@ -145,18 +156,21 @@ def main(argv: list[str] | None = None) -> int:
                   "minutes": round(minutes, 1)}
     if ns.json:
         Path(ns.json).write_text(json.dumps({"conditions": conditions, "variants": rows, "timing": timing}, indent=2))
-    write_section(Path(ns.results), conditions, rows, timing)
+    write_section(Path(ns.results), [conditions], [dict(r, command=conditions["command"]) for r in rows], timing)
     return 0
 
 
-def write_section(path: Path, c: dict, rows: list[dict], timing: list[dict]) -> None:
+def write_section(path: Path, runs: list[dict], rows: list[dict], timing: list[dict]) -> None:
+    c = runs[0]
+    commands = " and ".join(f"`{r['command']}` ({r['minutes']:.0f} min)" for r in runs)
     lines = [BEGIN, "", "## Attention replaced: LiT and ATConv, distilled", "",
-             f"Measured by `{c['command']}` on {c['machine']}, in {c['minutes']:.0f} min. FD at 16 Heun steps "
+             f"Measured by {commands} on {c['machine']}. FD at 16 Heun steps "
              f"(NFE 31), {c['samples']} samples on each of seeds {c['seeds']} (mean ± std), in the "
              "`classifier-digits` feature space; the teacher is the reference model on the same seeds. "
              "Distillation: new parameters first, "
              "then every parameter (lr 2e-4), batch 64, the model's own objective + 0.5 x the teacher term; "
-             "minutes on this CPU.", "",
+             "minutes on this CPU." + (" Each row's run: " + "; ".join(
+                 f"{r['key']}: `{r['command']}`" for r in rows) + "." if len(runs) > 1 else ""), "",
              "| model | substitution | sites | teacher FD | FD before distillation | FD after | vs teacher | "
              "distillation | ONNX parity |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
