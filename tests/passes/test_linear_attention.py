@@ -15,6 +15,7 @@ from graphopt.passes.linear_attention import (FRESH, LINEAR_ATTENTION, LinearAtt
 from graphopt.pipeline import PassContext
 from graphopt.quality import QualityCost, QualityEvaluator
 from tests import zoo
+from tests.test_approx import MeanStd
 
 
 class SeparateQKV(nn.Module):
@@ -163,12 +164,6 @@ def test_sites_it_cannot_replace_are_listed_with_the_reason(factory, reason):
     assert replaced == 0 and ctx.notes and all(reason in note for note in ctx.notes)
 
 
-class _Moments:
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        flat = images.flatten(1)
-        return torch.stack([flat.mean(1), flat.std(1), flat[:, 0], flat[:, -1]], dim=1)
-
-
 @pytest.fixture
 def dit_context():
     from graphopt.models.samplers import Sampler, flow_times
@@ -177,7 +172,7 @@ def dit_context():
     model = zoo.TinyDiT().eval()  # velocity out, one channel in and out
     args = (torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([3, 10]))
     real = torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    evaluator = QualityEvaluator.from_images(_Moments(), real, proxy_samples=8, confirm_samples=12,
+    evaluator = QualityEvaluator.from_images(MeanStd(), real, proxy_samples=8, confirm_samples=12,
                                              confirm_seeds=(0,))
     sampler = Sampler("flow", "euler", flow_times(2), (1, 8, 8))
     return ApproxContext(model, sampler, args, evaluator, batch=12, progress=False)
