@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,6 +20,22 @@ def shape_of(node: Any) -> tuple | None:
     if not isinstance(v, torch.Tensor):
         return None
     return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in v.shape)
+
+
+def size_bounds(size: int | torch.SymInt) -> tuple[int, int | None]:
+    """The least and greatest value a size takes over the captured range (None: no upper bound).
+
+    A symbolic size is bounded by its symbols' ranges (the batch: [1, inf], or [2, inf] for a model
+    that treats batch 1 differently; the row count of ``nonzero``: [0, inf]), so
+    ``x[: x.shape[0] // 2]`` has a size in [1, inf]. Only the ranges count, as in graphopt's dispatch:
+    an inequality torch records beside them (``Ne(s0 // 2, 1)``) is not read, so a size it keeps
+    from 1 still counts as possibly 1.
+    """
+    if not isinstance(size, torch.SymInt):
+        return int(size), int(size)
+    bounds = size.node.shape_env.bound_sympy(size.node.expr)
+    lo, hi = float(bounds.lower), float(bounds.upper)
+    return (max(int(lo), 0) if math.isfinite(lo) else 0), (int(hi) if math.isfinite(hi) and hi <= 2**62 else None)
 
 
 def same_tensor_type(a: Any, b: Any) -> bool:

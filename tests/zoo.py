@@ -4,8 +4,9 @@ Each factory returns ``(model, args, kwargs)`` with the model in eval mode and f
 styles differ on purpose: concatenated UNet skips with explicit softmax(QK^T)V attention, a DiT with
 adaLN-Zero and F.scaled_dot_product_attention in a ModuleList, nn.MultiheadAttention, a dataclass
 output, keyword-only arguments with a dict output, and UNet skips kept in a popped list, in a dict
-by resolution, U-ViT's token skips and a text-conditioned UNet whose transformers wrap residual
-blocks in a residual add. Each carries ``EXPECTED`` (or a note in its docstring): what the
+by resolution, U-ViT's token skips, a text-conditioned UNet whose transformers wrap residual
+blocks in a residual add and a PixArt-style transformer (caption projection, adaLN-single, diffusers'
+``squeeze(1)`` on tokens). Each carries ``EXPECTED`` (or a note in its docstring): what the
 structural analyses must find in it.
 """
 
@@ -589,6 +590,81 @@ def text_unet() -> tuple[nn.Module, tuple, dict]:
     return model, (torch.randn(2, 4, 8, 8), torch.rand(2) * 1000, torch.randn(2, 5, 12)), {}
 
 
+# ---------------------------------------------------------------- PixArt-style transformer, adaLN-single
+
+
+class PixArtBlock(nn.Module):
+    """diffusers' BasicTransformerBlock with ``norm_type="ada_norm_single"``: the block owns no
+    modulation MLP, only a learned ``scale_shift_table`` added to the shared timestep projection.
+    diffusers squeezes dim 1 after modulating, for the 4-D inputs it once took; on tokens that dim is
+    the token count, so the squeeze is an identity torch keeps and ONNX's Squeeze rejects."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn1 = CrossAttention(dim, heads=heads)
+        self.attn2 = CrossAttention(dim, dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)
+        h = (self.norm1(x) * (1 + scale_msa) + shift_msa).squeeze(1)
+        x = x + gate_msa * self.attn1(h)
+        x = x + self.attn2(x, context)  # PixArt applies no norm before cross-attention
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * self.ff(h)
+
+
+class TinyPixArt(nn.Module):
+    """PixArt-alpha in small: patchify, an MLP projecting the caption's token embeddings to the
+    cross-attention context, adaLN-single (one timestep MLP gives the 6 * dim modulation all blocks
+    share), a final layer modulated by its own table, diffusers' ``view``/``squeeze(1)`` habits.
+
+    EXPECTED: no skip edges; per block three chained residual blocks (attn1, attn2, ff), a stack of 2
+    units of period 3 under ``blocks``; attn1 and ff take gate, 1 + scale and shift as side inputs,
+    attn2 its keys and values; the attn2 sites cross-attend to the 5 caption tokens as projected by
+    ``caption_projection``.
+    """
+
+    def __init__(self, size: int = 8, patch: int = 2, channels: int = 4, dim: int = 16, depth: int = 2,
+                 heads: int = 2, caption_dim: int = 12):
+        super().__init__()
+        self.patch, self.dim = patch, dim
+        self.x_embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.register_buffer("pos_embed", torch.randn(1, (size // patch) ** 2, dim) * 0.02)
+        self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.caption_projection = nn.Sequential(nn.Linear(caption_dim, dim), nn.GELU(approximate="tanh"),
+                                                nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([PixArtBlock(dim, heads) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.proj_out = nn.Linear(dim, patch * patch * channels)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        embedded_timestep = self.t_embed(timestep_embedding(timestep, self.dim))
+        t = self.t_block(embedded_timestep)
+        context = self.caption_projection(encoder_hidden_states).view(b, -1, h.shape[-1])
+        for block in self.blocks:
+            h = block(h, context, t)
+        shift, scale = (self.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
+        h = self.proj_out(self.norm_out(h) * (1 + scale) + shift).squeeze(1)
+        p = self.patch
+        h = h.reshape(b, hh // p, ww // p, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", h).reshape(b, c, hh, ww)
+
+
+def pixart() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    model = TinyPixArt().eval()
+    return model, (torch.randn(2, 4, 8, 8), torch.rand(2) * 1000, torch.randn(2, 5, 12)), {}
+
+
 ZOO = {
     "unet": unet,
     "dit": dit,
@@ -599,4 +675,5 @@ ZOO = {
     "dict_unet": dict_unet,
     "uvit": uvit,
     "text_unet": text_unet,
+    "pixart": pixart,
 }

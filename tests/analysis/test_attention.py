@@ -187,6 +187,15 @@ def test_text_unet_tells_self_from_cross_attention(analysed):
         assert cross_site.kv_len == 5 and cross_site.seq_len == self_site.seq_len
 
 
+def test_pixart_cross_attends_to_the_projected_caption(analysed):
+    captured, a = analysed("pixart")
+    nodes = _nodes(captured)
+    assert [s.cross for s in a.attention_sites] == [False, True] * 2
+    for cross_site in a.attention_sites[1::2]:
+        assert nodes[cross_site.kv_input].meta["graphopt_module"].startswith("caption_projection")
+        assert (cross_site.seq_len, cross_site.kv_len) == (16, 5)
+
+
 def test_third_party_style_self_attention(analysed):
     """The zoo's text UNet projects q, k and v with separate linears and reshapes heads with
     reshape/transpose; with no context it attends to itself."""

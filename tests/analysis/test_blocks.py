@@ -184,6 +184,18 @@ def test_kwargs_model_blocks(analysed):
     assert a.skip_edges == () and a.stacks == ()
 
 
+def test_pixart_blocks(analysed):
+    captured, a = analysed("pixart")
+    assert [blk.label for blk in a.residual_blocks] == [
+        f"blocks.{i}.{k}" for i in range(2) for k in ("attn1", "attn2", "ff")]
+    assert _chained(a.residual_blocks)
+    # adaLN-single: gate, 1 + scale and shift come from the shared timestep projection plus the table
+    assert [len(blk.side_inputs) for blk in a.residual_blocks] == [3, 2, 3] * 2
+    assert a.skip_edges == ()
+    (stack,) = a.stacks
+    assert (stack.count, stack.period, stack.label) == (2, 3, "blocks")
+
+
 # ---------------------------------------------------------------- the rules, on small graphs
 
 
