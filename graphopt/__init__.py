@@ -19,7 +19,8 @@ from .approx import ApproxContext, ApproxPass, Budget, QualityBudgetError
 from .autodiffusion import EvolutionConfig, search
 from .capture import CapturedGraph, capture
 from .distill import DistillConfig, DistillReport, distill
-from .emit import OptimizationReport, OptimizedModule, load, optimize, save
+from .emit import OptimizationReport, OptimizedModule, optimize
+from .saved import load, save
 from .errors import (BudgetError, CaptureError, GraphoptError, InputError, LoadError, OnnxExportError,
                      OnnxParityError, OutputPathError, PassError, PlanError, SaveError, SignatureError,
                      UnknownPassError, UsageError, VerificationError)

@@ -4,7 +4,10 @@ The model is wrapped so that torch.export (non-strict: the model's Python runs a
 flat tuple of tensors in and out; :mod:`graphopt.structure` remembers how to rebuild the caller's
 arguments and the model's outputs (tuples, dicts, dataclasses) around it. The batch dimension of
 every input whose leading size equals the batch is marked ``Dim.AUTO``: torch.export keeps it
-symbolic over the range it can prove and specialises it otherwise. Every node then carries ``val``
+symbolic over the range it can prove and specialises it otherwise. That range starts at 2, since
+torch.export traces as if sizes 0 and 1 were special; batch 1 (what a sampler runs for a single
+image) is added when the graph reproduces the model at batch 1, and left out when the model treats
+it differently (a squeeze of the batch dim, a branch on ``shape[0] == 1``). Every node then carries ``val``
 (a fake tensor with shape and dtype, the batch as a symbol) and ``graphopt_module``, the dotted path
 of the module whose forward produced it.
 """
@@ -21,7 +24,7 @@ import os
 import time
 import traceback
 import warnings
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -131,30 +134,49 @@ class InputGuards:
     tensors: tuple[TensorGuard, ...]
     ranges: dict[str, tuple[int, int | None]]
 
-    def mismatch(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> str | None:
-        """Why ``tensors`` fall outside these guards, or None when the graph is valid for them."""
+    def mismatch(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                 names: Sequence[str] | None = None) -> str | None:
+        """Why ``tensors`` fall outside these guards, or None when the graph is valid for them.
+
+        ``names`` (one per tensor, e.g. :meth:`CallSpec.input_names`) name the caller's inputs in the
+        reason; the reason says what the input is and what was expected."""
         if len(tensors) != len(self.tensors):
             return f"expected {len(self.tensors)} tensor inputs, got {len(tensors)}"
-        bound: dict[str, int] = {}
+        label = list(names) if names is not None and len(names) == len(tensors) else \
+            [f"input {i}" for i in range(len(tensors))]
+        bound: dict[str, tuple[int, str]] = {}
         for i, (t, g) in enumerate(zip(tensors, self.tensors)):
             if str(t.dtype).removeprefix("torch.") != g.dtype:
-                return f"input {i} has dtype {t.dtype}, captured with {g.dtype}"
+                return f"{label[i]} has dtype {str(t.dtype).removeprefix('torch.')}, expected {g.dtype}"
             if t.device.type != g.device:
-                return f"input {i} is on {t.device.type}, captured on {g.device}"
+                return f"{label[i]} is on {t.device.type}, expected on {g.device}"
             if t.dim() != len(g.shape):
-                return f"input {i} has {t.dim()} dims, captured with {len(g.shape)}"
+                return (f"{label[i]} has {t.dim()} dims {tuple(t.shape)}, expected {len(g.shape)} "
+                        f"({self.describe(i)})")
             for d, (size, want) in enumerate(zip(t.shape, g.shape)):
                 if isinstance(want, int):
                     if size != want:
-                        return f"input {i} dim {d} is {size}, captured as {want}"
+                        return f"{label[i]} dim {d} is {size}, expected {want} ({self.describe(i)})"
                     continue
-                if bound.setdefault(want, size) != size:
-                    return f"input {i} dim {d} is {size} but {want} is {bound[want]} elsewhere"
+                seen, where = bound.setdefault(want, (size, f"{label[i]} dim {d}"))
+                if seen != size:
+                    return f"{label[i]} dim {d} is {size} but {where} is {seen}: they must match"
                 lo, hi = self.ranges.get(want, (0, None))
                 if size < lo or (hi is not None and size > hi):
                     top = "inf" if hi is None else hi
-                    return f"input {i} dim {d} is {size}, outside the captured range [{lo}, {top}]"
+                    return f"{label[i]} dim {d} is {size}, outside the captured range [{lo}, {top}]"
         return None
+
+    def describe(self, i: int) -> str:
+        """Input ``i``'s expected shape, symbols shown as their range (``[1, inf]x4x32x32``)."""
+        parts = []
+        for s in self.tensors[i].shape:
+            if isinstance(s, int):
+                parts.append(str(s))
+            else:
+                lo, hi = self.ranges.get(s, (0, None))
+                parts.append(f"[{lo}, {'inf' if hi is None else hi}]")
+        return "shape " + "x".join(parts) if parts else "a scalar"
 
     def batch_range(self) -> tuple[int, int | None] | None:
         """The range of the first input's leading dim when it is symbolic, else None."""
@@ -230,8 +252,9 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = No
     """Capture ``model(*args, **kwargs)`` as an ATen FX graph (torch.export, non-strict).
 
     With ``dynamic_batch`` the leading dim of every input that shares the first input's batch size is
-    symbolic over the range torch.export proves (an example batch of 1 is tiled to 2 for the capture,
-    since torch.export specialises sizes 0 and 1). Raises :class:`InputError` when the model fails on
+    symbolic over the range torch.export proves, and batch 1 too when the graph reproduces the model
+    there (an example batch of 1 is tiled to 2 for the capture, since torch.export specialises sizes
+    0 and 1). Raises :class:`InputError` when the model fails on
     the example inputs eagerly, :class:`CaptureError` (with module path, source line and hint) when
     torch.export fails.
     """
@@ -259,7 +282,8 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = No
         in_tensors = [torch.cat([t, t]) if _is_batched(t, 1) else t for t in in_tensors]
         batch = 2
     call = CallSpec(params, defaults, in_spec, {"kind": "tuple", "items": []}, tuple(objects))
-    reference = _run_eager(model, call, in_tensors)
+    with kept_state(model):  # a training-mode batch norm would update its statistics
+        reference = _run_eager(model, call, in_tensors)
     out_spec, ref_tensors, out_objects = structure.flatten(reference)
     if out_objects:
         raise InputError(f"the model returns {structure.describe(out_spec)}: graphopt can rebuild tensors, "
@@ -269,12 +293,61 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = No
     call = dataclasses.replace(call, out_spec=out_spec)
 
     start = time.perf_counter()
-    ep = _export(model, call, in_tensors, batch)
+    with kept_state(model):
+        ep = _export(model, call, in_tensors, batch)
     gm = ep.module()
     _annotate_modules(gm)
     guards = _guards(gm, ep)
+    guards = _with_batch_one(model, call, gm, guards, in_tensors, batch)
     return CapturedGraph(gm, call, guards, tuple(in_tensors), tuple(t.detach() for t in ref_tensors),
                          time.perf_counter() - start, dynamic_batch=batch is not None)
+
+
+def _with_batch_one(model: nn.Module, call: CallSpec, gm: torch.fx.GraphModule, guards: InputGuards,
+                    tensors: list[torch.Tensor], batch: int | None) -> InputGuards:
+    """``guards`` with the batch range starting at 1 when the graph matches the model at batch 1.
+
+    torch.export traces a symbolic size as if it were neither 0 nor 1, so the graph's range starts
+    at 2; a model that treats batch 1 alike gives the same outputs there, one that does not (a
+    squeeze, a branch on the size) shows it in shape or value, and keeps the range from 2."""
+    symbol = _batch_symbol(guards)
+    if batch is None or symbol is None or guards.ranges.get(symbol, (0, None))[0] != 2:
+        return guards
+    if not batch_one_matches(model, call, gm, tensors):
+        return guards
+    return dataclasses.replace(guards, ranges={**guards.ranges, symbol: (1, guards.ranges[symbol][1])})
+
+
+def without_batch_one(captured: CapturedGraph) -> CapturedGraph:
+    """``captured`` with its batch range starting at 2 (a pass made the graph differ at batch 1)."""
+    symbol = _batch_symbol(captured.guards)
+    if symbol is None or captured.guards.ranges.get(symbol, (0, None))[0] != 1:
+        return captured
+    ranges = {**captured.guards.ranges, symbol: (2, captured.guards.ranges[symbol][1])}
+    return dataclasses.replace(captured, guards=dataclasses.replace(captured.guards, ranges=ranges))
+
+
+def batch_one_matches(model: nn.Module, call: CallSpec, gm: torch.fx.GraphModule,
+                      tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``gm`` gives the model's outputs (shapes, dtypes, values) on the batch-1 slice of ``tensors``
+    (flat inputs at a batch of 2 or more; inputs of another leading size are passed whole)."""
+    from .verify import compare
+
+    n = len(tensors) - len(call.extras)  # the extras passes added (skip scales) are not batched
+    batch = _batch_size(list(tensors[:n]))
+    one = [t[:1] if i < n and _is_batched(t, batch) else t for i, t in enumerate(tensors)]
+    args, kwargs = call.rebuild_call(one[:n])
+    try:
+        with kept_state(model), torch.no_grad():
+            _, expected, _ = structure.flatten(model(*args, **kwargs))
+            got = list(gm(*one))
+    except Exception:  # the model or the graph cannot run at batch 1
+        return False
+    return all(a.dtype == b.dtype for a, b in zip(got, expected)) and compare(got, expected).within
+
+
+def _batch_symbol(guards: InputGuards) -> str | None:
+    return next((g.shape[0] for g in guards.tensors if g.shape and isinstance(g.shape[0], str)), None)
 
 
 def retrace(captured: CapturedGraph, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> CapturedGraph:
@@ -283,13 +356,13 @@ def retrace(captured: CapturedGraph, tensors: list[torch.Tensor] | tuple[torch.T
     model is not needed and no pass runs again; the reference outputs are the graph's own."""
     from .fxgraph import copy_sharing_weights, drop_guards
 
-    gm = copy_sharing_weights(captured.graph_module)
-    drop_guards(gm)
     tensors = tuple(tensors)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(), quiet(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
+            gm = copy_sharing_weights(captured.graph_module)
+            drop_guards(gm)
             ep = torch.export.export(gm, tensors, strict=False)
             with torch.no_grad():
                 outputs = tuple(t.detach() for t in gm(*tensors))
@@ -300,6 +373,36 @@ def retrace(captured: CapturedGraph, tensors: list[torch.Tensor] | tuple[torch.T
     _annotate_modules(traced)
     return CapturedGraph(traced, captured.call, _guards(traced, ep), tensors, outputs,
                          time.perf_counter() - start, dynamic_batch=False)
+
+
+@contextlib.contextmanager
+def kept_state(model: nn.Module, *, eval_mode: bool = False) -> Iterator[None]:
+    """Run ``model`` without leaving a trace on it: its buffers (batch-norm statistics and counters)
+    and every module's training flag are restored on exit. ``eval_mode`` runs it as in ``eval()``."""
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    if eval_mode:
+        for m, _ in flags:
+            m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+
+
+def training_modules(model: nn.Module) -> list[str]:
+    """The modules of ``model`` in training mode whose outputs depend on it (dropout, batch statistics),
+    or the model itself when it is in training mode and holds none of those; ``[]`` in eval mode."""
+    kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    named = [name or type(model).__name__ for name, m in model.named_modules() if m.training and isinstance(m, kinds)]
+    if named or not any(m.training for m in model.modules()):
+        return named
+    return [type(model).__name__]
 
 
 def _batch_size(tensors: list[torch.Tensor]) -> int | None:
@@ -328,10 +431,9 @@ def _run_eager(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor]) ->
 def _export(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor], batch: int | None):
     """torch.export with the batch dims AUTO; on failure retry static, then raise CaptureError."""
     flat = _FlatCall(model, call)
-    attempts = [batch, None] if batch is not None else [None]
-    first_error: BaseException | None = None
-    for b in attempts:
-        dims = tuple({0: Dim.AUTO} if _is_batched(t, b) else None for t in tensors)
+    attempts: list[Any] = [Dim.AUTO, None] if batch is not None else [None]
+    for dim in attempts:
+        dims = tuple({0: dim} if dim is not None and _is_batched(t, batch) else None for t in tensors)
         try:
             # torch.export prints the partial graph of a failed trace to stderr; the CaptureError
             # below says what the user needs, so that dump is dropped.
@@ -339,7 +441,6 @@ def _export(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor], batch
                 warnings.simplefilter("ignore")
                 return torch.export.export(flat, tuple(tensors), dynamic_shapes=(dims,), strict=False)
         except Exception as e:  # torch.export raises many types; all become one clear error
-            first_error = first_error or e
             last = e
     module_path, source = _locate(last, model)
     raise CaptureError(f"torch.export could not capture the model ({type(last).__name__}: {first_line(last)})",

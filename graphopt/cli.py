@@ -106,11 +106,12 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
 def _cmd_optimize(ns: argparse.Namespace) -> int:
     from . import optimize
     from . import passes as registry
+    from .emit import check_inference_mode
 
     pipeline = registry.resolve(ns.passes)  # unknown names fail before the model is built
     out = Path(ns.out) if ns.out else None
     if out is not None:
-        from .emit import check_save_target
+        from .saved import check_save_target
 
         check_save_target(out, ns.overwrite)
     approximate = any(not p.exact for p in pipeline)
@@ -140,6 +141,7 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
 
         config = DistillConfig(steps=ns.distill_steps or 0, all_steps=ns.distill_all_steps or 0)
     model, args, kwargs = load_model_spec(ns.model)
+    check_inference_mode(model, ns.eval)
     if approximate and approx is None:  # any model: judged by its outputs against the original's
         from .approx import ApproxContext
 
@@ -148,7 +150,7 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
         approx = ApproxContext.for_model(model, args)
     _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline) or 'no passes'} ...")
     optimized = optimize(model, args, kwargs, passes=pipeline, target=ns.target, dynamic_batch=not ns.static,
-                         approx=approx)
+                         approx=approx, eval_mode=ns.eval)
     if config is not None:
         from .distill import CHECKPOINT, distill
 
@@ -182,7 +184,7 @@ def _cmd_export(ns: argparse.Namespace) -> int:
         pipeline = registry.resolve(ns.passes)
         model, args, kwargs = load_model_spec(ns.model)
         _status(f"optimizing {type(model).__name__} with {', '.join(p.name for p in pipeline) or 'no passes'} ...")
-        optimized = optimize(model, args, kwargs, passes=pipeline, dynamic_batch=not ns.static)
+        optimized = optimize(model, args, kwargs, passes=pipeline, dynamic_batch=not ns.static, eval_mode=ns.eval)
     _status("exporting to ONNX and checking it with onnxruntime ...")
     report = export_onnx(optimized, ns.out, opset=ns.opset, plan=plan)
     print(f"wrote {report.path} (opset {report.opset}, inputs {', '.join(report.inputs)}, "
@@ -403,6 +405,12 @@ def _cmd_passes(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", action="store_true",
+                   help="optimize a model that is in training mode as in eval mode (dropout off, running "
+                        "batch-norm statistics); the model itself is not changed")
+
+
 def _passes_arg(text: str) -> list[str]:
     if text.strip().lower() == "none":
         return []
@@ -443,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--target", choices=("cpu", "cuda"), default="cpu", help="device to optimize for")
     p.add_argument("--static", action="store_true", help="capture with a static batch size")
+    _eval_arg(p)
     p.add_argument("--nfe", type=_positive, default=None,
                    help="approximate passes (skip-tune): the NFE their quality is judged at (default: the sampler's)")
     p.add_argument("--sampler", choices=("euler", "heun", "ddim"), default=None,
@@ -468,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="a sampling plan to write beside the .onnx as NAME.plan.json "
                                                 "(default: the saved directory's plan.json, if any)")
     p.add_argument("--static", action="store_true", help="capture with a static batch size")
+    _eval_arg(p)
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("bench", help="latency, NFE, FD, FLOPs and a sample grid for a reference generator",

@@ -1,46 +1,36 @@
-"""Emission: the optimized model as an nn.Module with the original call signature, saved and loaded.
+"""Emission: the optimized model as an nn.Module with the original call signature.
 
 ``optimize`` captures, runs the pass pipeline (verified after each pass) and returns an
 :class:`OptimizedModule`. Calls bind to the original forward signature, are checked against what
 the graph was captured for (dtypes, static sizes, the symbolic batch's range, non-tensor
 arguments), and come back in the original output structure. A call outside the captured range is
 re-captured for its shapes (counted in the report) when the original model is at hand; a loaded
-module, which has no Python model, says so instead of guessing.
-
-A saved directory holds ``model.pt2`` (torch.export's format: the program and its weights, loaded
-without unpickling code), ``graphopt.json`` (call structure), ``examples.safetensors`` (example
-inputs and the original model's outputs on them, so loading can prove the weights arrived intact)
-and ``report.json``. It is written under a temporary name and renamed, so a failed save leaves
-nothing behind.
+module, which has no Python model, says so instead of guessing. Saving and loading live in
+:mod:`graphopt.saved`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
-import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import safetensors.torch
 import torch
 from torch import fx, nn
 from torch.export import Dim
 
 from . import structure
-from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards, capture, retrace
-from .errors import (CaptureError, InputError, LoadError, OutputPathError, SaveError, UsageError, VerificationError,
-                     first_line, no_folder)
+from .capture import (CapturedGraph, _locate, batch_one_matches, capture, kept_state, retrace, training_modules,
+                      without_batch_one)
+from .errors import CaptureError, InputError, UsageError, VerificationError, first_line
 from .logs import quiet
 from .pipeline import Pass, PassReport, run_pipeline
 
-FORMAT = "graphopt-optimized"
-FORMAT_VERSION = 1
 TARGETS = ("cpu", "cuda")
 
 
@@ -145,7 +135,8 @@ class OptimizedModule(nn.Module):
     """
 
     def __init__(self, captured: CapturedGraph, report: OptimizationReport, *, source: nn.Module | None = None,
-                 passes: Sequence[Pass] = (), flops: Callable[[fx.GraphModule], float] | None = None):
+                 passes: Sequence[Pass] = (), flops: Callable[[fx.GraphModule], float] | None = None,
+                 source_eval: bool = False):
         super().__init__()
         self.variants = nn.ModuleList([captured.graph_module])
         self.lowered = nn.ModuleList()  # target="cuda": the variants with regions on Triton kernels
@@ -153,6 +144,7 @@ class OptimizedModule(nn.Module):
         self._captured = [captured]
         self._report = report
         self._source = source
+        self._source_eval = source_eval  # run the source as in eval mode (optimize(..., eval_mode=True))
         self._passes = tuple(passes)
         self._flops = flops
         self._recaptures = 0
@@ -202,12 +194,12 @@ class OptimizedModule(nn.Module):
     def _variant_for(self, args: tuple, kwargs: dict, spec: dict, tensors: list[torch.Tensor],
                      objects: list[Any]) -> int:
         """The index of the captured variant valid for this call, re-capturing one when none is."""
-        reason = ""
+        reasons = []
         for i, variant in enumerate(self._captured):
-            reason = _mismatch(variant, spec, tensors, objects)
-            if not reason:
+            reasons.append(_mismatch(variant, spec, tensors, objects))
+            if not reasons[-1]:
                 return i
-        self._recapture(args, kwargs, spec, tensors, objects, reason)
+        self._recapture(args, kwargs, spec, tensors, objects, reasons[0])  # as against the optimized capture
         return len(self._captured) - 1
 
     def _run(self, i: int, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -280,38 +272,45 @@ class OptimizedModule(nn.Module):
         again, so approximate changes are kept exactly); with the original model at hand and no
         approximate pass applied, that variant is checked against the model, and re-captured from
         it if the model behaves differently at these shapes. Another call structure or constant
-        argument is re-captured from the original model and the passes run again.
+        argument is re-captured from the original model and the passes run again. A loaded module
+        refuses: without the model nothing can show that its graph holds outside the captured range.
         """
         main = self._captured[0]
         device = next(itertools.chain(self.graph_module.parameters(), self.graph_module.buffers()), None)
         captured = None
+        if self._source is None:  # the saved graph may hold a branch the model took for the captured range only
+            raise InputError(f"this call does not fit what the module was captured for ({reason}); a loaded "
+                             "module cannot re-capture: call it with inputs like the captured ones, or optimize "
+                             "the original model with such inputs")
+        model_args, model_kwargs = _without_extras(main, args, kwargs)
         if spec == main.call.in_spec and not _mismatch_objects(main, objects):
             try:
                 captured = retrace(main, tensors)
             except CaptureError as e:  # e.g. another channel count: the graph does not apply
-                if self._source is None or self.approximate_passes:
+                if self.approximate_passes:
                     raise InputError(f"this call is outside what the module was captured for ({reason}) and "
                                      f"the optimized graph does not run on it: {e}") from e
-            if captured is not None and self._source is not None and not self.approximate_passes:
+            if captured is not None and not self.approximate_passes:
                 from .verify import compare
 
-                model_args, model_kwargs = _without_extras(main, args, kwargs)
-                with torch.no_grad():
-                    _, expected, _ = structure.flatten(self._source(*model_args, **model_kwargs))
+                expected = self._run_source(model_args, model_kwargs, reason)
                 if not compare(captured.reference_outputs, expected).within:
                     captured = None  # the model itself branches on these shapes: capture it for them
         if captured is None:
-            if self._source is None:
-                raise InputError(f"this call is outside what the module was captured for ({reason}); a loaded "
-                                 "module cannot re-capture: optimize the original model with such inputs")
             if self.approximate_passes:
                 raise InputError(f"this call is outside what the module was captured for ({reason}) and the "
                                  f"module carries approximate changes ({', '.join(self.approximate_passes)}) "
                                  "made for that call structure: optimize the model again with such inputs")
-            model_args, model_kwargs = _without_extras(main, args, kwargs)
-            # static: the dynamic capture already covers every batch torch.export could prove
-            captured = capture(self._source, model_args, model_kwargs, dynamic_batch=False)
-            captured, _ = run_pipeline(captured, self._passes, flops=self._flops)
+            self._run_source(model_args, model_kwargs, reason)  # the caller's error, named as theirs
+            # dynamic, so that other batches at these shapes need no capture of their own; static when
+            # the call's own batch falls outside what torch.export proves for them
+            for dynamic in (True, False):
+                with kept_state(self._source, eval_mode=self._source_eval):
+                    captured = capture(self._source, model_args, model_kwargs, dynamic_batch=dynamic)
+                    captured, _ = run_pipeline(captured, self._passes, flops=self._flops)
+                    captured = _checked_batch_one(self._source, captured)
+                if not _mismatch(captured, spec, tensors, objects):
+                    break
         if device is not None:  # follow a .to() the caller applied to this module
             captured.graph_module.to(device.device)
         self._captured.append(captured)
@@ -321,8 +320,24 @@ class OptimizedModule(nn.Module):
         self._recaptures += 1
         return captured
 
+    def _run_source(self, args: tuple, kwargs: dict, reason: str) -> list[torch.Tensor]:
+        """The original model's flat outputs on a call outside the captured range; when the model itself
+        rejects the call, an :class:`InputError` says how the call differs from the captured one."""
+        try:
+            with torch.no_grad(), kept_state(self._source, eval_mode=self._source_eval):
+                _, outputs, _ = structure.flatten(self._source(*args, **kwargs))
+        except Exception as e:
+            module_path, source = _locate(e, self._source)
+            where = (f" in module '{module_path}'" if module_path else "") + (f" at {source}" if source else "")
+            raise InputError(f"this call does not fit the model: {reason}; the model raised {type(e).__name__}"
+                             f"{where}: {first_line(e)}") from e
+        return outputs
+
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False, plan: Any = None) -> Path:
-        """Write the main variant to ``directory`` (atomically), with ``plan`` as plan.json; returns the path."""
+        """Write the main variant to ``directory`` (atomically), with ``plan`` as plan.json; returns the path.
+        See :func:`graphopt.saved.save`."""
+        from .saved import save
+
         return save(self, directory, overwrite=overwrite, plan=plan)
 
 
@@ -332,7 +347,7 @@ def _mismatch(variant: CapturedGraph, spec: dict, tensors: list[torch.Tensor], o
                 f"{structure.describe(variant.call.in_spec)}")
     if _mismatch_objects(variant, objects):
         return "a non-tensor argument differs from the captured one"
-    return variant.guards.mismatch(tensors) or ""
+    return variant.guards.mismatch(tensors, variant.call.input_names()) or ""
 
 
 def _mismatch_objects(variant: CapturedGraph, objects: list[Any]) -> bool:
@@ -354,13 +369,14 @@ def _equal(a: Any, b: Any) -> bool:
 
 def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None,
              passes: Iterable[str | Any] | None = None, target: str = "cpu",
-             dynamic_batch: bool = True, cuda_graphs: bool = False, approx: Any = None) -> OptimizedModule:
+             dynamic_batch: bool = True, cuda_graphs: bool = False, approx: Any = None,
+             eval_mode: bool = False) -> OptimizedModule:
     """Capture ``model`` on the example inputs, run ``passes`` (default: the exact pipeline) and emit.
 
     ``passes`` are names from :mod:`graphopt.passes` or :class:`Pass` objects. Each exact pass is
     verified against the original model's outputs; the report records FLOPs, errors and times.
 
-    ``target="cuda"`` moves the model and inputs to the GPU before capture and then lowers the graph:
+    ``target="cuda"`` captures on the GPU (a copy of the model when it is elsewhere) and lowers the graph:
     pointwise chains and norms with their epilogues run as generated Triton kernels, attention on the
     flash kernel, matmuls and convolutions stay on ATen (see :mod:`graphopt.autotune.lower`). Each
     kernel is checked against the ATen ops it replaces on the example inputs, within the dtype's
@@ -374,10 +390,16 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     (:mod:`graphopt.approx`) and need ``approx``, an :class:`~graphopt.approx.ApproxContext` with the
     sampler, quality evaluator and budget; each runs once, and its report row carries the quality
     it cost, measured.
+
+    ``model`` is never changed (its weights, buffers, training flags and device stay as they are). A
+    model in training mode (dropout or batch statistics active) is refused, since its outputs are
+    not those of inference: call ``model.eval()`` first, or pass ``eval_mode=True`` to optimize it
+    as in eval mode while it stays in training mode.
     """
     from . import passes as registry
-    from .analysis.cost import graph_cost
 
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"expected an nn.Module, got {type(model).__name__}")
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     pipeline, approximate = split_passes(registry.resolve(passes))
@@ -386,25 +408,37 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
                          "quality evaluator: pass approx=graphopt.ApproxContext(...)")
     if cuda_graphs and (target != "cuda" or not torch.cuda.is_available()):
         raise UsageError("cuda_graphs=True needs target='cuda' and a CUDA GPU")
+    check_inference_mode(model, eval_mode)
     if target == "cuda":
         _check_cuda_target()
         if torch.cuda.is_available():
-            model = model.to("cuda")
+            if any(t.device.type != "cuda" for t in itertools.chain(model.parameters(), model.buffers())):
+                model = copy.deepcopy(model).to("cuda")  # the user's model stays where it is
             args, kwargs = _to_device((args, kwargs or {}), "cuda")
+    with kept_state(model, eval_mode=eval_mode):
+        return _optimize(model, args, kwargs, pipeline, approximate, target, dynamic_batch, cuda_graphs, approx,
+                         eval_mode)
+
+
+def _optimize(model: nn.Module, args: Any, kwargs: dict[str, Any] | None, pipeline: tuple[Pass, ...],
+              approximate: tuple[Any, ...], target: str, dynamic_batch: bool, cuda_graphs: bool, approx: Any,
+              eval_mode: bool) -> OptimizedModule:
+    from .analysis.cost import graph_cost
+    from .analysis.graph import batch_symbol
+
     captured = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
     batch = captured.example_inputs[0].shape[0] if captured.example_inputs[0].dim() else None
 
-    symbol = captured.batch_symbol()
-
-    def flops(gm: fx.GraphModule) -> float:
-        return float(graph_cost(gm, symbol).at(batch or 1)[0])
+    def flops(gm: fx.GraphModule) -> float:  # at the example batch; a re-captured variant has its own symbol
+        return float(graph_cost(gm, batch_symbol(gm)).at(batch or 1)[0])
 
     captured, reports = run_pipeline(captured, pipeline, flops=flops)
+    captured = _checked_batch_one(model, captured)
     from .plan import fingerprint
 
     report = OptimizationReport(type(model).__name__, target, batch, captured.guards.batch_range(),
                                 captured.capture_time_s, reports, fingerprint=fingerprint(model))
-    module = OptimizedModule(captured, report, source=model, passes=pipeline, flops=flops)
+    module = OptimizedModule(captured, report, source=model, passes=pipeline, flops=flops, source_eval=eval_mode)
     if approximate:
         from .approx import run_approximate
 
@@ -415,6 +449,25 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
                                              cuda_graphs=cuda_graphs)
         module._graph_runners = [] if cuda_graphs else None
     return module
+
+
+def _checked_batch_one(model: nn.Module, captured: CapturedGraph) -> CapturedGraph:
+    """``captured`` whose range includes batch 1 only if its optimized graph still matches the model there:
+    passes judge shapes at the traced batch, and a squeeze of a batch dim of 1 is no identity."""
+    if (captured.guards.batch_range() or (0,))[0] == 1 and not batch_one_matches(
+            model, captured.call, captured.graph_module, captured.example_inputs):
+        return without_batch_one(captured)  # batch 1 gets a capture of its own when called
+    return captured
+
+
+def check_inference_mode(model: nn.Module, eval_mode: bool) -> None:
+    """Refuse a model in training mode unless ``eval_mode`` asks to optimize it as in eval mode."""
+    training = training_modules(model)
+    if training and not eval_mode:
+        shown = ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
+        raise UsageError(f"{type(model).__name__} is in training mode ({shown}): its outputs are not those of "
+                         "inference; call model.eval() first, or pass eval_mode=True (--eval) to optimize it as in "
+                         "eval mode without changing it")
 
 
 def split_passes(passes: Sequence[Any]) -> tuple[tuple[Pass, ...], tuple[Any, ...]]:
@@ -485,182 +538,17 @@ def _to_device(value: Any, device: str) -> Any:
     return structure.map_tensors(value, lambda t: t.to(device))
 
 
-# ------------------------------------------------------------------------------- save / load
+# ------------------------------------------------------------------------------- the saved program
 
 
 def export_program(captured: CapturedGraph) -> torch.export.ExportedProgram:
-    """Re-export an (optimized) captured graph as an ExportedProgram with the same dynamic dims."""
-    dims = tuple({d: Dim.AUTO for d, s in enumerate(g.shape) if isinstance(s, str)} or None
+    """Re-export an (optimized) captured graph as an ExportedProgram with the same dynamic dims and ranges."""
+    symbols = {}
+    for name, (lo, hi) in captured.guards.ranges.items():
+        safe = "d_" + "".join(c if c.isalnum() else "_" for c in name)
+        symbols[name] = Dim(safe, min=lo, max=hi) if hi is not None else Dim(safe, min=lo)
+    dims = tuple({d: symbols.get(s, Dim.AUTO) for d, s in enumerate(g.shape) if isinstance(s, str)} or None
                  for g in captured.guards.tensors)
     with quiet():
         return torch.export.export(captured.graph_module, tuple(captured.example_inputs), dynamic_shapes=dims,
                                    strict=False)
-
-
-def save(module: OptimizedModule, directory: str | os.PathLike, *, overwrite: bool = False, plan: Any = None) -> Path:
-    """Save ``module`` to ``directory``; a failure leaves neither a partial nor a clobbered directory.
-
-    A :class:`~graphopt.plan.SamplingPlan` for the module goes beside it as ``plan.json``
-    (``SamplingPlan.load(directory)`` reads it back)."""
-    target = Path(directory)
-    check_save_target(target, overwrite)
-    captured = module.captured
-    call = captured.call
-    if structure.has_objects(call.in_spec):
-        raise SaveError("the captured arguments hold non-JSON objects "
-                        f"({structure.describe(call.in_spec)}); pass such settings as numbers, strings or tensors")
-    defaults_spec, default_tensors, default_objects = structure.flatten(call.defaults)
-    if default_tensors or default_objects:
-        raise SaveError("a forward() default is a tensor or an object; graphopt saves only plain defaults")
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "graphopt_version": _version(), "torch_version": torch.__version__,
-        "params": [list(p) for p in call.params], "defaults": defaults_spec,
-        "in_spec": call.in_spec, "out_spec": call.out_spec, "extras": list(call.extras),
-        "dynamic_batch": captured.dynamic_batch,
-    }
-    if plan is not None:
-        plan.check(module)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        if plan is not None:
-            plan.save(tmp / "plan.json")
-        program = export_program(captured)
-        torch.export.save(program, tmp / "model.pt2")
-        tensors = {f"input_{i}": t.detach().cpu().contiguous() for i, t in enumerate(captured.example_inputs)}
-        tensors.update({f"output_{i}": t.detach().cpu().contiguous()
-                        for i, t in enumerate(captured.reference_outputs)})
-        safetensors.torch.save_file(tensors, str(tmp / "examples.safetensors"))
-        (tmp / "report.json").write_text(json.dumps(module.report.to_json(), indent=2, default=str))
-        # graphopt.json last: a directory without it is never mistaken for a complete save.
-        (tmp / "graphopt.json").write_text(json.dumps(meta, indent=2))
-        _default_permissions(tmp)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def check_save_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not overwrite:
-        raise OutputPathError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
-    if target.exists() and not target.is_dir():
-        raise OutputPathError(f"{target} exists and is not a directory")
-    parent = target.parent
-    if not parent.is_dir():
-        raise no_folder(target, parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write {target}: no write permission in {parent}")
-
-
-def _default_permissions(directory: Path) -> None:
-    """mkdtemp and safetensors create owner-only entries; a saved model gets the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for item in directory.iterdir():
-        item.chmod(0o666 & ~umask)
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
-def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cpu") -> OptimizedModule:
-    """Load a directory written by :func:`save`. Never unpickles code.
-
-    With ``verify`` the loaded program is run on the saved example inputs and must reproduce the
-    saved outputs, so a damaged weight file is caught here, not in a generated image. ``target="cuda"``
-    moves it to the GPU and lowers it onto Triton kernels as ``optimize`` does (the saved program is
-    the portable graph; kernels are generated for the machine that loads it).
-    """
-    if target not in TARGETS:
-        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "cuda":
-        _check_cuda_target()
-    path = Path(directory)
-    if not path.is_dir():
-        raise LoadError(f"{path} is not a directory saved by graphopt")
-    meta = _read_json(path / "graphopt.json")
-    if meta.get("format") != FORMAT:
-        raise LoadError(f"{path / 'graphopt.json'} is not a graphopt save (format {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise LoadError(f"{path} was saved in format version {meta.get('format_version')}, this graphopt "
-                        f"reads version {FORMAT_VERSION}; re-run optimize and save")
-    for name in ("model.pt2", "examples.safetensors", "report.json"):
-        if not (path / name).is_file():
-            raise LoadError(f"{path} is incomplete: {name} is missing")
-    try:
-        program = torch.export.load(path / "model.pt2")
-    except Exception as e:
-        raise LoadError(f"{path / 'model.pt2'} is corrupted or truncated ({type(e).__name__}: "
-                        f"{first_line(e)})") from e
-    try:
-        tensors = safetensors.torch.load_file(str(path / "examples.safetensors"))
-    except Exception as e:
-        raise LoadError(f"{path / 'examples.safetensors'} is corrupted or truncated ({e})") from e
-    try:
-        report = OptimizationReport.from_json(_read_json(path / "report.json"))
-        call = CallSpec(params=tuple((str(n), str(k)) for n, k in meta["params"]),
-                        defaults=structure.unflatten(meta["defaults"], []),
-                        in_spec=meta["in_spec"], out_spec=meta["out_spec"],
-                        extras=tuple(str(n) for n in meta.get("extras", ())))
-        n_in = structure.count_tensors(call.in_spec) + len(call.extras)
-        n_out = structure.count_tensors(call.out_spec)
-        inputs = tuple(tensors[f"input_{i}"] for i in range(n_in))
-        outputs = tuple(tensors[f"output_{i}"] for i in range(n_out))
-    except (KeyError, TypeError, ValueError) as e:
-        raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
-    gm = program.module()
-    if target == "cuda" and torch.cuda.is_available():
-        gm = gm.to("cuda")
-        inputs, outputs = _to_device(inputs, "cuda"), _to_device(outputs, "cuda")
-    _annotate_modules(gm)
-    guards = _guards(gm, program)
-    n_outputs = len(program.graph_signature.user_outputs)
-    if len(guards.tensors) != n_in or n_outputs != n_out:
-        raise LoadError(f"{path} has inconsistent metadata: graphopt.json describes {n_in} inputs and {n_out} "
-                        f"outputs, model.pt2 has {len(guards.tensors)} and {n_outputs}")
-    captured = CapturedGraph(gm, call, guards, inputs, outputs, 0.0,
-                             dynamic_batch=bool(meta.get("dynamic_batch", True)))
-    if verify:
-        from .verify import compare
-
-        try:
-            with torch.no_grad():
-                cmp = compare(captured.run(inputs), outputs)
-        except Exception as e:
-            raise LoadError(f"{path / 'model.pt2'} does not run on its saved example inputs ({e})") from e
-        if not cmp.within:
-            raise LoadError(f"{path} does not reproduce its saved outputs ({cmp.line()}): corrupted weights?")
-    module = OptimizedModule(captured, report)
-    if target == "cuda":
-        module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(captured))
-    return module
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoadError(f"{path.parent} is not a complete graphopt save: {path.name} is missing") from None
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{path} is corrupted ({e})") from e
-    if not isinstance(data, dict):
-        raise LoadError(f"{path} is corrupted (expected a JSON object)")
-    return data
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-

@@ -111,7 +111,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
-            raise OnnxExportError(f"onnx.checker rejected the exported model: {first_line(e)}") from e
+            hint = ("; export graphopt.optimize(model, args) instead: its noop pass removes ops that torch keeps "
+                    "as identities and ONNX rejects (a squeeze of a dim that is not 1)"
+                    if not isinstance(model, OptimizedModule) else "")
+            raise OnnxExportError(f"onnx.checker rejected the exported model: {first_line(e)}{hint}") from e
         provider, cmp, sizes = _parity(tmp, captured, input_names, atol, rtol)
         if not cmp.within:
             raise OnnxParityError(f"onnxruntime ({provider}) disagrees with torch: {cmp.line()}")

@@ -14,3 +14,12 @@ def _seed_and_env(monkeypatch):
     torch.manual_seed(0)
     for var in ("GRAPHOPT_DEBUG", "GRAPHOPT_DUMP_GRAPHS", "GRAPHOPT_DISABLE_PASSES", "GRAPHOPT_DUMP_KERNELS"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def optimized_zoo():
+    """Every test-zoo model with its example call and its optimized module (exact passes), built once."""
+    import graphopt
+    from tests import zoo
+
+    return {name: (factory(), graphopt.optimize(*factory())) for name, factory in zoo.ZOO.items()}

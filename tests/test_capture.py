@@ -14,7 +14,7 @@ def test_capture_reproduces_the_model_with_dynamic_batch(name):
     outputs = captured.run(captured.example_inputs)
     for out, ref in zip(outputs, captured.reference_outputs):
         torch.testing.assert_close(out, ref)
-    assert captured.guards.batch_range() == (2, None)
+    assert captured.guards.batch_range() == (1, None)  # batch 1 included, whatever the example batch
     # every computing node knows its shape and the module that produced it
     for node in captured.graph_module.graph.nodes:
         if node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor):
@@ -32,11 +32,40 @@ def test_batch_is_symbolic_and_other_batches_run():
     torch.testing.assert_close(captured.run([x5, t5, y5])[0], model(x5, t5, y5))
 
 
-def test_example_batch_of_one_is_tiled_for_a_dynamic_capture():
+def test_example_batch_of_one_is_tiled_for_a_dynamic_capture_whose_range_keeps_one():
     model, (x, sigma), _ = zoo.unet()
     captured = graphopt.capture(model, (x[:1], sigma[:1]))
     assert captured.example_inputs[0].shape[0] == 2
-    assert captured.guards.batch_range()[0] == 2
+    assert captured.guards.batch_range() == (1, None)
+    assert captured.guards.mismatch([x[:1], sigma[:1]]) is None
+    torch.testing.assert_close(captured.run([x[:1], sigma[:1]])[0], model(x[:1], sigma[:1]))
+
+
+class BranchOnOne(nn.Module):
+    """Treats batch 1 differently; torch.export traces the other branch for a symbolic batch."""
+
+    def forward(self, x):
+        return x * 3 if x.shape[0] == 1 else x * 2
+
+
+class ViewOnOne(nn.Module):
+    def forward(self, x):
+        return x.flatten() if x.shape[0] == 1 else x.view(-1, 3)
+
+
+@pytest.mark.parametrize("model", [BranchOnOne(), ViewOnOne()], ids=["value", "shape"])
+def test_a_model_that_treats_batch_one_differently_keeps_the_range_torch_export_proves(model):
+    captured = graphopt.capture(model.eval(), (torch.randn(2, 3),))
+    assert captured.guards.batch_range() == (2, None)
+    assert "outside the captured range [2, inf]" in captured.guards.mismatch([torch.randn(1, 3)])
+
+
+def test_capture_leaves_a_training_mode_model_as_it_was():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="training mode"):
+        graphopt.capture(model, (torch.randn(2, 3, 8, 8),))
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_static_capture_pins_the_batch():

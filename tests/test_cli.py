@@ -60,6 +60,11 @@ MODEL_FILE = textwrap.dedent('''
 
     def only_model():
         return Net()
+
+
+    def training():
+        torch.manual_seed(0)
+        return Net(), (torch.randn(2, 4, 8),)
 ''')
 
 
@@ -74,7 +79,7 @@ def model_file(tmp_path):
 def test_inspect_prints_the_structure(model_file, capsys):
     assert main(["inspect", f"{model_file}:make"]) == 0
     out = capsys.readouterr().out
-    assert "Net:" in out and "batch [2, inf]" in out
+    assert "Net:" in out and "batch [1, inf]" in out
     assert "residual" in out.lower() and "flops" in out.lower()
 
 
@@ -134,6 +139,8 @@ def test_export_from_a_spec_with_chosen_passes(model_file, tmp_path, capsys):
     (["optimize", "dit-digits", "--passes", "linear-attention", "--distill-checkpoint", "x"], 2,
      "needs --distill-steps"),
     (["optimize", "{file}:make", "--passes", "linear-attention", "--nfe", "4"], 2, "judge a reference generator"),
+    (["optimize", "{file}:training"], 2, "Net is in training mode (blocks.0.ff.2, blocks.1.ff.2, blocks.2.ff.2)"),
+    (["optimize", "{file}:make", "--out", ".", "--overwrite"], 2, "cannot save to .: it is the current folder"),
 ])
 def test_errors_are_one_line_with_the_right_exit_code(model_file, capsys, argv, code, message):
     argv = [a.replace("{file}", str(model_file)) for a in argv]
@@ -272,3 +279,21 @@ def test_export_refuses_to_replace_a_file_without_overwrite(model_file, tmp_path
     assert "already exists" in capsys.readouterr().err and target.read_text() == "precious"
     assert main(["export", f"{model_file}:make", "--out", str(target), "--overwrite"]) == 0
     assert target.stat().st_size > len("precious")
+
+
+def test_overwrite_replaces_a_previous_save_and_nothing_else(model_file, tmp_path, capsys):
+    user = tmp_path / "userdir"
+    user.mkdir()
+    (user / "precious.txt").write_text("precious")
+    assert main(["optimize", f"{model_file}:make", "--out", str(user), "--overwrite"]) == 2
+    assert "is not a graphopt save (it holds precious.txt)" in capsys.readouterr().err
+    assert [p.name for p in user.iterdir()] == ["precious.txt"]
+    saved = tmp_path / "saved"
+    for _ in range(2):  # a save, then its replacement
+        assert main(["optimize", f"{model_file}:make", "--out", str(saved), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "saved", "userdir"]
+
+
+def test_a_training_mode_model_is_optimized_as_in_eval_mode_on_request(model_file, capsys):
+    assert main(["optimize", f"{model_file}:training", "--eval"]) == 0
+    assert "eval-dropout x3" in capsys.readouterr().out  # traced as in eval mode: the dropouts are no-ops

@@ -2,13 +2,13 @@ import onnx
 import pytest
 
 import graphopt
-from graphopt import OnnxParityError, OutputPathError, UsageError
+from graphopt import OnnxExportError, OnnxParityError, OutputPathError, UsageError
 from tests import zoo
 
 
 @pytest.fixture(scope="module")
-def optimized():
-    return {name: graphopt.optimize(*factory()) for name, factory in zoo.ZOO.items()}
+def optimized(optimized_zoo):
+    return {name: opt for name, (_, opt) in optimized_zoo.items()}
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
@@ -55,3 +55,12 @@ def test_output_named_like_an_input_gets_a_distinct_onnx_name(optimized, tmp_pat
     report = graphopt.export_onnx(optimized["dataclass"], tmp_path / "m.onnx")
     assert report.inputs == ("sample", "timestep")
     assert report.outputs == ("out_sample", "log_variance")
+
+
+def test_a_plain_module_onnx_rejects_is_exported_once_optimized(tmp_path):
+    model, args, kwargs = zoo.pixart()  # squeeze(1) of 16 tokens: an identity in torch, invalid in ONNX
+    with pytest.raises(OnnxExportError, match="Squeeze.*export graphopt.optimize"):
+        graphopt.export_onnx(model, tmp_path / "raw.onnx", args, kwargs)
+    assert not (tmp_path / "raw.onnx").exists()
+    report = graphopt.export_onnx(graphopt.optimize(model, args, kwargs), tmp_path / "opt.onnx")
+    assert report.max_abs_error < 1e-4

@@ -88,9 +88,11 @@ def test_a_scaled_skip_keeps_working_at_another_batch(scaled):
     scales = torch.tensor([0.9, 0.8, 0.7, 0.6])
     with torch.no_grad():
         whole = opt(*args, skip_scales=scales)
-        one = opt(args[0][:1], args[1][:1], skip_scales=scales)  # batch 1: the optimized graph is traced again
+        one = opt(args[0][:1], args[1][:1], skip_scales=scales)  # batch 1 is in the captured range
+        three = opt(args[0][[0, 1, 0]], args[1][[0, 1, 0]], skip_scales=scales)
     torch.testing.assert_close(one, whole[:1])
-    assert opt.report.recaptures >= 1
+    torch.testing.assert_close(three, whole[[0, 1, 0]])
+    assert opt.report.batch_range == (1, None) and opt.report.recaptures == 0
 
 
 def test_cli_inserts_scales_on_a_model_from_a_file(tmp_path, capsys):

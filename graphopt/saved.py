@@ -1,0 +1,432 @@
+"""Saved models: the folder format, written atomically and proven intact when read back.
+
+A save is a folder holding ``model.pt2`` (torch.export's format: the program and its weights,
+loaded without unpickling code), ``examples.safetensors`` (example inputs and the original model's
+outputs on them), ``report.json``, ``plan.json`` when a sampling plan goes with the model, and
+``graphopt.json`` (the call structure and the integrity record), written last.
+
+The integrity record holds a SHA-256 of every other file, of every weight tensor of the program,
+of its graph, and of graphopt.json's own content. :func:`load` checks all of them before it trusts
+anything, so a flipped byte, a truncated or deleted file or an edited input spec is one clear
+:class:`~graphopt.errors.LoadError` naming what changed (the weight, the file, the metadata); then
+it runs the program on the saved example inputs, a second line of defence.
+
+A save is written under a temporary name and swapped in atomically (Linux's RENAME_EXCHANGE where
+available), so a save that fails or is killed leaves the previous one intact; leftovers of a killed
+save are removed by the next save to the same folder. ``overwrite`` replaces only a folder that is
+a graphopt save or empty: never a folder holding anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import safetensors.torch
+import torch
+
+from . import structure
+from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards
+from .errors import LoadError, OutputPathError, SaveError, UsageError, first_line, no_folder
+from .logs import quiet
+
+FORMAT = "graphopt-optimized"
+FORMAT_VERSION = 2  # 2: the integrity record (hashes of files, weights, graph and metadata)
+META = "graphopt.json"
+PROGRAM = "model.pt2"
+EXAMPLES = "examples.safetensors"
+REPORT = "report.json"
+PLAN = "plan.json"
+SAVE_FILES = frozenset({META, PROGRAM, EXAMPLES, REPORT, PLAN})
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-")
+
+
+def save(module: Any, directory: str | os.PathLike, *, overwrite: bool = False, plan: Any = None) -> Path:
+    """Save ``module`` (an :class:`~graphopt.emit.OptimizedModule`) to ``directory``; returns the path.
+
+    A failure, or the process being killed, leaves neither a partial nor a clobbered folder: the
+    previous save (if any) stays whole until the new one replaces it in one step. A
+    :class:`~graphopt.plan.SamplingPlan` for the module goes beside it as ``plan.json``
+    (``SamplingPlan.load(directory)`` reads it back).
+    """
+    from .emit import export_program
+
+    target = Path(directory)
+    check_save_target(target, overwrite)
+    captured = module.captured
+    call = captured.call
+    if structure.has_objects(call.in_spec):
+        raise SaveError("the captured arguments hold non-JSON objects "
+                        f"({structure.describe(call.in_spec)}); pass such settings as numbers, strings or tensors")
+    defaults_spec, default_tensors, default_objects = structure.flatten(call.defaults)
+    if default_tensors or default_objects:
+        raise SaveError("a forward() default is a tensor or an object; graphopt saves only plain defaults")
+    if plan is not None:
+        plan.check(module)
+    meta: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "graphopt_version": _version(), "torch_version": torch.__version__,
+        "params": [list(p) for p in call.params], "defaults": defaults_spec,
+        "in_spec": call.in_spec, "out_spec": call.out_spec, "extras": list(call.extras),
+        "dynamic_batch": captured.dynamic_batch,
+    }
+    _remove_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        if plan is not None:
+            plan.save(tmp / PLAN)
+        program = export_program(captured)
+        torch.export.save(program, tmp / PROGRAM)
+        # clones: an output may be a view of an input, and safetensors refuses tensors sharing memory
+        tensors = {f"input_{i}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
+                   for i, t in enumerate(captured.example_inputs)}
+        tensors.update({f"output_{i}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
+                        for i, t in enumerate(captured.reference_outputs)})
+        safetensors.torch.save_file(tensors, str(tmp / EXAMPLES))
+        (tmp / REPORT).write_text(json.dumps(module.report.to_json(), indent=2, default=str))
+        meta["integrity"] = {
+            "files": {p.name: _file_hash(p) for p in sorted(tmp.iterdir())},
+            "tensors": _program_tensor_hashes(program),
+            "graph": _graph_hash(program),
+        }
+        meta["sha256"] = _meta_hash(meta)
+        # graphopt.json last: a folder without it is never mistaken for a complete save.
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        _default_permissions(tmp)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def check_save_target(target: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a save folder that cannot or must not be written."""
+    if target.name in ("", ".", "..") or _holds_cwd(target):
+        raise OutputPathError(f"cannot save to {str(target) or '.'}: it is the current folder or one above it; "
+                              "name a folder of its own for the save, e.g. out/model")
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{target} exists and is not a folder")
+    if target.exists() and not overwrite:
+        raise OutputPathError(f"{target} already exists (pass overwrite=True / --overwrite to replace it)")
+    if target.exists():
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in SAVE_FILES)
+        if foreign or (any(target.iterdir()) and not (target / META).is_file()):
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise OutputPathError(f"{target} is not a graphopt save (it holds {shown or 'other files'}); "
+                                  "--overwrite replaces only a previous save or an empty folder: choose another "
+                                  "folder or empty this one")
+    parent = target.parent
+    if not parent.is_dir():
+        raise no_folder(target, parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {target}: no write permission in {parent}")
+
+
+def is_save(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` looks like a graphopt save (its graphopt.json names the format)."""
+    try:
+        return json.loads((Path(directory) / META).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cpu") -> Any:
+    """Load a folder written by :func:`save`. Never unpickles code.
+
+    Every file, weight tensor, the graph and the metadata are checked against the hashes recorded
+    at save time, so any change to them is a :class:`~graphopt.errors.LoadError` naming what
+    changed. With ``verify`` the program then runs on the saved example inputs and must reproduce
+    the saved outputs. ``target="cuda"`` moves it to the GPU and lowers it onto Triton kernels as
+    ``optimize`` does (the saved program is the portable graph; kernels are generated for the
+    machine that loads it).
+    """
+    from .emit import TARGETS, OptimizationReport, OptimizedModule, _check_cuda_target, _to_device
+
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "cuda":
+        _check_cuda_target()
+    path = Path(directory)
+    if not path.is_dir():
+        left = _interrupted(path)
+        if left is not None:
+            raise LoadError(f"{path} is missing, but a save into it was interrupted and left the previous one "
+                            f"at {left}: rename that folder to {path.name}")
+        raise LoadError(f"{path} is not a directory saved by graphopt")
+    meta = _read_json(path / META)
+    if meta.get("format") != FORMAT:
+        raise LoadError(f"{path / META} is not a graphopt save (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LoadError(f"{path} was saved in format version {meta.get('format_version')}, this graphopt "
+                        f"reads version {FORMAT_VERSION}; re-run optimize and save")
+    integrity = _check_integrity(path, meta)
+    program = _load_program(path / PROGRAM)
+    _check_program(path / PROGRAM, program, integrity)
+    try:
+        tensors = safetensors.torch.load_file(str(path / EXAMPLES))
+    except Exception as e:
+        raise LoadError(f"{path / EXAMPLES} is corrupted or truncated ({first_line(e)})") from e
+    try:
+        report = OptimizationReport.from_json(_read_json(path / REPORT))
+        call = CallSpec(params=tuple((str(n), str(k)) for n, k in meta["params"]),
+                        defaults=structure.unflatten(meta["defaults"], []),
+                        in_spec=meta["in_spec"], out_spec=meta["out_spec"],
+                        extras=tuple(str(n) for n in meta.get("extras", ())))
+        n_in = structure.count_tensors(call.in_spec) + len(call.extras)
+        n_out = structure.count_tensors(call.out_spec)
+        inputs = tuple(tensors[f"input_{i}"] for i in range(n_in))
+        outputs = tuple(tensors[f"output_{i}"] for i in range(n_out))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
+    gm = program.module()
+    if target == "cuda" and torch.cuda.is_available():
+        gm = gm.to("cuda")
+        inputs, outputs = _to_device(inputs, "cuda"), _to_device(outputs, "cuda")
+    _annotate_modules(gm)
+    guards = _guards(gm, program)
+    n_outputs = len(program.graph_signature.user_outputs)
+    if len(guards.tensors) != n_in or n_outputs != n_out:
+        raise LoadError(f"{path} has inconsistent metadata: {META} describes {n_in} inputs and {n_out} "
+                        f"outputs, {PROGRAM} has {len(guards.tensors)} and {n_outputs}")
+    captured = CapturedGraph(gm, call, guards, inputs, outputs, 0.0,
+                             dynamic_batch=bool(meta.get("dynamic_batch", True)))
+    if verify:
+        from .verify import compare
+
+        try:
+            with torch.no_grad():
+                cmp = compare(captured.run(inputs), outputs)
+        except Exception as e:
+            raise LoadError(f"{path / PROGRAM} does not run on its saved example inputs ({first_line(e)})") from e
+        if not cmp.within:
+            raise LoadError(f"{path} does not reproduce its saved outputs ({cmp.line()}): corrupted weights?")
+    module = OptimizedModule(captured, report)
+    if target == "cuda":
+        module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(captured))
+    return module
+
+
+# ------------------------------------------------------------------ integrity
+
+
+def _sha256(chunks: Iterable[bytes | memoryview]) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    with path.open("rb") as f:
+        return _sha256(iter(lambda: f.read(1 << 20), b""))
+
+
+def _tensor_hash(t: torch.Tensor) -> str:
+    """Of dtype, shape and bytes: a reinterpreted or reshaped tensor hashes differently too."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return _sha256([f"{t.dtype}{tuple(t.shape)}".encode(), memoryview(data)])
+
+
+def _program_tensor_hashes(program: torch.export.ExportedProgram) -> dict[str, str]:
+    named = {**program.state_dict, **program.constants}
+    return {name: _tensor_hash(t) for name, t in sorted(named.items()) if isinstance(t, torch.Tensor)}
+
+
+def _graph_hash(program: torch.export.ExportedProgram) -> str:
+    return _sha256([str(program.graph).encode(), str(program.graph_signature).encode()])
+
+
+def _meta_hash(meta: dict[str, Any]) -> str:
+    return _sha256([json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode()])
+
+
+def _check_integrity(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """graphopt.json's own hash, then every file it lists; returns the integrity record."""
+    if meta.get("sha256") != _meta_hash(meta):
+        raise LoadError(f"{path / META} was edited or damaged: its content no longer matches the hash saved in it; "
+                        "save the model again")
+    integrity = meta.get("integrity")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("files"), dict):
+        raise LoadError(f"{path / META} has no integrity record; save the model again")
+    for name in (PROGRAM, EXAMPLES, REPORT):
+        if name not in integrity["files"]:
+            raise LoadError(f"{path / META} lists no hash for {name}; save the model again")
+    for name, digest in integrity["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise LoadError(f"{path} is incomplete: {name} is missing")
+        if _file_hash(file) != digest:
+            reason = _program_damage(file, integrity) if name == PROGRAM else "its content differs from the saved one"
+            raise LoadError(f"{file} is corrupted: {reason}")
+    return integrity
+
+
+def _load_program(file: Path) -> torch.export.ExportedProgram:
+    """torch.export.load without the tracebacks torch logs for a damaged archive."""
+    try:
+        with warnings.catch_warnings(), quiet(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return torch.export.load(file)
+    except Exception as e:
+        raise LoadError(f"{file} is corrupted or truncated ({type(e).__name__}: {first_line(e)})") from e
+
+
+def _check_program(file: Path, program: torch.export.ExportedProgram, integrity: dict[str, Any]) -> None:
+    reason = _program_mismatch(program, integrity)
+    if reason:
+        raise LoadError(f"{file} is corrupted: {reason}")
+
+
+def _program_mismatch(program: torch.export.ExportedProgram, integrity: dict[str, Any]) -> str:
+    """What of the loaded program differs from the saved hashes ('' when nothing)."""
+    saved = integrity.get("tensors", {})
+    loaded = _program_tensor_hashes(program)
+    for name in sorted(set(saved) | set(loaded)):
+        if name not in loaded:
+            return f"weight {name!r} is missing"
+        if name not in saved:
+            return f"weight {name!r} was not in the saved model"
+        if loaded[name] != saved[name]:
+            return f"weight {name!r} differs from the saved one"
+    if _graph_hash(program) != integrity.get("graph"):
+        return "its graph differs from the saved one"
+    return ""
+
+
+def _program_damage(file: Path, integrity: dict[str, Any]) -> str:
+    """Why model.pt2's bytes differ from the saved hash: the weight or graph that changed, if it loads."""
+    try:
+        program = _load_program(file)
+    except LoadError as e:
+        return f"truncated or unreadable ({str(e).partition('(')[2].rstrip(')') or 'does not load'})"
+    return _program_mismatch(program, integrity) or "its bytes differ from the saved ones"
+
+
+# ------------------------------------------------------------------ the folder swap
+
+
+def _holds_cwd(target: Path) -> bool:
+    """Whether ``target`` is the working folder or one above it (replacing it would pull the floor)."""
+    try:
+        resolved, cwd = target.resolve(), Path.cwd().resolve()
+    except OSError:
+        return False
+    return resolved == cwd or resolved in cwd.parents
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp and safetensors create owner-only entries; a saved model gets the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for item in directory.iterdir():
+        item.chmod(0o666 & ~umask)
+
+
+def _rename_exchange() -> Any:
+    """glibc's renameat2 with RENAME_EXCHANGE (Linux 3.15+), or None where it is not available."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Make ``tmp`` the folder at ``target`` in one step; the previous save is removed afterwards.
+
+    With RENAME_EXCHANGE the two folders trade places atomically, so at every instant ``target``
+    is a whole save. Without it the old folder is renamed aside first; a kill between the two
+    renames leaves it beside the target (``load`` names it)."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    exchange = _rename_exchange()
+    if exchange is not None and exchange(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(target),
+                                         _RENAME_EXCHANGE) == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous save
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}-{tmp.name.rpartition('-')[2]}")
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _leftovers(target: Path) -> list[tuple[Path, int]]:
+    """Temporary and set-aside folders of earlier saves to ``target``, with the pid that made them."""
+    found = []
+    if target.parent.is_dir():
+        for p in target.parent.iterdir():
+            m = _LEFTOVER.match(p.name)
+            if m and m["name"] == target.name and p.is_dir():
+                found.append((p, int(m["pid"])))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove what saves killed mid-way left beside ``target`` (never another live process's work)."""
+    for folder, pid in _leftovers(target):
+        if not _alive(pid):
+            if ".old-" in folder.name and not target.exists():
+                continue  # the previous save itself: load() points the user to it
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _interrupted(target: Path) -> Path | None:
+    """The previous save that a save killed between its two renames left beside ``target``."""
+    for folder, _ in _leftovers(target):
+        if ".old-" in folder.name and (folder / META).is_file():
+            return folder
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path.parent} is not a complete graphopt save: {path.name} is missing") from None
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{path} is corrupted ({first_line(e)})") from e
+    if not isinstance(data, dict):
+        raise LoadError(f"{path} is corrupted (expected a JSON object)")
+    return data
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
