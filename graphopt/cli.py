@@ -131,15 +131,16 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
     if (distilling or ns.distill_checkpoint) and not approximate:
         raise UsageError("--distill-steps trains what an approximate pass replaced; give one in --passes "
                          "(e.g. linear-attention)")
-    if ns.distill_checkpoint and not distilling:
-        raise UsageError("--distill-checkpoint needs --distill-steps or --distill-all-steps")
+    if (ns.distill_checkpoint or ns.distill_keep_last) and not distilling:
+        raise UsageError("--distill-checkpoint and --distill-keep-last need --distill-steps or --distill-all-steps")
     if distilling and ns.target != "cpu":
         raise UsageError("distillation trains on the CPU graph: optimize with --target cpu")
     config = None
     if distilling:
         from .distill import DistillConfig
 
-        config = DistillConfig(steps=ns.distill_steps or 0, all_steps=ns.distill_all_steps or 0)
+        config = DistillConfig(steps=ns.distill_steps or 0, all_steps=ns.distill_all_steps or 0,
+                               keep_best=not ns.distill_keep_last)
     model, args, kwargs = load_model_spec(ns.model)
     check_inference_mode(model, ns.eval)
     if approximate and approx is None:  # any model: judged by its outputs against the original's
@@ -463,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then train every parameter N steps")
     p.add_argument("--distill-checkpoint", metavar="DIR",
                    help="checkpoint the distillation here; a DIR holding one resumes it")
+    p.add_argument("--distill-keep-last", action="store_true",
+                   help="keep the last trained state (default: the best-scoring one every 100 steps, "
+                        "the untrained pass result included)")
     p.set_defaults(run=_cmd_optimize)
 
     p = sub.add_parser("export", help="export to ONNX and check parity with onnxruntime",

@@ -18,8 +18,12 @@ Training is seeded and deterministic on the CPU; a progress bar shows the loss; 
 a JSON record) is written atomically every ``checkpoint_every`` steps and at the end, and
 ``resume=True`` continues from it with the same result as an uninterrupted run. The teacher and
 the user's model are never changed: inherited weights are copied into the student before any of
-them is trained. At the end the student's graph is made canonical again and, with an approximate
-context, the quality evaluator measures it against the teacher; the report gets a ``distill`` row.
+them is trained. With an approximate context, the student is scored with the context's cheap
+measure (the proxy FD, or the output error on one seed) before training and every
+``select_every`` steps, and the best-scoring state is the one kept (``keep_best``): distillation
+never ends worse, by that measure, than the pass's own result or an earlier state. At the end the
+student's graph is made canonical again and the quality evaluator measures it against the teacher;
+the report gets a ``distill`` row.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 100
     max_minutes: float | None = None  # stop after the step that crosses it (checkpointed), fewer steps done
+    keep_best: bool = True  # with a context: score every select_every steps, end on the best state
+    select_every: int | None = None  # default: checkpoint_every
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.all_steps < 0 or self.steps + self.all_steps < 1:
@@ -72,10 +78,16 @@ class DistillConfig:
             raise UsageError("lambda1 and task_weight must be non-negative and not both zero")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UsageError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.select_every is not None and self.select_every < 1:
+            raise UsageError(f"select_every must be a positive number of steps, got {self.select_every}")
 
     @property
     def total(self) -> int:
         return self.steps + self.all_steps
+
+    @property
+    def selection_interval(self) -> int:
+        return self.select_every or self.checkpoint_every
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +104,8 @@ class DistillReport:
     trained_values: int
     data: str
     quality: dict[str, Any] | None = None
+    scores: tuple[tuple[int, float], ...] = ()  # (step, selection score) of each scored state; 0: untrained
+    kept_step: int | None = None  # the step whose state was kept (the best score), None: no selection
 
     def line(self) -> str:
         quality = ""
@@ -99,8 +113,13 @@ class DistillReport:
             from .quality import QualityCost
 
             quality = f"; {QualityCost.from_json(self.quality).line()}"
+        kept = ""
+        if self.kept_step is not None:
+            best = dict(self.scores)[self.kept_step]
+            kept = (f"; kept the state of step {self.kept_step} of {len(self.scores)} scored (selection score "
+                    f"{best:.4g}" + (", the pass's own result" if self.kept_step == 0 else "") + ")")
         return (f"distilled {self.steps} steps in {self.minutes:.1f} min on {self.data}, loss {self.loss:.4g}, "
-                f"{self.trained_values:,} values in {self.trained_tensors} tensors{quality}")
+                f"{self.trained_values:,} values in {self.trained_tensors} tensors{kept}{quality}")
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -215,6 +234,9 @@ def distill(student: "OptimizedModule", teacher: nn.Module, example_inputs: Sequ
     g = torch.Generator().manual_seed(config.seed)
     state = _State(gm, config, g)
     start_step = state.load(folder) if resume else 0
+    selector = _Selector(student, teacher, context, state) if config.keep_best and context is not None else None
+    if selector is not None and start_step == 0:
+        selector.score(0)  # the pass's own result competes too
     losses: list[tuple[int, float]] = list(state.losses)
     smoothed = state.smoothed
     started = time.perf_counter() - state.seconds
@@ -247,6 +269,10 @@ def distill(student: "OptimizedModule", teacher: nn.Module, example_inputs: Sequ
             smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
             bar.set_postfix_str(f"loss {smoothed:.4f}", refresh=False)
             out_of_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+            if selector is not None and (step % config.selection_interval == 0 or step == config.total
+                                         or out_of_time):
+                selector.score(step)
+                bar.set_postfix_str(f"loss {smoothed:.4f}, best {selector.best_score:.4g} @ {selector.best_step}")
             if step % config.checkpoint_every == 0 or step == config.total or out_of_time:
                 losses.append((step, smoothed))
                 if folder is not None:
@@ -260,10 +286,13 @@ def distill(student: "OptimizedModule", teacher: nn.Module, example_inputs: Sequ
             p.requires_grad_(False)
         teacher.train(teacher_was_training)
     minutes = (time.perf_counter() - started) / 60
+    if selector is not None:
+        selector.restore_best()
     _apply(student, ApproxOutcome(graph=gm))  # trained weights: new reference outputs, caches dropped
     trained = state.trained
     report = DistillReport(done, round(minutes, 2), float(smoothed or 0.0), tuple(losses), len(trained),
-                           sum(t.numel() for t in trained), task.name)
+                           sum(t.numel() for t in trained), task.name,
+                           scores=tuple(state.scores), kept_step=None if selector is None else selector.best_step)
     if context is not None:
         quality = context.evaluator.measure(context.generator(student), ("teacher", context.generator(teacher)))
         report = dataclasses.replace(report, quality=quality.to_json())
@@ -310,6 +339,8 @@ class _State:
         self.losses: tuple[tuple[int, float], ...] = ()
         self.smoothed: float | None = None
         self.seconds = 0.0
+        self.scores: list[tuple[int, float]] = []  # the selection scores so far
+        self.best: dict[str, torch.Tensor] = {}  # the best-scoring state's tensors (keep_best)
 
     def _tensors(self, phase: str) -> dict[str, torch.Tensor]:
         return self.fresh if phase == "new" else self.everything
@@ -342,8 +373,9 @@ class _State:
                 if key in slot:
                     tensors[f"adam.{n}.{key}"] = torch.as_tensor(slot[key]).detach().clone().contiguous()
         tensors["generator"] = self.g.get_state()
+        tensors.update({f"best.{n}": t.contiguous() for n, t in self.best.items()})
         record = {"step": step, "phase": self.current, "losses": losses, "smoothed": smoothed, "seconds": seconds,
-                  "config": dataclasses.asdict(self.config)}
+                  "scores": self.scores, "config": dataclasses.asdict(self.config)}
         _atomic(folder / CHECKPOINT, lambda p: save_file(tensors, str(p)))
         _atomic(folder / RECORD, lambda p: p.write_text(json.dumps(record, indent=2)))
 
@@ -373,7 +405,51 @@ class _State:
         self.losses = tuple((int(s), float(v)) for s, v in record["losses"])
         self.smoothed = record["smoothed"]
         self.seconds = float(record["seconds"])
+        self.scores = [(int(s), float(v)) for s, v in record.get("scores", [])]
+        self.best = {n.removeprefix("best."): t for n, t in tensors.items() if n.startswith("best.")}
         return step
+
+
+class _Selector:
+    """Keeps the best-scoring state of a distillation (the untrained one included): scores the
+    student with the context's cheap measure (the evaluator's proxy FD, or the output error
+    against the teacher on one seed) and snapshots the trained tensors whenever it improves."""
+
+    def __init__(self, student: "OptimizedModule", teacher: nn.Module, context: "ApproxContext", state: _State):
+        self.student, self.teacher, self.context, self.state = student, teacher, context, state
+        # the tensors that can change: the new ones, or every one once all are trained
+        self.tensors = state.everything if state.config.all_steps else state.fresh
+
+    @property
+    def best_step(self) -> int | None:
+        return min(self.state.scores, key=lambda s: s[1])[0] if self.state.scores else None
+
+    @property
+    def best_score(self) -> float:
+        return min(v for _, v in self.state.scores)
+
+    def score(self, step: int) -> float:
+        from .quality import OutputFidelity
+
+        evaluator = self.context.evaluator
+        generate = self.context.generator(self.student)
+        with torch.no_grad():
+            if isinstance(evaluator, OutputFidelity):
+                value = evaluator.measure(generate, ("teacher", self.context.generator(self.teacher)),
+                                          seeds=evaluator.seeds[:1]).mean
+            else:
+                value = evaluator.proxy(generate)
+        improved = not self.state.scores or value < self.best_score
+        self.state.scores.append((step, float(value)))
+        if improved:
+            self.state.best = {n: p.detach().clone() for n, p in self.tensors.items()}
+        return value
+
+    def restore_best(self) -> None:
+        with torch.no_grad():
+            for n, p in self.tensors.items():
+                if n in self.state.best:
+                    p.copy_(self.state.best[n])
 
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:

@@ -137,7 +137,7 @@ def test_export_from_a_spec_with_chosen_passes(model_file, tmp_path, capsys):
     (["inspect", "{file}:not_a_module"], 2, "the model must be a torch.nn.Module"),
     (["optimize", "{file}:make", "--out", "{file}/sub"], 2, "mymodel.py is a file, not a folder"),
     (["optimize", "dit-digits", "--passes", "linear-attention", "--distill-checkpoint", "x"], 2,
-     "needs --distill-steps"),
+     "need --distill-steps"),
     (["optimize", "{file}:make", "--passes", "linear-attention", "--nfe", "4"], 2, "judge a reference generator"),
     (["optimize", "{file}:training"], 2, "Net is in training mode (blocks.0.ff.2, blocks.1.ff.2, blocks.2.ff.2)"),
     (["optimize", "{file}:make", "--out", ".", "--overwrite"], 2, "cannot save to .: it is the current folder"),
@@ -258,6 +258,7 @@ def test_any_model_gets_attention_replaced_and_distilled_judged_by_its_outputs(t
     printed = capsys.readouterr().out
     assert "linear-attention: quality rel. output error" in printed and "site x3" in printed
     assert "distilled 3 steps" in printed and "on synthetic inputs" in printed
+    assert "kept the state of step" in printed  # scored at the start and the end, the better one kept
     assert (out_dir / "graphopt.json").is_file()
     assert main(["optimize", "tests.zoo:dit", "--passes", "skip-scale,skip-tune"]) == 2  # before any work
     assert "skip-tune needs a sampler" in capsys.readouterr().err

@@ -1,9 +1,13 @@
 """Distillation of a substituted student towards its teacher: seeded, resumable, never touching the teacher."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
 import graphopt
+import graphopt.quality
 from graphopt import DistillConfig, OutputPathError, UsageError, distill
 from graphopt.approx import ApproxOutcome, _apply
 from graphopt.distill import CHECKPOINT, RECORD, _DigitsTask
@@ -127,3 +131,51 @@ def test_a_time_budget_stops_after_the_step_that_crosses_it(tmp_path):
     assert (tmp_path / "t" / CHECKPOINT).is_file()
     with pytest.raises(UsageError, match="max_minutes"):
         DistillConfig(max_minutes=0)
+
+
+class _Scripted(graphopt.quality.OutputFidelity):
+    """Output fidelity whose scores follow a script, to decide which state is best."""
+
+    def __init__(self, script):
+        super().__init__(samples=8, seeds=(0,))
+        object.__setattr__(self, "script", list(script))
+
+    def measure(self, generate, baseline=None, *, samples=None, seeds=None):
+        cost = super().measure(generate, baseline, samples=samples, seeds=seeds)
+        return dataclasses.replace(cost, values=(self.script.pop(0),)) if self.script else cost
+
+
+def test_the_best_scored_state_is_kept_not_the_last():
+    opt, model, args = _student()
+    context = graphopt.ApproxContext(model, None, tuple(args), _Scripted([5.0, 3.0, 1.0, 2.0]))
+    report = distill(opt, model, config=DistillConfig(**SMALL), context=context, progress=False)
+    assert report.scores == ((0, 5.0), (4, 3.0), (8, 1.0), (12, 2.0)) and report.kept_step == 8
+    assert "kept the state of step 8 of 4 scored" in report.line()
+    reference, model, _ = _student()  # the same run stopped at step 8
+    distill(reference, model, config=DistillConfig(**{**SMALL, "steps": 8}), progress=False)
+    for (name, x), y in zip(_fresh_values(reference).items(), _fresh_values(opt).values()):
+        assert torch.equal(x, y), name
+
+
+def test_training_that_only_hurts_keeps_the_pass_own_result():
+    opt, model, args = _student()
+    untrained = _fresh_values(opt)
+    context = graphopt.ApproxContext(model, None, tuple(args), _Scripted([1.0, 2.0, 3.0, 4.0]))
+    report = distill(opt, model, config=DistillConfig(**SMALL), context=context, progress=False)
+    assert report.kept_step == 0 and "the pass's own result" in report.line()
+    for (name, x), y in zip(untrained.items(), _fresh_values(opt).values()):
+        assert torch.equal(x, y), name
+    with pytest.raises(UsageError, match="select_every"):
+        DistillConfig(select_every=0)
+
+
+def test_real_scores_pick_the_closest_student_and_go_into_the_checkpoint(tmp_path):
+    opt, model, args = _student()
+    context = graphopt.ApproxContext.for_model(model, args, samples=16, seeds=(0,))
+    report = distill(opt, model, config=DistillConfig(**SMALL), context=context, checkpoint_dir=tmp_path / "c",
+                     progress=False)
+    steps = [s for s, _ in report.scores]
+    assert steps == [0, 4, 8, 12] and report.kept_step == min(report.scores, key=lambda s: s[1])[0]
+    assert report.quality is not None  # the kept state is what was measured
+    record = json.loads((tmp_path / "c" / RECORD).read_text())
+    assert [s for s, _ in record["scores"]] == steps
