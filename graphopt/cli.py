@@ -108,7 +108,7 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
     from . import passes as registry
     from .emit import check_inference_mode
 
-    pipeline = registry.resolve(ns.passes)  # unknown names fail before the model is built
+    pipeline = _with_options(registry.resolve(ns.passes), ns.pass_option)  # fails before the model is built
     out = Path(ns.out) if ns.out else None
     if out is not None:
         from .saved import check_save_target
@@ -402,8 +402,30 @@ def _cmd_passes(ns: argparse.Namespace) -> int:
     width = max(len(name) for name, _, _ in described)
     for name, exact, doc in described:
         print(f"{name:{width}s} {'exact' if exact else 'approx':6s} {doc}")
+        options = registry.options_of(name)
+        if options:
+            print(" " * (width + 8) + "options (--pass-option " + name + ".OPTION=VALUE): "
+                  + ", ".join(f"{o} ({t}, default {d})" for o, t, d in options))
     print(f"default pipeline: {','.join(registry.DEFAULT_PIPELINE)}")
     return 0
+
+
+def _with_options(pipeline: Sequence[Any], specs: Sequence[str] | None) -> tuple[Any, ...]:
+    """``pipeline`` with the passes that ``--pass-option NAME.KEY=VALUE`` settings name rebuilt with them."""
+    from . import passes as registry
+
+    settings: dict[str, dict[str, str]] = {}
+    for spec in specs or ():
+        target, eq, value = spec.partition("=")
+        name, dot, key = target.strip().rpartition(".")
+        if not eq or not dot or not name or not key:
+            raise UsageError(f"--pass-option {spec!r}: write it as PASS.OPTION=VALUE, e.g. linear-attention.heads=2")
+        settings.setdefault(name, {})[key] = value
+    names = [p.name for p in pipeline]
+    for name in settings:
+        if name not in names:
+            raise UsageError(f"--pass-option for '{name}', which is not in the passes ({', '.join(names) or 'none'})")
+    return tuple(registry.configure(p.name, settings[p.name]) if p.name in settings else p for p in pipeline)
 
 
 def _eval_arg(p: argparse.ArgumentParser) -> None:
@@ -448,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--passes", type=_passes_arg, default=None,
                    help="comma-separated pass names, or 'none' (default: the exact pipeline; see 'graphopt passes')")
+    p.add_argument("--pass-option", action="append", metavar="PASS.OPTION=VALUE",
+                   help="an option of a pass in --passes, e.g. linear-attention.heads=2 or atconv.hybrid=true "
+                        "(repeatable; 'graphopt passes' lists them)")
     p.add_argument("--out", "-o", help="directory to save the optimized model to")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--target", choices=("cpu", "cuda"), default="cpu", help="device to optimize for")

@@ -7,18 +7,20 @@ their own passes the :class:`graphopt.pipeline.Pass` (exact) or :class:`graphopt
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from graphopt.errors import UnknownPassError
+from graphopt.errors import UnknownPassError, UsageError
 from graphopt.approx import ApproxPass
 from graphopt.pipeline import Pass
 
-from .atconv import ATCONV
+from .atconv import ATCONV, ATConvOptions, atconv_pass
 from .dce import DCE
 from .fold import FOLD
-from .linear_attention import LINEAR_ATTENTION
+from .linear_attention import LINEAR_ATTENTION, LinearAttentionOptions, linear_attention_pass
 from .noop import NOOP
 from .skip_scale import SKIP_SCALE
 from .skip_tune import SKIP_TUNE
@@ -52,3 +54,66 @@ def resolve(passes: Iterable[str | Pass | ApproxPass] | None) -> tuple[Pass | Ap
 def describe() -> list[tuple[str, bool, str]]:
     """(name, exact, first docstring line) for every registered pass."""
     return [(p.name, p.exact, (p.doc.strip().splitlines() or [""])[0]) for p in REGISTRY.values()]
+
+
+# Passes with options: their options dataclass and the factory that builds the pass from it.
+CONFIGURABLE: Mapping[str, tuple[type, Callable[[Any], Pass | ApproxPass]]] = MappingProxyType({
+    "linear-attention": (LinearAttentionOptions, linear_attention_pass),
+    "atconv": (ATConvOptions, atconv_pass),
+})
+
+
+def options_of(name: str) -> list[tuple[str, str, Any]]:
+    """(option, type, default) of a configurable pass; [] for a pass without options."""
+    if name not in CONFIGURABLE:
+        return []
+    cls = CONFIGURABLE[name][0]
+    hints = typing.get_type_hints(cls)
+    return [(f.name, _type_name(hints[f.name]), f.default) for f in dataclasses.fields(cls)]
+
+
+def configure(name: str, settings: Mapping[str, str]) -> Pass | ApproxPass:
+    """The pass ``name`` with options given as text (``{"heads": "2", "cross": "true"}``), each parsed
+    by its option's type; an unknown option or a value of the wrong type is a UsageError."""
+    get(name)
+    if name not in CONFIGURABLE:
+        raise UsageError(f"pass '{name}' takes no options (passes with options: {', '.join(CONFIGURABLE)})")
+    cls, factory = CONFIGURABLE[name]
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, text in settings.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"pass '{name}' has no option '{key}'{hint}; its options: {', '.join(known)}")
+        values[key] = _parse(name, key, text, hints[key])
+    return factory(cls(**values))
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    return getattr(base, "__name__", str(base)) + (" or none" if type(None) in typing.get_args(hint) else "")
+
+
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _parse(name: str, key: str, text: str, hint: Any) -> Any:
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    value = text.strip().lower()
+    if optional and value in ("none", ""):
+        return None
+    if base is bool and value in _BOOLS:
+        return _BOOLS[value]
+    if base in (int, float):
+        try:
+            return base(value)
+        except ValueError:
+            pass
+    elif base is not bool:
+        return text
+    wanted = "true or false" if base is bool else f"a number ({_type_name(hint)})"
+    raise UsageError(f"option {name}.{key} takes {wanted}, got {text!r}")
