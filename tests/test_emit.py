@@ -56,6 +56,23 @@ def test_a_changed_constant_argument_recaptures(optimized_zoo):
     assert opt.report.recaptures == before + 2
 
 
+class ThreeAtOne(nn.Module):
+    """Takes another branch at batch 1: no dynamic capture from 2 can hold batch 1."""
+
+    def forward(self, x):
+        return x * 3 if x.shape[0] == 1 else x * 2
+
+
+def test_an_example_at_batch_one_always_runs_at_batch_one_also_after_loading(tmp_path):
+    opt = graphopt.optimize(ThreeAtOne().eval(), (torch.ones(1, 3),))
+    assert opt.report.batch_range is None  # static at the example's own batch
+    loaded = graphopt.load(opt.save(tmp_path / "one"))
+    assert torch.equal(loaded(torch.ones(1, 3)), torch.full((1, 3), 3.0))
+    opt = graphopt.optimize(ThreeAtOne().eval(), (torch.ones(2, 3),))
+    assert opt.report.batch_range == (2, None)  # batch 1 out of the range, re-captured when called
+    assert torch.equal(opt(torch.ones(1, 3)), torch.full((1, 3), 3.0)) and opt.report.recaptures == 1
+
+
 class SqueezeAll(nn.Module):
     """``squeeze()`` drops every dim of size 1: at batch 2 an identity, at batch 1 it drops the batch."""
 
