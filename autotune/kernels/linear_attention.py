@@ -1,4 +1,4 @@
-"""ReLU linear attention (LiT, arXiv 2501.12976), the attention part only.
+"""ReLU linear attention (LiT, arXiv 2501.12976), with its depthwise-conv branch fused into the epilogue.
 
 Per (batch, head), with Q in R^{Nq x D}, K in R^{Nk x D}, V in R^{Nk x Dv} and phi = ReLU::
 
@@ -17,29 +17,37 @@ D = 288 and a D x Dv state no program could hold):
    also reduce their slice of z. The state is fp32 in a (B, H, D, Dv) workspace.
 2. ``linear_attention_apply_kernel``, grid (Nq/BLOCK_M, Dv/BLOCK_DV, B*H): one program computes the
    numerator phi(Q) S and the denominator phi(Q) . z for ``BLOCK_M`` queries and one Dv tile, walking D
-   ``BLOCK_D`` at a time, and divides.
+   ``BLOCK_D`` at a time, and divides; with the branch (below) its epilogue adds the conv of V.
 
 Products accumulate in fp32. Stage 1 multiplies in the input dtype (IEEE for fp32); stage 2 multiplies
 phi(Q) by the fp32 state, in IEEE fp32 for fp32 inputs and in TF32 for fp16/bf16 inputs, whose output
 rounding is coarser than TF32's anyway (casting the state to fp16 instead could overflow: it is a sum
 over all tokens).
 
-The op's depthwise-convolution branch (LiT adds DWC(V), kernel 5, over V reshaped to H x W to the
-attention output before the output projection) is NOT in this kernel: it stays on ATen's depthwise
-conv2d, which is already a single efficient kernel, and is added by the caller.
+With ``dwc_weight`` the apply kernel's epilogue also adds LiT's depthwise-conv branch
+(:mod:`graphopt.ops.linear_attention`): V read as an s x s image per head channel, N = s*s. Output
+token m sits at (y, x) = (m // s, m % s); for each of the k x k taps the epilogue loads the
+(BLOCK_M x BLOCK_DV) tile of V at the shifted tokens (masked where the shift leaves the grid: zero
+padding k // 2) and multiplies it by the tap's weight per channel, in fp32, then adds the bias, all
+before the single rounding to the output dtype. What this buys: one launch and no V permute/reshape
+copies for a separate conv2d (V is read in its (B, H, N, Dv) layout, any strides); neighbouring taps
+hit the cache. Its speed against ATen's depthwise conv2d + add has not been measured (no GPU yet).
 
 Not supported: causal masking (linear attention over a prefix needs a scan, not a sum), other feature
-maps than ReLU, backward.
+maps than ReLU, a branch on a non-square or cross-attention token grid, backward (the op's autograd
+differentiates its reference).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 import triton
 import triton.language as tl
 
+from graphopt.ops.linear_attention import check_dwc
 from graphopt.ops.linear_attention import linear_attention_reference  # noqa: F401 - the op's formula, re-exported
 
 from ._launch import check_device, check_dot_blocks, check_float, check_shape, pick_config
@@ -84,12 +92,14 @@ def linear_attention_state_kernel(k_ptr, v_ptr, kv_ptr, ksum_ptr,
 
 
 @triton.jit
-def linear_attention_apply_kernel(q_ptr, kv_ptr, ksum_ptr, o_ptr,
-                                  H, N_Q, D, D_V, eps,
+def linear_attention_apply_kernel(q_ptr, kv_ptr, ksum_ptr, o_ptr, v_ptr, w_ptr, bias_ptr,
+                                  H, N_Q, D, D_V, SIDE, eps,
                                   stride_qb, stride_qh, stride_qm, stride_qd,
                                   stride_ob, stride_oh, stride_om, stride_od,
-                                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  BLOCK_DV: tl.constexpr):
+                                  stride_vb, stride_vh, stride_vn, stride_vd,
+                                  stride_wc, stride_wi, stride_wj,
+                                  DOT_PRECISION: tl.constexpr, DWC_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_dv = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -115,29 +125,52 @@ def linear_attention_apply_kernel(q_ptr, kv_ptr, ksum_ptr, o_ptr,
         den += tl.sum(q * ksum[None, :], axis=1)
 
     out = num / (den + eps)[:, None]
+    if DWC_SIZE > 0:  # LiT's depthwise conv over V's s x s token grid, channel h * D_V + e, zero padding
+        v_base = v_ptr + (pid_bh // H) * stride_vb + (pid_bh % H) * stride_vh
+        w_rows = w_ptr + ((pid_bh % H) * D_V + offs_dv) * stride_wc
+        y = offs_m // SIDE
+        x = offs_m % SIDE
+        for i in tl.static_range(DWC_SIZE):
+            src_y = y + (i - DWC_SIZE // 2)
+            y_ok = m_ok & (src_y >= 0) & (src_y < SIDE)
+            for j in tl.static_range(DWC_SIZE):
+                src_x = x + (j - DWC_SIZE // 2)
+                ok = y_ok & (src_x >= 0) & (src_x < SIDE)
+                tap = tl.load(v_base + (src_y * SIDE + src_x)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                              mask=ok[:, None] & dv_ok[None, :], other=0.0)
+                weight = tl.load(w_rows + i * stride_wi + j * stride_wj, mask=dv_ok, other=0.0)
+                out += weight.to(tl.float32)[None, :] * tap.to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + (pid_bh % H) * D_V + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)[None, :]
     o_base = o_ptr + (pid_bh // H) * stride_ob + (pid_bh % H) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(o_ptr.dtype.element_ty),
              mask=m_ok[:, None] & dv_ok[None, :])
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6,
+                     dwc_weight: torch.Tensor | None = None, dwc_bias: torch.Tensor | None = None,
                      config: Mapping[str, int] | None = None) -> torch.Tensor:
-    """ReLU linear attention per (batch, head): phi(Q) S / (phi(Q) . z + eps), S = phi(K)^T V, z = sum phi(K).
+    """ReLU linear attention per (batch, head): phi(Q) S / (phi(Q) . z + eps), S = phi(K)^T V, z = sum phi(K),
+    plus, with ``dwc_weight``, LiT's depthwise conv of V on its s x s token grid and ``dwc_bias``.
 
     ``q``: (B, H, Nq, D); ``k``: (B, H, Nk, D); ``v``: (B, H, Nk, Dv); one fp32/fp16/bf16 dtype, any
-    strides. Returns a new contiguous (B, H, Nq, Dv) tensor. ``config``: one of :func:`configs`
-    (default: the first). The DWC branch of LiT's attention is not included (see the module docstring).
+    strides. ``dwc_weight``: (H*Dv, 1, k, k), k odd, ``dwc_bias``: (H*Dv,), the same dtype, any strides;
+    the branch needs Nq = Nk = s*s. Returns a new contiguous (B, H, Nq, Dv) tensor. ``config``: one of
+    :func:`configs` (default: the first).
     """
     op = "linear_attention"
-    check_device(op, linear_attention_apply_kernel, q=q, k=k, v=v)
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    check_device(op, linear_attention_apply_kernel, q=q, k=k, v=v, dwc_weight=dwc_weight, dwc_bias=dwc_bias)
+    for name, t in (("q", q), ("k", k), ("v", v), ("dwc_weight", dwc_weight), ("dwc_bias", dwc_bias)):
+        if t is None:
+            continue
         check_float(op, name, t, like=q)
-        if t.dim() != 4:
+        if t.dim() != 4 and name in ("q", "k", "v"):
             raise ValueError(f"{op}: {name} must have shape (B, H, N, D), got {tuple(t.shape)}")
     batch, heads, n_q, d = q.shape
     n_k, d_v = k.shape[2], v.shape[3]
     check_shape(op, "k", k, (batch, heads, n_k, d), "q's batch, heads and head dim")
     check_shape(op, "v", v, (batch, heads, n_k, d_v), "k's batch, heads and length")
+    check_dwc(q, k, v, dwc_weight, dwc_bias)  # the op's own checks: kernel shape, bias, a square token grid
     if batch * heads > 65535:
         raise ValueError(f"{op}: batch * heads = {batch * heads} exceeds the grid's third axis (65535)")
     cfg = pick_config(op, configs, config)
@@ -148,18 +181,25 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
     o = torch.empty(batch, heads, n_q, d_v, device=q.device, dtype=q.dtype)
     if o.numel() == 0:
         return o
-    if d == 0 or n_k == 0:
+    if (d == 0 or n_k == 0) and dwc_weight is None:
         return o.zero_()  # S = 0 and z = 0: every output is 0 / eps = 0
     kv = torch.empty(batch, heads, d, d_v, device=q.device, dtype=torch.float32)
     ksum = torch.empty(batch, heads, d, device=q.device, dtype=torch.float32)
-    state_grid = (triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(d_v, cfg["BLOCK_DV"]), batch * heads)
-    linear_attention_state_kernel[state_grid](
-        k, v, kv, ksum, heads, n_k, d, d_v, *k.stride(), *v.stride(),
-        BLOCK_N=cfg["BLOCK_N"], **blocks, **launch)
+    if d > 0:  # with no features the apply kernel's loop over D is empty: the branch alone
+        state_grid = (triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(d_v, cfg["BLOCK_DV"]), batch * heads)
+        linear_attention_state_kernel[state_grid](
+            k, v, kv, ksum, heads, n_k, d, d_v, *k.stride(), *v.stride(),
+            BLOCK_N=cfg["BLOCK_N"], **blocks, **launch)
+    # without a branch the DWC pointers are never read (DWC_SIZE = 0 removes that code): pass q for them
+    weight = dwc_weight if dwc_weight is not None else q
+    bias = dwc_bias if dwc_bias is not None else weight
     apply_grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(d_v, cfg["BLOCK_DV"]), batch * heads)
     linear_attention_apply_kernel[apply_grid](
-        q, kv, ksum, o, heads, n_q, d, d_v, eps, *q.stride(), *o.stride(),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=cfg["BLOCK_M"], **blocks, **launch)
+        q, kv, ksum, o, v, weight, bias, heads, n_q, d, d_v, math.isqrt(n_k), eps,
+        *q.stride(), *o.stride(), *v.stride(), weight.stride(0), weight.stride(-2), weight.stride(-1),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DWC_SIZE=0 if dwc_weight is None else dwc_weight.shape[-1], HAS_BIAS=dwc_bias is not None,
+        BLOCK_M=cfg["BLOCK_M"], **blocks, **launch)
     return o
 
 

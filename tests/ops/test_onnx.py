@@ -22,6 +22,21 @@ class LinearAttention(nn.Module):
         return torch.ops.graphopt.linear_attention(q, k, v, 1e-6).transpose(1, 2).reshape(b, n, c)
 
 
+class LinearAttentionDWC(nn.Module):
+    """LiT's whole attention core: the above plus the depthwise conv of V on the 4 x 4 token grid, fused in."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.dwc = nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=bias)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.ops.graphopt.linear_attention(q, k, v, 1e-6, self.dwc.weight, self.dwc.bias)
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
 class DynamicDWConv(nn.Module):
     """ATConv-style: per-sample 3 x 3 kernels for each of 4 channels, generated from the pooled input."""
 
@@ -54,6 +69,8 @@ class BlockCausalAttention(nn.Module):
 
 CASES = {
     "linear_attention": (LinearAttention, (3, 16, 8)),
+    "linear_attention_dwc": (LinearAttentionDWC, (3, 16, 8)),
+    "linear_attention_dwc_no_bias": (lambda: LinearAttentionDWC(bias=False), (3, 16, 8)),
     "dynamic_dwconv": (DynamicDWConv, (3, 4, 6, 5)),
     "block_causal_attention": (BlockCausalAttention, (3, 14, 16)),
     "block_causal_attention_scaled": (lambda: BlockCausalAttention(scale=0.5), (3, 14, 16)),
@@ -82,7 +99,8 @@ def test_translation_matches_onnxruntime_at_two_batch_sizes(tmp_path, name):
     assert batch_dim.dim_param, "the batch axis stays symbolic"
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "dynamic_dwconv", "block_causal_attention"])
+@pytest.mark.parametrize("name", ["linear_attention", "linear_attention_dwc", "dynamic_dwconv",
+                                  "block_causal_attention"])
 def test_half_precision_computes_in_fp32_like_the_reference(tmp_path, name):
     factory, shape = CASES[name]
     path = tmp_path / f"{name}.onnx"

@@ -18,6 +18,35 @@ def test_linear_attention_is_the_normalised_kernel_sum():
     assert out.shape == (2, 3, 5, 6)
 
 
+def _lit_branch_inputs(dtype=torch.float64, side=3, heads=2, d=3, d_v=2, size=3):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, heads, side * side, d), (1, heads, side * side, d), (1, heads, side * side, d_v),
+              (heads * d_v, 1, size, size), (heads * d_v,)]
+    return [torch.randn(s, generator=g, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def test_linear_attention_with_dwc_branch_adds_the_depthwise_conv_of_v_on_its_token_grid():
+    q, k, v, w, b = (t.detach().float() for t in _lit_branch_inputs(side=4, size=5))
+    image = v.permute(0, 1, 3, 2).reshape(1, 4, 4, 4)  # [B, heads * Dv, side, side]
+    local = F.conv2d(image, w, b, padding=2, groups=4).reshape(1, 2, 2, 16).permute(0, 1, 3, 2)
+    out = torch.ops.graphopt.linear_attention(q, k, v, 1e-6, w, b)
+    torch.testing.assert_close(out, torch.ops.graphopt.linear_attention(q, k, v, 1e-6) + local)
+    torch.testing.assert_close(torch.ops.graphopt.linear_attention(q, k, v, dwc_weight=w),
+                               torch.ops.graphopt.linear_attention(q, k, v) + local - b[None, :, None].reshape(1, 2, 1, 2))
+    with pytest.raises(ValueError, match=r"one square token grid \(Nq = Nk = side\*side\), got Nq = 15"):
+        torch.ops.graphopt.linear_attention(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], 1e-6, w, b)
+    torch.library.opcheck(torch.ops.graphopt.linear_attention.default, (q, k, v, 1e-6, w, b))
+
+
+@pytest.mark.parametrize("given", ["weight and bias", "weight", "none"])
+def test_linear_attention_gradients_reach_q_k_v_and_the_branch(given):
+    """Distillation trains the branch's weight and bias through the op (graphopt.distill)."""
+    q, k, v, w, b = _lit_branch_inputs()
+    extra = {"weight and bias": (w, b), "weight": (w,), "none": ()}[given]
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.graphopt.linear_attention(*t[:3], 1e-6, *t[3:]),
+                                    (q, k, v, *extra))
+
+
 def test_dynamic_dwconv_gives_each_sample_its_own_kernel():
     v, w = torch.randn(2, 3, 6, 5), torch.randn(2, 3, 3, 3)
     out = torch.ops.graphopt.dynamic_dwconv(v, w)

@@ -63,6 +63,8 @@ def calls(dtype: torch.dtype):
     xg, wg = torch.randn(2, 8, 5, 7, dtype=dtype), torch.randn(8)
     q = torch.randn(2, 3, 40, 72, dtype=dtype)  # D = 72 (DiT-XL) pads to 128
     q288 = torch.randn(1, 2, 40, 288, dtype=dtype)  # LiT's few-head width
+    grid = torch.randn(1, 2, 64, 72, dtype=dtype)  # an 8 x 8 token grid for LiT's depthwise-conv branch
+    dwc_w, dwc_b = torch.randn(144, 1, 5, 5, dtype=dtype), torch.randn(144, dtype=dtype)
     level = torch.arange(40) // 7
     v, kern = torch.randn(2, 8, 16, 16, dtype=dtype), torch.randn(2, 8, 3, 3, dtype=dtype)
     yield "layernorm", lambda c: k.layernorm(x, w, w, scale=ada[:, :72], shift=ada[:, 72:], config=c)
@@ -72,6 +74,8 @@ def calls(dtype: torch.dtype):
     yield "attention", lambda c: k.attention(q, q, q, config=c)
     yield "attention", lambda c: k.attention(q, q, q, level=level, config=c)
     yield "linear_attention", lambda c: k.linear_attention(q288, q288, q288, config=c)
+    yield "linear_attention", lambda c: k.linear_attention(grid, grid, grid, dwc_weight=dwc_w, dwc_bias=dwc_b, config=c)
+    yield "linear_attention", lambda c: k.linear_attention(grid, grid, grid, dwc_weight=dwc_w, config=c)
     yield "dynamic_dwconv", lambda c: k.dynamic_dwconv(v, kern, config=c)
 
 

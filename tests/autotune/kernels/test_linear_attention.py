@@ -88,3 +88,68 @@ def test_preconditions(call, message):
     q, k, v = qkv(1, 2, 9, 8)
     with pytest.raises(ValueError, match=message):
         call(q, k, v)
+
+
+# ------------------------------------------------------------------ LiT's depthwise-conv branch, fused
+
+
+def dwc(heads, d_v, size, dtype=torch.float32, bias=True):
+    weight = (torch.randn(heads * d_v, 1, size, size) / size).to(dtype)
+    return weight, (torch.randn(heads * d_v).to(dtype) if bias else None)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, *DOT_HALF_DTYPES))
+@pytest.mark.parametrize(("shape", "size", "config"), [
+    ((2, 2, 4, 12, 20), 5, None),  # side 4, a 5 x 5 kernel wider than half the grid; non-power-of-2 D, Dv
+    ((1, 2, 8, 20, 18), 5, SMALL),  # side 8: 64 tokens in 4 query blocks, tiles over D and Dv with tails
+    ((1, 3, 8, 12, 24), 3, SMALL),
+    ((2, 1, 1, 4, 6), 5, None),  # one token: only the centre tap lands
+])
+def test_dwc_branch_matches_reference(shape, size, config, dtype):
+    b, h, side, d, d_v = shape
+    q, k, v = qkv(b, h, side * side, d, d_v=d_v, dtype=dtype)
+    weight, bias = dwc(h, d_v, size, dtype)
+    out = linear_attention(q, k, v, dwc_weight=weight, dwc_bias=bias, config=config)
+    close(out, linear_attention_reference(q, k, v, dwc_weight=weight, dwc_bias=bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dwc_branch_without_bias_every_config_and_strided(dtype):
+    packed = torch.randn(2, 16, 3, 2, 12).to(dtype)  # (B, N, 3, H, D): strided q, k, v on a 4 x 4 grid
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    weight, _ = dwc(2, 12, 5, dtype, bias=False)
+    weight = weight.transpose(-1, -2).contiguous().transpose(-1, -2)  # a strided kernel too
+    expected = linear_attention_reference(q, k, v, dwc_weight=weight)
+    for config in configs():
+        close(linear_attention(q, k, v, dwc_weight=weight, config=config), expected)
+
+
+def test_dwc_branch_is_the_conv_the_pass_used_to_emit():
+    """The reference adds exactly conv2d(groups=H*Dv) on V's image layout, permuted back."""
+    import torch.nn.functional as F
+
+    q, k, v = qkv(2, 2, 9, 4, d_v=3)
+    weight, bias = dwc(2, 3, 5)
+    image = v.permute(0, 1, 3, 2).reshape(2, 6, 3, 3)
+    local = F.conv2d(image, weight, bias, padding=2, groups=6).reshape(2, 2, 3, 9).permute(0, 1, 3, 2)
+    torch.testing.assert_close(linear_attention_reference(q, k, v, dwc_weight=weight, dwc_bias=bias),
+                               linear_attention_reference(q, k, v) + local)
+    out = linear_attention(q, k, v, dwc_weight=weight, dwc_bias=bias, config=SMALL)
+    close(out, linear_attention(q, k, v, config=SMALL) + local)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda q, k, v, w, b: linear_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], dwc_weight=w),
+     r"one square token grid \(Nq = Nk = side\*side\), got Nq = 8, Nk = 8"),
+    (lambda q, k, v, w, b: linear_attention(q[:, :, :4], k, v, dwc_weight=w), "got Nq = 4, Nk = 9"),
+    (lambda q, k, v, w, b: linear_attention(q, k, v, dwc_weight=w[:, :, :4, :4]), "with k odd"),
+    (lambda q, k, v, w, b: linear_attention(q, k, v, dwc_weight=w[:8]), r"dwc_weight must have shape \(16, 1, k, k\)"),
+    (lambda q, k, v, w, b: linear_attention(q, k, v, dwc_weight=w, dwc_bias=b[:3]), r"dwc_bias must have shape \(16,\)"),
+    (lambda q, k, v, w, b: linear_attention(q, k, v, dwc_bias=b), "dwc_bias given without dwc_weight"),
+    (lambda q, k, v, w, b: linear_attention(q, k, v, dwc_weight=w.half()), "dwc_weight must have the same dtype"),
+])
+def test_dwc_preconditions(call, message):
+    q, k, v = qkv(1, 2, 9, 8)
+    weight, bias = dwc(2, 8, 5)
+    with pytest.raises(ValueError, match=message):
+        call(q, k, v, weight, bias)
