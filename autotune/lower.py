@@ -357,8 +357,10 @@ class FusedRegion(_Tuned):
 class FamilyOp:
     """How an attention-family op maps onto its hand-written kernel module in :mod:`.kernels`.
 
-    ``tensors``: how many leading arguments are tensors; ``options(node)``: its other arguments as the
-    launcher's keywords; ``shape(*tensors)``: the tuning shape; ``reference``: the eager op it replaces.
+    ``tensors``: how many leading arguments are tensors; ``optional_tensors``: (position, name) of
+    tensor arguments a call may pass or leave None, handed to the launcher, ``shape`` and ``reference``
+    by keyword when given; ``options(node)``: its other arguments as the launcher's keywords;
+    ``shape(*tensors, **optional_tensors)``: the tuning shape; ``reference``: the eager op it replaces.
     """
 
     module: str
@@ -370,11 +372,18 @@ class FamilyOp:
     reference: Callable[..., torch.Tensor]
     uses_dot: bool = True
     aten_first: bool = False
+    optional_tensors: tuple[tuple[int, str], ...] = ()
     launch: Callable[..., torch.Tensor] = lambda fn, tensors, options, config: fn(*tensors, **options, config=config)
 
 
 def _heads_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
     return (q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3])
+
+
+def _linear_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dwc_weight: torch.Tensor | None = None,
+                            dwc_bias: torch.Tensor | None = None) -> tuple[int, ...]:
+    """The heads' shape and the depthwise-conv branch's kernel size (0: none), which the timing depends on."""
+    return (*_heads_shape(q, k, v), 0 if dwc_weight is None else dwc_weight.shape[-1])
 
 
 def family_ops() -> dict[object, FamilyOp]:
@@ -394,8 +403,10 @@ def family_ops() -> dict[object, FamilyOp]:
             launch=lambda fn, t, options, config: fn(t[0], t[1], t[2], level=t[3], **options, config=config)),
         torch.ops.graphopt.linear_attention.default: FamilyOp(
             "linear_attention", "linear_attention", ("linear_attention_state_kernel", "linear_attention_apply_kernel"),
-            3, lambda n: {"eps": float(node_arg(n, 3, "eps", 1e-6))}, _heads_shape,
-            lambda q, k, v, eps=1e-6: torch.ops.graphopt.linear_attention(q, k, v, eps)),
+            3, lambda n: {"eps": float(node_arg(n, 3, "eps", 1e-6))}, _linear_attention_shape,
+            lambda q, k, v, eps=1e-6, dwc_weight=None, dwc_bias=None: torch.ops.graphopt.linear_attention(
+                q, k, v, eps, dwc_weight, dwc_bias),
+            optional_tensors=((4, "dwc_weight"), (5, "dwc_bias"))),
         torch.ops.graphopt.dynamic_dwconv.default: FamilyOp(
             "dynamic_dwconv", "dynamic_dwconv", ("dynamic_dwconv_kernel",), 2, lambda n: {},
             lambda v, w: (v.shape[0] * v.shape[1], v.shape[2], v.shape[3], w.shape[-1]),
@@ -429,9 +440,12 @@ class FamilyRegion(_Tuned):
         self.options_kw = self.op.options(node)
         # the op's tensor arguments as positions in the region's (deduplicated) inputs: sdpa(x, x, x) is one input
         self._arg_index = tuple(region.inputs.index(a) for a in node.args[:self.op.tensors])
+        self._optional_index = {name: region.inputs.index(a) for i, name in self.op.optional_tensors
+                                if isinstance(a := node_arg(node, i, name), fx.Node)}
 
     def extra_repr(self) -> str:
-        return f"{self.kernel_name} {self.options_kw}"
+        given = "".join(f" + {name}" for name in self._optional_index)  # e.g. LiT's fused depthwise-conv branch
+        return f"{self.kernel_name}{given} {self.options_kw}"
 
     def configs(self) -> list[dict[str, int]]:
         # PyTorch's own SDPA (FlashAttention / cuDNN / memory-efficient) is a strong default: ours must beat it
@@ -440,16 +454,20 @@ class FamilyRegion(_Tuned):
     def _tensors(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [inputs[i] for i in self._arg_index]
 
+    def _optional(self, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: inputs[i] for name, i in self._optional_index.items()}
+
     def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
-        return self.op.shape(*self._tensors(inputs))
+        return self.op.shape(*self._tensors(inputs), **self._optional(inputs))
 
     def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if is_aten(config):
             return self.reference(*inputs)
-        return (self.op.launch(self._launcher, self._tensors(inputs), self.options_kw, config),)
+        options = {**self.options_kw, **self._optional(inputs)}
+        return (self.op.launch(self._launcher, self._tensors(inputs), options, config),)
 
     def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.op.reference(*self._tensors(inputs), **self.options_kw),)
+        return (self.op.reference(*self._tensors(inputs), **self.options_kw, **self._optional(inputs)),)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.launch(self._config(self.tuning_shape(*inputs), inputs), *inputs)

@@ -176,6 +176,36 @@ def test_attention_is_a_call_site_whose_candidates_are_pytorch_sdpa_and_the_flas
         close(site.launch(config, q, k, v)[0], F.scaled_dot_product_attention(q, k, v))
 
 
+class LiTAttention(nn.Module):
+    """graphopt's linear attention with LiT's depthwise-conv branch fused in, as the linear-attention pass emits it."""
+
+    def __init__(self, dim=24, heads=2, bias=True):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads = heads
+        self.dwc = nn.Conv2d(dim, dim, 5, padding=2, groups=dim, bias=bias)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.ops.graphopt.linear_attention(q, k, v, 1e-6, self.dwc.weight, self.dwc.bias)
+        return out.transpose(1, 2).reshape(b, n, d)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_attention_with_its_dwc_branch_is_one_call_site_passing_the_branch_tensors(bias):
+    import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.linear_attention
+
+    result, captured = lowered(LiTAttention(bias=bias), torch.randn(2, 16, 24))  # a 4 x 4 grid, Dv = 12
+    assert [(r.kind, r.kernel) for r in result.regions] == [("attention", "linear_attention")]
+    (site,) = [m for m in result.graph_module.modules() if isinstance(m, FamilyRegion)]
+    assert ("dwc_bias" in repr(site)) == bias and "dwc_weight" in repr(site)
+    ((_, inputs),) = call_sites(result.graph_module, captured.example_inputs)
+    assert site.tuning_shape(*inputs)[-1] == 5  # the branch's kernel size is part of the tuning key
+    for config in site.configs():
+        close(site.launch(config, *inputs)[0], site.reference(*inputs)[0])
+
+
 def test_every_site_can_fall_back_on_aten_and_a_kernel_must_beat_it():
     site, inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * x + 1), torch.randn(3, 700))
     candidates = site.prune([Config(c) for c in site.configs()], site.tuning_shape(*inputs))
