@@ -4,9 +4,12 @@ Approximate. At each self-attention site the structural analysis finds (a fused
 ``scaled_dot_product_attention`` call, or softmax(QK^T)V written out with ``matmul``/``bmm`` in
 either the ``P @ V`` or the channels-first ``V @ P^T`` layout, or with two einsums; fused or separate
 q/k/v projections, heads split or folded into the batch)
-the softmax core becomes ``graphopt::linear_attention(q, k, v)`` plus a depthwise convolution
-(kernel 5 by default) on V in its H x W token layout, added before the output projection
-(arXiv 2501.12976; ../METHODS.md). The scores' rescale is dropped: ReLU linear attention is
+the softmax core becomes ``graphopt::linear_attention(q, k, v, eps, dwc_weight, dwc_bias)``: the
+linear attention plus a depthwise convolution (kernel 5 by default) on V in its H x W token layout,
+added before the output projection (arXiv 2501.12976; ../METHODS.md), both in the one op. The branch
+used to be separate ATen nodes (V permuted and reshaped, conv2d, permuted back, add); in the op it is
+the epilogue of the op's Triton kernel on the GPU (one launch, no V copies; not yet measured), the
+same ATen ops on the CPU. The scores' rescale is dropped: ReLU linear attention is
 invariant to it. Everything else in the graph is inherited; the q/k/v projections and the
 depthwise conv are freshly initialised (seeded), as LiT does, and the output projection is
 inherited unless asked otherwise. Optionally the linear attention runs with fewer heads than the
@@ -123,13 +126,12 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentio
         q4, k4, v4 = (build._materialise(x) if len(shape) == 4 else
                       build(aten.reshape.default, x, [-1, heads, n, d])
                       for x, n, d in ((q, tokens, head_dim), (k, kv_tokens, head_dim), (v, kv_tokens, value_dim)))
-        attended = build(torch.ops.graphopt.linear_attention.default,
-                         *(_regroup(build, x, heads, groups, n) for x, n in ((q4, tokens), (k4, kv_tokens),
-                                                                           (v4, kv_tokens))))
+        q_op, k_op, v_op = (_regroup(build, x, heads, groups, n) for x, n in ((q4, tokens), (k4, kv_tokens),
+                                                                              (v4, kv_tokens)))
+        # keys from another sequence have no image grid: no depthwise conv there
+        branch = () if cross else _local(gm, build, fresh, heads * value_dim, options, generator, index)
+        attended = build(torch.ops.graphopt.linear_attention.default, q_op, k_op, v_op, 1e-6, *branch)
         result = _ungroup(build, attended, heads, groups, tokens, value_dim)
-        if not cross:  # keys from another sequence have no image grid: no depthwise conv there
-            result = _local(gm, build, fresh, v4, heads, value_dim, tokens, side, options, generator, index,
-                            result)
         if len(shape) == 3:
             result = build(aten.reshape.default, result, [-1, tokens, value_dim])
         result = finish(build, result)
@@ -143,21 +145,19 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentio
         _reinitialise(gm, fresh, out_proj, f"lit{index}_out", generator)
 
 
-def _local(gm: fx.GraphModule, build: "Builder", fresh: nn.Module, v4: fx.Node, heads: int, value_dim: int,
-           tokens: int, side: int, options: LinearAttentionOptions, generator: torch.Generator, index: int,
-           attended: fx.Node) -> fx.Node:
-    """LiT's locality branch: a depthwise conv over V as a ``[B, heads * Dv, side, side]`` image,
-    added to the attention output ``[B, heads, N, Dv]``."""
-    channels = heads * value_dim
+def _local(gm: fx.GraphModule, build: "Builder", fresh: nn.Module, channels: int, options: LinearAttentionOptions,
+           generator: torch.Generator, index: int) -> tuple[fx.Node, fx.Node]:
+    """LiT's locality branch, fresh: the weight and bias of a depthwise conv over V as a
+    ``[B, heads * Dv, side, side]`` image, which the op adds to the attention output itself.
+
+    Regrouping the heads (``options.heads``) keeps the ``heads * Dv`` channels in order, so the
+    branch on the regrouped V is the model-heads branch, channel for channel.
+    """
     weight = fresh_parameter(gm, fresh, f"lit{index}_dwc_weight", (channels, 1, options.kernel, options.kernel),
-                    generator, build)
+                             generator, build)
     bias = fresh_parameter(gm, fresh, f"lit{index}_dwc_bias", (channels,), generator, build,
-                  fan_in=options.kernel * options.kernel)
-    image = build(aten.reshape.default, build(aten.permute.default, v4, [0, 1, 3, 2]), [-1, channels, side, side])
-    local = build(aten.conv2d.default, image, weight, bias, [1, 1], [options.kernel // 2] * 2, [1, 1], channels)
-    local = build(aten.permute.default, build(aten.reshape.default, local, [-1, heads, value_dim, tokens]),
-                  [0, 1, 3, 2])
-    return build(aten.add.Tensor, attended, local)
+                           fan_in=options.kernel * options.kernel)
+    return weight, bias
 
 
 Finish = Callable[["Builder", fx.Node], fx.Node]  # the canonical [..., Nq, Dv] result -> the site's layout

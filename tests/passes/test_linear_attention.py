@@ -60,6 +60,10 @@ def _dwc(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, side: int) -
     return out.reshape(b, heads, d, n).permute(0, 1, 3, 2)
 
 
+def _lit_calls(gm):
+    return [n for n in gm.graph.nodes if n.target is torch.ops.graphopt.linear_attention.default]
+
+
 def _substitute(model, args, options):
     opt = graphopt.optimize(model, args)
     ctx = PassContext("linear-attention")
@@ -67,7 +71,7 @@ def _substitute(model, args, options):
     return opt, gm, replaced, ctx
 
 
-def test_separate_qkv_site_becomes_linear_attention_plus_depthwise_conv():
+def test_separate_qkv_site_becomes_linear_attention_with_its_depthwise_conv_fused():
     torch.manual_seed(0)
     model = SeparateQKV().eval()
     x = torch.randn(3, 16, 16)  # 16 tokens: a 4 x 4 grid
@@ -82,6 +86,10 @@ def test_separate_qkv_site_becomes_linear_attention_plus_depthwise_conv():
         torch.testing.assert_close(gm(x)[0], expected.detach(), rtol=1e-5, atol=1e-5)
     assert not any("scaled_dot_product" in str(node.target) for node in gm.graph.nodes)
     assert fresh.lit0_dwc_weight.shape == (16, 1, 5, 5)
+    # the branch is inside the op (one kernel on the GPU), not a conv2d of its own
+    (site,) = _lit_calls(gm)
+    assert [a.target for a in site.args[4:]] == [f"{FRESH}.lit0_dwc_weight", f"{FRESH}.lit0_dwc_bias"]
+    assert not any("conv" in str(node.target) for node in gm.graph.nodes)
 
 
 def test_channels_first_bmm_site_with_fresh_projections():
@@ -109,6 +117,8 @@ def test_fewer_heads_regroup_inside_the_site():
     q, k, v = (t[:, None] for t in (model.to_q(x), model.to_k(x), model.to_v(x)))  # one head of width 16
     v4 = model.to_v(x).view(2, 9, 4, 4).transpose(1, 2)
     local = _dwc(v4, fresh.lit0_dwc_weight, fresh.lit0_dwc_bias, 3).transpose(1, 2).reshape(2, 9, 16)
+    (site,) = _lit_calls(gm)  # one head of width 16 in the op; its branch is the 4 model heads' one
+    assert site.meta["val"].shape == (2, 1, 9, 16) and fresh.lit0_dwc_weight.shape == (16, 1, 5, 5)
     expected = x + model.to_out(linear_attention_reference(q, k, v)[:, 0] + local)
     with torch.no_grad():
         torch.testing.assert_close(gm(x)[0], expected.detach(), rtol=1e-5, atol=1e-5)
@@ -151,8 +161,10 @@ def test_cross_attention_is_left_alone_unless_asked():
     ctx = PassContext("linear-attention")
     _, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions(), ctx)
     assert replaced == 4 and sum("cross-attention" in note for note in ctx.notes) == 4
-    _, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions(cross=True))
+    gm, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions(cross=True))
     assert replaced == 8
+    # cross-attention keys lie on no image grid: those sites get the op without the depthwise-conv branch
+    assert sorted(len(n.args) for n in _lit_calls(gm)) == [4] * 4 + [6] * 4
 
 
 @pytest.mark.parametrize("factory, reason", [(zoo.mha, "not a square grid"), (zoo.uvit, "not a square grid")])
