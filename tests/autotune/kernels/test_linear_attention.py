@@ -104,6 +104,7 @@ def dwc(heads, d_v, size, dtype=torch.float32, bias=True):
     ((1, 2, 8, 20, 18), 5, SMALL),  # side 8: 64 tokens in 4 query blocks, tiles over D and Dv with tails
     ((1, 3, 8, 12, 24), 3, SMALL),
     ((2, 1, 1, 4, 6), 5, None),  # one token: only the centre tap lands
+    ((1, 2, 4, 0, 3), 3, None),  # no features: no state to reduce, the attention is 0, the branch alone
 ])
 def test_dwc_branch_matches_reference(shape, size, config, dtype):
     b, h, side, d, d_v = shape
