@@ -39,15 +39,32 @@ def test_lowered_models_match_eager_in_each_dtype(name, dtype):
     assert err < TOLERANCE[dtype]
 
 
+def _on_gpu(name):
+    """A zoo model and its example call on the GPU (optimize copies a CPU model and leaves it there)."""
+    model, args, kwargs = zoo.ZOO[name]()
+    return model.to("cuda"), tuple(a.to("cuda") for a in args), kwargs
+
+
 def test_tuning_a_lowered_model_on_the_gpu(tmp_path):
-    model, args, kwargs = zoo.ZOO["dit"]()
+    model, args, kwargs = _on_gpu("dit")
     opt = graphopt.optimize(model, args, kwargs, target="cuda")
-    rows = tune_model(opt, [1, 4], cache=TuningCache(gpu_device_key(), tmp_path), progress=False)
-    assert rows and all(r.time_ms > 0 and r.default_ms >= r.time_ms for r in rows)
+    store = TuningCache(gpu_device_key(), tmp_path)
+    rows = tune_model(opt, [1, 4], cache=store, progress=False)
+    assert rows and all(r.source == "tuned" and r.time_ms > 0 and r.configs_timed >= 1 for r in rows)
+
+    def forbidden(fn, *, warmup, repeats):
+        raise AssertionError("a tuned kernel was timed again")
+
+    again = tune_model(opt, [1, 4], cache=store, timer=forbidden, progress=False)  # a warm start: all cached
+    assert [(r.kernel, r.config) for r in again] == [(r.kernel, r.config) for r in rows]
+    assert {r.source for r in again} == {"cache"}
+    with torch.no_grad():  # the tuned configs still compute the model
+        got, want = opt(*args, **kwargs), model(*args, **kwargs)
+    assert (got - want).abs().max() < TOLERANCE[torch.float32] * want.abs().max()
 
 
 def test_cuda_graphs_replay_the_lowered_model():
-    model, args, kwargs = zoo.ZOO["dit"]()
+    model, args, kwargs = _on_gpu("dit")
     opt = graphopt.optimize(model, args, kwargs, target="cuda", cuda_graphs=True)
     assert opt.report.cuda_graphs
     for batch in (2, 3, 2):  # the second batch-2 call replays the recorded graph

@@ -1,7 +1,5 @@
 """Tuning every kernel of a lowered model (graphopt autotune MODEL) with a fake timer, on the CPU."""
 
-import math
-
 import pytest
 import torch
 
@@ -25,9 +23,12 @@ def test_every_kernel_is_tuned_once_per_shape_bucket_and_cached(lowered_adaln, t
     # two kernels (silu; norm + epilogue); batch 2 and 3 fall in the same shape buckets, batch 1 has its own
     assert {r.kind for r in rows} == {"pointwise", "norm"}
     assert len({(r.kernel, shape_bucket(r.shape)) for r in rows}) == len(rows) == 4
-    assert all(r.source == "tuned" and r.configs_timed >= 1 and r.time_ms <= r.default_ms for r in rows)
-    assert min(r.configs_timed for r in rows) >= 2
-    assert all(math.isfinite(r.speedup) and r.speedup >= 1 for r in rows)
+    assert all(r.source == "tuned" for r in rows) and min(r.configs_timed for r in rows) >= 2
+    # the fake timer makes the last config timed the fastest, the default (timed first) the slowest: a
+    # tuner that kept the default, or picked anything but the fastest, fails here. These "speedups"
+    # are the fake timer's; real ones are measured on a GPU (tests/autotune/test_lower_gpu.py).
+    assert all(r.time_ms < r.default_ms for r in rows)
+    assert all(r.speedup == pytest.approx(r.default_ms / r.time_ms) for r in rows)
     assert len(store.entries()) == len(rows)
 
     again = tune_model(lowered_adaln, [3], timer=_forbidden, cache=store, progress=False)
