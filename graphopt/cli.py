@@ -135,6 +135,8 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
         raise UsageError("--distill-checkpoint and --distill-keep-last need --distill-steps or --distill-all-steps")
     if distilling and ns.target != "cpu":
         raise UsageError("distillation trains on the CPU graph: optimize with --target cpu")
+    if ns.compile and ns.target != "cpu":
+        raise UsageError("--compile builds the CPU program with Inductor; --target cuda lowers onto Triton kernels")
     config = None
     if distilling:
         from .distill import DistillConfig
@@ -159,6 +161,9 @@ def _cmd_optimize(ns: argparse.Namespace) -> int:
         resume = folder is not None and (folder / CHECKPOINT).is_file()
         _status(f"distilling {config.steps} + {config.all_steps} steps" + (f", resuming {folder}" if resume else ""))
         print(distill(optimized, model, config=config, context=approx, checkpoint_dir=folder, resume=resume).line())
+    if ns.compile:
+        _status("compiling the optimized graph with Inductor for this CPU ...")
+        optimized.compile()
     print(optimized.report.table())
     if out is not None:
         start = time.perf_counter()
@@ -476,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="directory to save the optimized model to")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--target", choices=("cpu", "cuda"), default="cpu", help="device to optimize for")
+    p.add_argument("--compile", action="store_true",
+                   help="target cpu: compile the optimized graph with Inductor ahead of time (C++; tens of "
+                        "seconds or more), checked and saved with the model so a loaded one starts warm")
     p.add_argument("--static", action="store_true", help="capture with a static batch size")
     _eval_arg(p)
     p.add_argument("--nfe", type=_positive, default=None,

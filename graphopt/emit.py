@@ -51,6 +51,8 @@ class OptimizationReport:
     fingerprint: str = ""
     """The original model's architecture fingerprint (:func:`graphopt.plan.fingerprint`): sampling
     plans made for that model fit this module, also after save and load."""
+    compiled: dict[str, Any] | None = None
+    """compile=True: the :class:`~graphopt.compiled.CompiledReport` as JSON (backend, seconds, error)."""
 
     @property
     def flops_before(self) -> float:
@@ -87,6 +89,11 @@ class OptimizationReport:
 
             lines.append(LoweringReport.from_json(self.lowering).text()
                          + ("\nlower: replayed as CUDA graphs, one per input layout" if self.cuda_graphs else ""))
+        if self.compiled is not None:
+            from .compiled import CompiledReport
+
+            compiled = CompiledReport(**self.compiled)
+            lines.append(compiled.line() + (f" ({compiled.note})" if compiled.note else ""))
         for p in self.passes:
             if p.quality is not None:
                 from .quality import QualityCost
@@ -150,6 +157,7 @@ class OptimizedModule(nn.Module):
         self._recaptures = 0
         self._blocks: dict[int, tuple[Any, ...]] = {}  # variant index -> its skippable blocks
         self._skip_graphs: dict[tuple[int, frozenset[int]], nn.Module] = {}  # (variant, skipped ids) -> graph
+        self._compiled: Any = None  # compile(): the main variant as Inductor's CPU program
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -164,6 +172,9 @@ class OptimizedModule(nn.Module):
         self.variants = nn.ModuleList([captured.graph_module])
         self._blocks.clear()
         self._skip_graphs.clear()
+        if self._compiled is not None:  # compiled from the previous graph: compile() again for the new one
+            self._compiled = None
+            self._report = dataclasses.replace(self._report, compiled=None)
 
     @property
     def captured(self) -> CapturedGraph:
@@ -202,7 +213,21 @@ class OptimizedModule(nn.Module):
         self._recapture(args, kwargs, spec, tensors, objects, reasons[0])  # as against the optimized capture
         return len(self._captured) - 1
 
+    def compile(self) -> Any:
+        """Compile the main variant for the CPU with Inductor, ahead of time (:mod:`graphopt.compiled`):
+        checked against the original outputs, then used for every call the main variant serves and
+        saved with the module. Returns the :class:`~graphopt.compiled.CompiledReport`."""
+        from .compiled import compile_captured
+
+        if len(self.lowered):
+            raise UsageError("compile() builds the CPU program; this module is lowered for target='cuda'")
+        self._compiled, report = compile_captured(self.captured)
+        self._report = dataclasses.replace(self._report, compiled=dataclasses.asdict(report))
+        return report
+
     def _run(self, i: int, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if i == 0 and self._compiled is not None:
+            return self._compiled(tensors)
         if i < len(self.lowered):
             if self._graph_runners is not None:
                 from .cudagraphs import CudaGraphRunner
@@ -370,7 +395,7 @@ def _equal(a: Any, b: Any) -> bool:
 def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None,
              passes: Iterable[str | Any] | None = None, target: str = "cpu",
              dynamic_batch: bool = True, cuda_graphs: bool = False, approx: Any = None,
-             eval_mode: bool = False) -> OptimizedModule:
+             eval_mode: bool = False, compile: bool = False) -> OptimizedModule:
     """Capture ``model`` on the example inputs, run ``passes`` (default: the exact pipeline) and emit.
 
     ``passes`` are names from :mod:`graphopt.passes` or :class:`Pass` objects. Each exact pass is
@@ -391,6 +416,10 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     sampler, quality evaluator and budget; each runs once, and its report row carries the quality
     it cost, measured.
 
+    ``compile=True`` (target "cpu") hands the optimized graph to Inductor's CPU backend ahead of time
+    (:mod:`graphopt.compiled`): C++ code for this CPU, checked against the original outputs, saved
+    with the module so a loaded one starts warm; the report gives the compile time.
+
     ``model`` is never changed (its weights, buffers, training flags and device stay as they are). A
     model in training mode (dropout or batch statistics active) is refused, since its outputs are
     not those of inference: call ``model.eval()`` first, or pass ``eval_mode=True`` to optimize it
@@ -408,6 +437,9 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
                          "quality evaluator: pass approx=graphopt.ApproxContext(...)")
     if cuda_graphs and (target != "cuda" or not torch.cuda.is_available()):
         raise UsageError("cuda_graphs=True needs target='cuda' and a CUDA GPU")
+    if compile and target != "cpu":
+        raise UsageError("compile=True builds the CPU program with Inductor; target='cuda' lowers onto Triton "
+                         "kernels instead")
     check_inference_mode(model, eval_mode)
     if target == "cuda":
         _check_cuda_target()
@@ -416,8 +448,11 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
                 model = copy.deepcopy(model).to("cuda")  # the user's model stays where it is
             args, kwargs = _to_device((args, kwargs or {}), "cuda")
     with kept_state(model, eval_mode=eval_mode):
-        return _optimize(model, args, kwargs, pipeline, approximate, target, dynamic_batch, cuda_graphs, approx,
-                         eval_mode)
+        module = _optimize(model, args, kwargs, pipeline, approximate, target, dynamic_batch, cuda_graphs, approx,
+                           eval_mode)
+    if compile:
+        module.compile()
+    return module
 
 
 def _optimize(model: nn.Module, args: Any, kwargs: dict[str, Any] | None, pipeline: tuple[Pass, ...],

@@ -49,7 +49,8 @@ PROGRAM = "model.pt2"
 EXAMPLES = "examples.safetensors"
 REPORT = "report.json"
 PLAN = "plan.json"
-SAVE_FILES = frozenset({META, PROGRAM, EXAMPLES, REPORT, PLAN})
+COMPILED = "model.aoti.pt2"  # graphopt.compiled.PACKAGE: Inductor's CPU program, when compiled
+SAVE_FILES = frozenset({META, PROGRAM, EXAMPLES, REPORT, PLAN, COMPILED})
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-")
 
 
@@ -96,6 +97,8 @@ def save(module: Any, directory: str | os.PathLike, *, overwrite: bool = False, 
                         for i, t in enumerate(captured.reference_outputs)})
         safetensors.torch.save_file(tensors, str(tmp / EXAMPLES))
         (tmp / REPORT).write_text(json.dumps(module.report.to_json(), indent=2, default=str))
+        if module._compiled is not None:  # a loaded model starts warm: no compile again
+            module._compiled.copy_to(tmp / COMPILED)
         meta["integrity"] = {
             "files": {p.name: _file_hash(p) for p in sorted(tmp.iterdir())},
             "tensors": _program_tensor_hashes(program),
@@ -216,7 +219,26 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     module = OptimizedModule(captured, report)
     if target == "cuda":
         module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(captured))
+    elif (path / COMPILED).is_file():
+        _load_compiled(module, path, meta)
     return module
+
+
+def _load_compiled(module: Any, path: Path, meta: dict[str, Any]) -> None:
+    """The saved CPU program, when this torch made it (its C++ ABI is this torch's); else the graph runs."""
+    from .compiled import load_compiled
+
+    saved = dict(module._report.compiled or {})
+    if meta.get("torch_version") != torch.__version__:
+        saved["note"] = (f"the saved program was compiled by torch {meta.get('torch_version')}, this is "
+                         f"{torch.__version__}: running the graph; compile() again")
+        module._report = dataclasses.replace(module._report, compiled=saved)
+        return
+    try:
+        module._compiled, report = load_compiled(path / COMPILED, module.captured)
+    except Exception as e:
+        raise LoadError(f"{path / COMPILED} does not load or reproduce the saved outputs ({first_line(e)})") from e
+    module._report = dataclasses.replace(module._report, compiled=dataclasses.asdict(report))
 
 
 # ------------------------------------------------------------------ integrity

@@ -1,0 +1,128 @@
+"""The CPU target: graphopt (exact passes, then Inductor ahead of time) against eager and torch.compile.
+
+    python bench/cpu.py [--models dit-digits,unet-digits] [--batch 64] [--repeats 15]
+
+For each reference denoiser, in one run on the same inputs: the latency of one denoiser call at
+``--batch`` for the original model in eager mode, ``torch.compile`` of the original model (Inductor,
+default mode, dynamic batch off), graphopt's optimized module (exact passes noop, fold, dce; the graph
+runs in eager ATen) and the same compiled for the CPU (``optimize(..., compile=True)``: AOTInductor on
+the optimized graph), as medians of interleaved runs (each round times every variant once, so drift
+hits them alike), with ratios to eager and to torch.compile. Also: the compile time of torch.compile
+(its first call) and of graphopt's compile, the time to load the saved compiled model (a warm start,
+no compile), and the max error of each variant against eager. Writes the section between the CPU
+markers of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _sections import replace_section  # bench/, beside this script
+
+import graphopt
+from graphopt.models import load
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
+
+
+def _inputs(ref, batch: int) -> tuple[torch.Tensor, ...]:
+    """The example inputs tiled to ``batch`` (labels and times too)."""
+    reps = -(-batch // ref.example_inputs[0].shape[0])
+    return tuple(torch.cat([t] * reps)[:batch] for t in ref.example_inputs)
+
+
+def _first(out):
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def measure(name: str, batch: int, repeats: int) -> dict:
+    ref = load(name)
+    model, inputs = ref.model, _inputs(ref, batch)
+    with torch.no_grad():
+        want = _first(model(*inputs))
+
+        start = time.perf_counter()
+        compiled_model = torch.compile(model, dynamic=False)
+        torch_out = _first(compiled_model(*inputs))  # the first call compiles
+        torch_compile_s = time.perf_counter() - start
+
+        exact = graphopt.optimize(model, ref.example_inputs)
+        fast = graphopt.optimize(model, ref.example_inputs, compile=True)
+        compile_s = fast.report.compiled["compile_s"]
+        with tempfile.TemporaryDirectory() as tmp:
+            fast.save(Path(tmp) / "m")
+            start = time.perf_counter()
+            warm = graphopt.load(Path(tmp) / "m")
+            load_s = time.perf_counter() - start
+            assert warm.report.compiled["warm"]
+        variants = {"eager": model, "torch.compile": compiled_model, "graphopt": exact,
+                    "graphopt + compile": fast, "graphopt loaded warm": warm}
+        errors = {k: float((_first(f(*inputs)) - want).abs().max()) for k, f in variants.items()}
+        errors["torch.compile"] = float((torch_out - want).abs().max())
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for f in variants.values():  # warm-up
+            f(*inputs)
+        for _ in range(repeats):
+            for k, f in variants.items():
+                start = time.perf_counter()
+                f(*inputs)
+                times[k].append(time.perf_counter() - start)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    row = {"model": name, "batch": batch, "ms": ms, "errors": errors, "torch_compile_s": round(torch_compile_s, 1),
+           "graphopt_compile_s": round(compile_s, 1), "warm_load_s": round(load_s, 2)}
+    print(f"{name} batch {batch}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
+          + f"; compile: torch.compile {torch_compile_s:.0f}s, graphopt {compile_s:.0f}s; warm load {load_s:.2f}s",
+          flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="dit-digits,unet-digits")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ns = parser.parse_args(argv)
+    started = time.perf_counter()
+    rows = [measure(m, ns.batch, ns.repeats) for m in ns.models.split(",") if m]
+    minutes = (time.perf_counter() - started) / 60
+    machine = (f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+               f"{os.cpu_count()} cores")
+    command = f"python bench/cpu.py --models {ns.models} --batch {ns.batch} --repeats {ns.repeats}"
+    lines = [BEGIN, "", "## The CPU target: graphopt + Inductor against torch.compile", "",
+             f"Measured by `{command}` ({minutes:.0f} min) on {machine}. One denoiser call at batch {ns.batch}, "
+             f"median of {ns.repeats} interleaved rounds; ratios are eager or torch.compile time over the "
+             "variant's (higher is faster). torch.compile: the original model, default mode, static shapes. "
+             "graphopt: exact passes (noop, fold, dce), the graph in eager ATen; + compile: the same graph "
+             "compiled ahead of time by AOTInductor (dynamic batch from 1); loaded warm: that package read "
+             "back from a save, no compile. Weights: the shipped checkpoints. Exact passes: no quality cost "
+             "(max error against eager in the last column).", "",
+             "| model | variant | ms per call | vs eager | vs torch.compile | compile | max abs err |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ms = r["ms"]
+        compile_cell = {"torch.compile": f"{r['torch_compile_s']:.0f} s",
+                        "graphopt + compile": f"{r['graphopt_compile_s']:.0f} s",
+                        "graphopt loaded warm": f"load {r['warm_load_s']:.2f} s"}
+        for k, v in ms.items():
+            lines.append(f"| {r['model']} | {k} | {v:.1f} | {ms['eager'] / v:.2f}x | {ms['torch.compile'] / v:.2f}x | "
+                         f"{compile_cell.get(k, '-')} | {r['errors'][k]:.1e} |")
+    text = "\n".join(lines + ["", END])
+    replace_section(Path(ns.results), BEGIN, END, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The CPU backend: the optimized graph compiled ahead of time by Inductor (AOTInductor).
+
+graphopt writes no CPU code generator of its own. ``optimize(..., compile=True)`` (or
+:meth:`OptimizedModule.compile`, ``graphopt optimize --compile``) re-exports the canonical optimized
+graph with its dynamic batch range and hands it to ``torch._inductor.aoti_compile_and_package``:
+Inductor's C++/OpenMP code for the CPU, in one package file. The compiled program is checked against
+the original model's outputs on the example inputs (the dtype's tolerance, as every exact pass is),
+then serves every call that the main variant serves; calls that re-capture, and graphs with skipped
+blocks, run their graphs uncompiled. It is for inference: it computes no gradients.
+
+The package is saved beside ``model.pt2`` as ``model.aoti.pt2`` (hashed with the rest), so a model
+loaded by the same torch version starts warm, without compiling again; another torch version runs
+the saved graph and the report says why. Compiling takes tens of seconds to minutes (a C++ compiler
+is needed); the report gives the time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import UsageError, VerificationError, first_line
+from .logs import quiet
+
+PACKAGE = "model.aoti.pt2"
+BACKEND = "inductor (AOTInductor, CPU)"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledReport:
+    """How the CPU program was made: backend, compile seconds (0 when loaded warm from a save), the
+    error against the original model's outputs on the example inputs, the package size, and why a
+    saved package was not used (``""`` when it was, or none was saved)."""
+
+    backend: str
+    compile_s: float
+    max_abs_error: float
+    max_rel_error: float
+    package_bytes: int
+    warm: bool = False
+    note: str = ""
+
+    def line(self) -> str:
+        how = "loaded warm from the save" if self.warm else f"compiled in {self.compile_s:.1f}s"
+        return (f"compile: {self.backend}, {how}, {self.package_bytes / 1e6:.1f} MB package, max abs err "
+                f"{self.max_abs_error:.2e}, max rel err {self.max_rel_error:.2e} vs the original outputs")
+
+
+class CompiledProgram:
+    """A loaded AOTInductor package: call it with the graph's flat tensor inputs."""
+
+    def __init__(self, package: Path, runner: Any, owner: tempfile.TemporaryDirectory | None = None):
+        self.package = package
+        self._runner = runner
+        self._owner = owner  # keeps a package compiled into a temporary folder alive with this object
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = self._runner(*tensors)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def copy_to(self, path: Path) -> None:
+        shutil.copyfile(self.package, path)
+
+
+def compile_captured(captured: Any) -> tuple[CompiledProgram, CompiledReport]:
+    """Compile a captured (optimized) graph for the CPU and check it; raises :class:`VerificationError`
+    when the compiled program leaves the tolerance, :class:`UsageError` when it cannot be built."""
+    from .emit import export_program
+
+    if any(t.device.type != "cpu" for t in captured.example_inputs):
+        raise UsageError("compile=True builds the CPU program; optimize with target='cpu'")
+    owner = tempfile.TemporaryDirectory(prefix="graphopt-aoti-")
+    start = time.perf_counter()
+    try:
+        program = export_program(captured)
+        with warnings.catch_warnings(), quiet("torch._inductor", "torch.export", "torch._export"), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            path = Path(torch._inductor.aoti_compile_and_package(program,
+                                                                 package_path=str(Path(owner.name) / PACKAGE)))
+    except Exception as e:
+        owner.cleanup()
+        raise UsageError(f"Inductor could not compile the optimized graph for the CPU ({type(e).__name__}: "
+                         f"{first_line(e)}); a C++ compiler is needed, or optimize without compile") from e
+    seconds = time.perf_counter() - start
+    compiled = CompiledProgram(path, _load_runner(path), owner)
+    return compiled, _checked(compiled, captured, seconds, warm=False)
+
+
+def load_compiled(path: Path, captured: Any) -> tuple[CompiledProgram, CompiledReport]:
+    """A saved package, loaded and checked against the saved outputs."""
+    compiled = CompiledProgram(path, _load_runner(path))
+    return compiled, _checked(compiled, captured, 0.0, warm=True)
+
+
+def _load_runner(path: Path) -> Any:
+    with warnings.catch_warnings(), quiet("torch._inductor"):
+        warnings.simplefilter("ignore")
+        return torch._inductor.aoti_load_package(str(path))
+
+
+def _checked(compiled: CompiledProgram, captured: Any, seconds: float, warm: bool) -> CompiledReport:
+    from .verify import compare
+
+    with torch.no_grad():
+        cmp = compare(compiled(captured.example_inputs), captured.reference_outputs)
+    if not cmp.within:
+        raise VerificationError(f"the program Inductor compiled differs from the original model: {cmp.line()}")
+    return CompiledReport(BACKEND, round(seconds, 2), cmp.max_abs_error, cmp.max_rel_error,
+                          compiled.package.stat().st_size, warm=warm)
