@@ -143,6 +143,7 @@ def test_export_from_a_spec_with_chosen_passes(model_file, tmp_path, capsys):
     (["optimize", "{file}:make", "--out", ".", "--overwrite"], 2, "cannot save to .: it is the current folder"),
     (["optimize", "{file}:make", "--pass-option", "atconv.hybrid=true"], 2, "'atconv', which is not in the passes"),
     (["optimize", "{file}:make", "--pass-option", "heads=2"], 2, "write it as PASS.OPTION=VALUE"),
+    (["optimize", "{file}:make", "--compile", "--target", "cuda"], 2, "--compile builds the CPU program"),
     (["optimize", "{file}:make", "--passes", "linear-attention", "--pass-option", "linear-attention.heads=x"], 2,
      "takes a number"),
 ])
@@ -302,3 +303,12 @@ def test_overwrite_replaces_a_previous_save_and_nothing_else(model_file, tmp_pat
 def test_a_training_mode_model_is_optimized_as_in_eval_mode_on_request(model_file, capsys):
     assert main(["optimize", f"{model_file}:training", "--eval"]) == 0
     assert "eval-dropout x3" in capsys.readouterr().out  # traced as in eval mode: the dropouts are no-ops
+
+
+@pytest.mark.slow
+def test_optimize_compile_saves_a_program_that_loads_warm(model_file, tmp_path, capsys):
+    out_dir = tmp_path / "compiled"
+    assert main(["optimize", f"{model_file}:make", "--compile", "--out", str(out_dir)]) == 0
+    assert "compile: inductor (AOTInductor, CPU), compiled in" in capsys.readouterr().out
+    assert (out_dir / "model.aoti.pt2").is_file()
+    assert main(["export", str(out_dir), "--out", str(tmp_path / "c.onnx")]) == 0  # the graph exports as before
