@@ -9,7 +9,8 @@ runs in eager ATen) and the same compiled for the CPU (``optimize(..., compile=T
 the optimized graph), as medians of interleaved runs (each round times every variant once, so drift
 hits them alike), with ratios to eager and to torch.compile. Also: the compile time of torch.compile
 (its first call) and of graphopt's compile, the time to load the saved compiled model (a warm start,
-no compile), and the max error of each variant against eager. Writes the section between the CPU
+no compile), and the max error of each variant against eager. Compile times are cold: Inductor gets
+a fresh on-disk cache (``--warm-cache`` keeps the usual one). Writes the section between the CPU
 markers of bench/RESULTS.md.
 """
 
@@ -93,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="keep Inductor's on-disk cache (default: a fresh one, so compile times are cold)")
     ns = parser.parse_args(argv)
+    if not ns.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="graphopt-bench-inductor-")
     started = time.perf_counter()
     rows = [measure(m, ns.batch, ns.repeats) for m in ns.models.split(",") if m]
     minutes = (time.perf_counter() - started) / 60
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python bench/cpu.py --models {ns.models} --batch {ns.batch} --repeats {ns.repeats}"
     lines = [BEGIN, "", "## The CPU target: graphopt + Inductor against torch.compile", "",
              f"Measured by `{command}` ({minutes:.0f} min) on {machine}. One denoiser call at batch {ns.batch}, "
-             f"median of {ns.repeats} interleaved rounds; ratios are eager or torch.compile time over the "
+             f"median of {ns.repeats} interleaved rounds; compile times "
+             f"{'with a warm' if ns.warm_cache else 'cold, with a fresh'} Inductor cache; ratios are eager or torch.compile time over the "
              "variant's (higher is faster). torch.compile: the original model, default mode, static shapes. "
              "graphopt: exact passes (noop, fold, dce), the graph in eager ATen; + compile: the same graph "
              "compiled ahead of time by AOTInductor (dynamic batch from 1); loaded warm: that package read "
