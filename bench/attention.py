@@ -95,7 +95,7 @@ def run_variant(key: str, ns: argparse.Namespace, contexts: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if ns.new_minutes > 0:
             reports.append(distill(student, ctx.source, config=DistillConfig(steps=100_000, max_minutes=ns.new_minutes),
-                                   checkpoint_dir=Path(tmp) / "new", progress=False))
+                                   context=ctx, checkpoint_dir=Path(tmp) / "new", progress=False))
         if ns.all_minutes > 0:
             reports.append(distill(student, ctx.source, config=DistillConfig(
                 steps=0, all_steps=100_000, max_minutes=ns.all_minutes, lr=2e-4), context=ctx,
@@ -108,7 +108,8 @@ def run_variant(key: str, ns: argparse.Namespace, contexts: dict) -> dict:
           f"ONNX max abs err {onnx.max_abs_error:.2e} at batches {onnx.batch_sizes}", flush=True)
     return {"key": key, "model": model_name, "label": label, "sites": sites, "teacher": _stats(before.baseline_values),
             "before": _stats(before.values), "after": _stats(after.values), "minutes": round(minutes, 1),
-            "steps": steps, "onnx_err": onnx.max_abs_error, "onnx_batches": list(onnx.batch_sizes)}
+            "steps": steps, "kept": [r.kept_step for r in reports], "onnx_err": onnx.max_abs_error,
+            "onnx_batches": list(onnx.batch_sizes)}
 
 
 def _stats(values) -> list[float]:
@@ -169,7 +170,9 @@ def write_section(path: Path, runs: list[dict], rows: list[dict], timing: list[d
              "`classifier-digits` feature space; the teacher is the reference model on the same seeds. "
              "Distillation: new parameters first, "
              "then every parameter (lr 2e-4), batch 64, the model's own objective + 0.5 x the teacher term; "
-             "minutes on this CPU." + (" Each row's run: " + "; ".join(
+             "minutes on this CPU. Where a row says 'kept step', the run kept each phase's best state by the "
+             "proxy FD (256 samples, seed 1000) scored every 100 steps and before training (step 0: the "
+             "phase's starting state)." + (" Each row's run: " + "; ".join(
                  f"{r['key']}: `{r['command']}`" for r in rows) + "." if len(runs) > 1 else ""), "",
              "| model | substitution | sites | teacher FD | FD before distillation | FD after | vs teacher | "
              "distillation | ONNX parity |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -178,7 +181,9 @@ def write_section(path: Path, runs: list[dict], rows: list[dict], timing: list[d
         lines.append(f"| {r['model']} | {r['label']} | {r['sites']} | {t[0]:.2f} ± {t[1]:.2f} | "
                      f"{b[0]:.2f} ± {b[1]:.2f} | {a[0]:.2f} ± {a[1]:.2f} | {100 * (a[0] / t[0] - 1):+.0f}% | "
                      f"{r['minutes']:.1f} min "
-                     f"({' + '.join(map(str, r['steps']))} steps) | max abs err {r['onnx_err']:.1e} at batches "
+                     f"({' + '.join(map(str, r['steps']))} steps"
+                     + (f"; kept step {' + '.join(map(str, r['kept']))}" if r.get("kept") else "")
+                     + f") | max abs err {r['onnx_err']:.1e} at batches "
                      f"{', '.join(map(str, r['onnx_batches']))} |")
     lines += ["", "One attention site (width 384, 6 heads, batch 1) on this CPU, median of interleaved runs:", "",
               "| tokens | softmax (SDPA) | LiT | ATConv | LiT speedup | ATConv speedup |",
