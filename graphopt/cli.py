@@ -471,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", help="run passes, print the report, save the optimized model",
                        description="Capture MODEL, run the passes (each verified against the model), print "
-                                   "the per-pass report and optionally save the result (.pt2 + report.json).")
+                                   "the per-pass report and optionally save the result (.pt2 + report.json, "
+                                   "with hashes that loading checks).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--passes", type=_passes_arg, default=None,
                    help="comma-separated pass names, or 'none' (default: the exact pipeline; see 'graphopt passes')")
@@ -479,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an option of a pass in --passes, e.g. linear-attention.heads=2 or atconv.hybrid=true "
                         "(repeatable; 'graphopt passes' lists them)")
     p.add_argument("--out", "-o", help="directory to save the optimized model to")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous save or an empty folder (never other files)")
     p.add_argument("--target", choices=("cpu", "cuda"), default="cpu", help="device to optimize for")
     p.add_argument("--compile", action="store_true",
                    help="target cpu: compile the optimized graph with Inductor ahead of time (C++; tens of "
