@@ -41,6 +41,7 @@ from graphopt.errors import UsageError, first_line
 
 from .cache import Config, shape_bucket
 from .codegen import GeneratedKernel, generate
+from .family import FamilyOp
 from .regions import Partition, Region, node_arg, partition, shape_of, strides_of
 from .tuner import (
     DEFAULT_CACHE,
@@ -353,65 +354,18 @@ class FusedRegion(_Tuned):
         return self.launch(self._config(self._shape(layout[2]), inputs), *inputs)
 
 
-@dataclasses.dataclass(frozen=True)
-class FamilyOp:
-    """How an attention-family op maps onto its hand-written kernel module in :mod:`.kernels`.
-
-    ``tensors``: how many leading arguments are tensors; ``optional_tensors``: (position, name) of
-    tensor arguments a call may pass or leave None, handed to the launcher, ``shape`` and ``reference``
-    by keyword when given; ``options(node)``: its other arguments as the launcher's keywords;
-    ``shape(*tensors, **optional_tensors)``: the tuning shape; ``reference``: the eager op it replaces.
-    """
-
-    module: str
-    launcher: str
-    kernels: tuple[str, ...]
-    tensors: int
-    options: Callable[[fx.Node], dict[str, Any]]
-    shape: Callable[..., tuple[int, ...]]
-    reference: Callable[..., torch.Tensor]
-    uses_dot: bool = True
-    aten_first: bool = False
-    optional_tensors: tuple[tuple[int, str], ...] = ()
-    launch: Callable[..., torch.Tensor] = lambda fn, tensors, options, config: fn(*tensors, **options, config=config)
-
-
-def _heads_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
-    return (q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3])
-
-
-def _linear_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dwc_weight: torch.Tensor | None = None,
-                            dwc_bias: torch.Tensor | None = None) -> tuple[int, ...]:
-    """The heads' shape and the depthwise-conv branch's kernel size (0: none), which the timing depends on."""
-    return (*_heads_shape(q, k, v), 0 if dwc_weight is None else dwc_weight.shape[-1])
+FAMILY_KERNELS = ("attention", "linear_attention", "dynamic_dwconv")
+"""The kernel modules whose ``lowering()`` rows (:class:`.family.FamilyOp`) say which ops they run."""
 
 
 def family_ops() -> dict[object, FamilyOp]:
-    """The attention-family ops lowering knows, by graph target."""
+    """The attention-family ops lowering knows, by graph target, from their kernel modules."""
     import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.*
 
-    return {
-        aten.scaled_dot_product_attention.default: FamilyOp(
-            "attention", "attention", ("attention_kernel", "_attend_block"), 3,
-            lambda n: {"scale": n.kwargs.get("scale")}, _heads_shape,
-            lambda q, k, v, scale=None: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
-            aten_first=True),
-        torch.ops.graphopt.block_causal_attention.default: FamilyOp(
-            "attention", "attention", ("attention_kernel", "_attend_block"), 4,
-            lambda n: {"scale": node_arg(n, 4, "scale")}, lambda q, k, v, level: _heads_shape(q, k, v),
-            lambda q, k, v, level, scale=None: torch.ops.graphopt.block_causal_attention(q, k, v, level, scale),
-            launch=lambda fn, t, options, config: fn(t[0], t[1], t[2], level=t[3], **options, config=config)),
-        torch.ops.graphopt.linear_attention.default: FamilyOp(
-            "linear_attention", "linear_attention", ("linear_attention_state_kernel", "linear_attention_apply_kernel"),
-            3, lambda n: {"eps": float(node_arg(n, 3, "eps", 1e-6))}, _linear_attention_shape,
-            lambda q, k, v, eps=1e-6, dwc_weight=None, dwc_bias=None: torch.ops.graphopt.linear_attention(
-                q, k, v, eps, dwc_weight, dwc_bias),
-            optional_tensors=((4, "dwc_weight"), (5, "dwc_bias"))),
-        torch.ops.graphopt.dynamic_dwconv.default: FamilyOp(
-            "dynamic_dwconv", "dynamic_dwconv", ("dynamic_dwconv_kernel",), 2, lambda n: {},
-            lambda v, w: (v.shape[0] * v.shape[1], v.shape[2], v.shape[3], w.shape[-1]),
-            torch.ops.graphopt.dynamic_dwconv, uses_dot=False),
-    }
+    rows: dict[object, FamilyOp] = {}
+    for name in FAMILY_KERNELS:
+        rows.update(_kernel_module(name).lowering())
+    return rows
 
 
 class FamilyRegion(_Tuned):

@@ -38,6 +38,7 @@ the log-sum-exp, backward.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import triton
@@ -203,3 +204,23 @@ def configs() -> list[dict[str, int]]:
         {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1},
     ]
 
+
+
+def lowering() -> dict[object, Any]:
+    """The ops this module's kernel runs in a lowered graph (:class:`graphopt.autotune.family.FamilyOp`):
+    softmax attention (SDPA, whose own backends stay the untuned default) and VAR's block-causal attention."""
+    from ..family import FamilyOp, heads_shape
+    from ..regions import node_arg
+
+    return {
+        torch.ops.aten.scaled_dot_product_attention.default: FamilyOp(
+            "attention", "attention", ("attention_kernel", "_attend_block"), 3,
+            lambda n: {"scale": n.kwargs.get("scale")}, heads_shape,
+            lambda q, k, v, scale=None: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
+            aten_first=True),
+        torch.ops.graphopt.block_causal_attention.default: FamilyOp(
+            "attention", "attention", ("attention_kernel", "_attend_block"), 4,
+            lambda n: {"scale": node_arg(n, 4, "scale")}, lambda q, k, v, level: heads_shape(q, k, v),
+            lambda q, k, v, level, scale=None: torch.ops.graphopt.block_causal_attention(q, k, v, level, scale),
+            launch=lambda fn, t, options, config: fn(t[0], t[1], t[2], level=t[3], **options, config=config)),
+    }

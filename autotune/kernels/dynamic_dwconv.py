@@ -18,6 +18,7 @@ pooling and kernel generation that precede the convolution in ATConv (they run a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import triton
@@ -101,3 +102,16 @@ def configs() -> list[dict[str, int]]:
         {"BLOCK_H": 16, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1},
         {"BLOCK_H": 8, "BLOCK_W": 8, "num_warps": 1, "num_stages": 1},
     ]
+
+
+def lowering() -> dict[object, Any]:
+    """The op this module's kernel runs in a lowered graph (:class:`graphopt.autotune.family.FamilyOp`):
+    ``graphopt::dynamic_dwconv`` (ATConv), with no ``tl.dot``."""
+    from ..family import FamilyOp
+
+    return {
+        torch.ops.graphopt.dynamic_dwconv.default: FamilyOp(
+            "dynamic_dwconv", "dynamic_dwconv", ("dynamic_dwconv_kernel",), 2, lambda n: {},
+            lambda v, w: (v.shape[0] * v.shape[1], v.shape[2], v.shape[3], w.shape[-1]),
+            torch.ops.graphopt.dynamic_dwconv, uses_dot=False),
+    }

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import triton
@@ -215,3 +216,24 @@ def configs() -> list[dict[str, int]]:
         {"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_DV": 32, "num_warps": 2, "num_stages": 2},
         {"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_DV": 16, "num_warps": 1, "num_stages": 1},
     ]
+
+
+def lowering() -> dict[object, Any]:
+    """The op this module's kernels run in a lowered graph (:class:`graphopt.autotune.family.FamilyOp`):
+    ``graphopt::linear_attention``, its depthwise-conv branch passed when the graph gives one."""
+    from ..family import FamilyOp, heads_shape
+    from ..regions import node_arg
+
+    def shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dwc_weight: torch.Tensor | None = None,
+              dwc_bias: torch.Tensor | None = None) -> tuple[int, ...]:
+        """The heads' shape and the branch's kernel size (0: none), which the timing depends on."""
+        return (*heads_shape(q, k, v), 0 if dwc_weight is None else dwc_weight.shape[-1])
+
+    return {
+        torch.ops.graphopt.linear_attention.default: FamilyOp(
+            "linear_attention", "linear_attention", ("linear_attention_state_kernel", "linear_attention_apply_kernel"),
+            3, lambda n: {"eps": float(node_arg(n, 3, "eps", 1e-6))}, shape,
+            lambda q, k, v, eps=1e-6, dwc_weight=None, dwc_bias=None: torch.ops.graphopt.linear_attention(
+                q, k, v, eps, dwc_weight, dwc_bias),
+            optional_tensors=((4, "dwc_weight"), (5, "dwc_bias"))),
+    }
