@@ -26,7 +26,8 @@ from tqdm import tqdm
 from graphopt.errors import UsageError
 
 from .cache import Config, shape_bucket
-from .lower import FamilyRegion, FusedRegion, _Tuned, is_aten
+from .configs import is_aten
+from .lower import FamilyRegion, FusedRegion, _Tuned
 from .tuner import DEFAULT_CACHE, CacheArg, Timer, cuda_event_timer
 
 

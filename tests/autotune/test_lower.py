@@ -13,9 +13,9 @@ pytest.importorskip("triton")
 
 from graphopt.autotune import DeviceKey, TuningCache  # noqa: E402
 from graphopt.autotune.cache import Config  # noqa: E402
-from graphopt.autotune.lower import (ATEN, FamilyRegion, FusedRegion, KernelLibrary, TuningOptions,  # noqa: E402
-                                     call_sites, check_regions, is_aten, lower, norm_configs,
-                                     pointwise_configs)
+from graphopt.autotune.configs import ATEN, is_aten, norm_configs, pointwise_configs  # noqa: E402
+from graphopt.autotune.lower import (FamilyRegion, FusedRegion, KernelLibrary, TuningOptions,  # noqa: E402
+                                     call_sites, check_regions, lower)
 from graphopt.autotune.regions import POINTWISE  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402

@@ -126,7 +126,7 @@ def record(dtypes: list[str], default_only: bool, generated: bool) -> dict[str, 
     Launchers run on CPU tensors with ``JITFunction.run`` replaced by a recorder, so nothing is launched.
     """
     from graphopt.autotune.kernels import _launch
-    from graphopt.autotune.lower import is_aten
+    from graphopt.autotune.configs import is_aten
 
     launches: list[tuple[JITFunction, tuple, dict]] = []
     recorded: list[dict[str, Any]] = []
