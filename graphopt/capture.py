@@ -178,6 +178,17 @@ class InputGuards:
                 parts.append(f"[{lo}, {'inf' if hi is None else hi}]")
         return "shape " + "x".join(parts) if parts else "a scalar"
 
+    def batch_symbol(self) -> str | None:
+        """The symbol of the first input whose leading dim is symbolic (the dynamic batch), else None."""
+        return next((g.shape[0] for g in self.tensors if g.shape and isinstance(g.shape[0], str)), None)
+
+    def with_batch_from(self, lo: int) -> "InputGuards":
+        """These guards with the batch range starting at ``lo`` (unchanged without a symbolic batch)."""
+        symbol = self.batch_symbol()
+        if symbol is None:
+            return self
+        return dataclasses.replace(self, ranges={**self.ranges, symbol: (lo, self.ranges.get(symbol, (0, None))[1])})
+
     def batch_range(self) -> tuple[int, int | None] | None:
         """The range of the first input's leading dim when it is symbolic, else None."""
         for g in self.tensors:
@@ -226,10 +237,7 @@ class CapturedGraph:
         return spec, tensors, objects
 
     def batch_symbol(self) -> str | None:
-        for g in self.guards.tensors:
-            if g.shape and isinstance(g.shape[0], str):
-                return g.shape[0]
-        return None
+        return self.guards.batch_symbol()
 
 
 class _FlatCall(nn.Module):
@@ -310,21 +318,17 @@ def _with_batch_one(model: nn.Module, call: CallSpec, gm: torch.fx.GraphModule, 
     torch.export traces a symbolic size as if it were neither 0 nor 1, so the graph's range starts
     at 2; a model that treats batch 1 alike gives the same outputs there, one that does not (a
     squeeze, a branch on the size) shows it in shape or value, and keeps the range from 2."""
-    symbol = _batch_symbol(guards)
-    if batch is None or symbol is None or guards.ranges.get(symbol, (0, None))[0] != 2:
+    rng = guards.ranges.get(guards.batch_symbol() or "")
+    if batch is None or rng is None or rng[0] != 2 or not batch_one_matches(model, call, gm, tensors):
         return guards
-    if not batch_one_matches(model, call, gm, tensors):
-        return guards
-    return dataclasses.replace(guards, ranges={**guards.ranges, symbol: (1, guards.ranges[symbol][1])})
+    return guards.with_batch_from(1)
 
 
 def without_batch_one(captured: CapturedGraph) -> CapturedGraph:
     """``captured`` with its batch range starting at 2 (a pass made the graph differ at batch 1)."""
-    symbol = _batch_symbol(captured.guards)
-    if symbol is None or captured.guards.ranges.get(symbol, (0, None))[0] != 1:
+    if captured.guards.ranges.get(captured.guards.batch_symbol() or "", (0, None))[0] != 1:
         return captured
-    ranges = {**captured.guards.ranges, symbol: (2, captured.guards.ranges[symbol][1])}
-    return dataclasses.replace(captured, guards=dataclasses.replace(captured.guards, ranges=ranges))
+    return dataclasses.replace(captured, guards=captured.guards.with_batch_from(2))
 
 
 def batch_one_matches(model: nn.Module, call: CallSpec, gm: torch.fx.GraphModule,
@@ -344,10 +348,6 @@ def batch_one_matches(model: nn.Module, call: CallSpec, gm: torch.fx.GraphModule
     except Exception:  # the model or the graph cannot run at batch 1
         return False
     return all(a.dtype == b.dtype for a, b in zip(got, expected)) and compare(got, expected).within
-
-
-def _batch_symbol(guards: InputGuards) -> str | None:
-    return next((g.shape[0] for g in guards.tensors if g.shape and isinstance(g.shape[0], str)), None)
 
 
 def retrace(captured: CapturedGraph, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> CapturedGraph:

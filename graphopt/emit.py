@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from . import structure
-from .capture import (CapturedGraph, _locate, batch_one_matches, capture, kept_state, retrace, training_modules,
+from .capture import (CapturedGraph, _batch_size, _locate, batch_one_matches, capture, kept_state, retrace, training_modules,
                       without_batch_one)
 from .errors import CaptureError, InputError, UsageError, VerificationError, first_line
 from .logs import quiet
@@ -469,7 +469,8 @@ def _optimize(model: nn.Module, args: Any, kwargs: dict[str, Any] | None, pipeli
 
     captured, reports = run_pipeline(captured, pipeline, flops=flops)
     captured = _checked_batch_one(model, captured)
-    if captured.dynamic_batch and (captured.guards.batch_range() or (1,))[0] > 1 and _example_batch(args, kwargs) == 1:
+    example_batch = _batch_size(structure.flatten((args, kwargs or {}))[1])
+    if captured.dynamic_batch and (captured.guards.batch_range() or (1,))[0] > 1 and example_batch == 1:
         # the model treats batch 1 differently and the example is batch 1: the example's own batch comes first
         captured = capture(model, args, kwargs, dynamic_batch=False)
         captured, reports = run_pipeline(captured, pipeline, flops=flops)
@@ -488,12 +489,6 @@ def _optimize(model: nn.Module, args: Any, kwargs: dict[str, Any] | None, pipeli
                                              cuda_graphs=cuda_graphs)
         module._graph_runners = [] if cuda_graphs else None
     return module
-
-
-def _example_batch(args: Any, kwargs: dict[str, Any] | None) -> int | None:
-    """The leading size of the first tensor of the call with at least one dim."""
-    _, tensors, _ = structure.flatten((args, kwargs or {}))
-    return next((int(t.shape[0]) for t in tensors if t.dim()), None)
 
 
 def _checked_batch_one(model: nn.Module, captured: CapturedGraph) -> CapturedGraph:

@@ -297,13 +297,17 @@ def _check_integrity(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_program(file: Path) -> torch.export.ExportedProgram:
-    """torch.export.load without the tracebacks torch logs for a damaged archive."""
     try:
-        with warnings.catch_warnings(), quiet(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            return torch.export.load(file)
+        return _quiet_export_load(file)
     except Exception as e:
         raise LoadError(f"{file} is corrupted or truncated ({type(e).__name__}: {first_line(e)})") from e
+
+
+def _quiet_export_load(file: Path) -> torch.export.ExportedProgram:
+    """torch.export.load without the tracebacks torch logs for a damaged archive."""
+    with warnings.catch_warnings(), quiet(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.export.load(file)
 
 
 def _check_program(file: Path, program: torch.export.ExportedProgram, integrity: dict[str, Any]) -> None:
@@ -331,9 +335,9 @@ def _program_mismatch(program: torch.export.ExportedProgram, integrity: dict[str
 def _program_damage(file: Path, integrity: dict[str, Any]) -> str:
     """Why model.pt2's bytes differ from the saved hash: the weight or graph that changed, if it loads."""
     try:
-        program = _load_program(file)
-    except LoadError as e:
-        return f"truncated or unreadable ({str(e).partition('(')[2].rstrip(')') or 'does not load'})"
+        program = _quiet_export_load(file)
+    except Exception as e:
+        return f"truncated or unreadable ({type(e).__name__}: {first_line(e)})"
     return _program_mismatch(program, integrity) or "its bytes differ from the saved ones"
 
 
