@@ -26,13 +26,22 @@ from .classifier import ClassifierConfig, DigitClassifier
 from .dit import DiTConfig, SiT
 from .samplers import Sampler, edm_sigmas, flow_times
 from .unet import EDMUNet, UNetConfig
+from .var import VAR, MultiScaleVQ, VARConfig, VARSampler, VQConfig
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
 # name -> family; the checkpoint file is CHECKPOINT_DIR / f"{name}.safetensors"
-REFERENCES: dict[str, str] = {"unet-digits": "unet", "dit-digits": "dit", "classifier-digits": "classifier"}
+REFERENCES: dict[str, str] = {"unet-digits": "unet", "dit-digits": "dit", "var-digits": "var",
+                              "classifier-digits": "classifier", "var-digits-vq": "vq"}
 FAMILIES: dict[str, tuple[type, type]] = {
-    "unet": (UNetConfig, EDMUNet), "dit": (DiTConfig, SiT), "classifier": (ClassifierConfig, DigitClassifier)}
+    "unet": (UNetConfig, EDMUNet), "dit": (DiTConfig, SiT), "var": (VARConfig, VAR),
+    "classifier": (ClassifierConfig, DigitClassifier), "vq": (VQConfig, MultiScaleVQ)}
+GENERATOR_FAMILIES = ("unet", "dit", "var")
+
+
+def generators() -> list[str]:
+    """The reference models that generate images (the others are the classifier and var's tokenizer)."""
+    return [n for n, f in REFERENCES.items() if f in GENERATOR_FAMILIES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +72,10 @@ def build_model(family: str, config: Any = None) -> nn.Module:
 
 
 def default_sampler(family: str, config: Any, steps: int = 16, method: str = "heun") -> Sampler | None:
-    """The sampler a family is evaluated with by default (Heun, 16 steps)."""
-    shape = (config.in_channels, config.resolution, config.resolution) if family != "classifier" else None
+    """The sampler a family is evaluated with by default (Heun, 16 steps; VAR's own per-scale sampler)."""
+    if family not in ("unet", "dit"):
+        return None
+    shape = (config.in_channels, config.resolution, config.resolution)
     if family == "unet":
         return Sampler("edm", method, edm_sigmas(steps), shape)
     if family == "dit":
@@ -101,5 +112,8 @@ def load(name_or_path: str | os.PathLike) -> Reference:
         raise LoadError(f"checkpoint {path} has unknown family {family!r}")
     config = build(FAMILIES[family][0], fields)
     model = load_weights(build_model(family, config), state, path).eval()
-    return Reference(key if key in REFERENCES else path.stem, model, default_sampler(family, config),
-                     example_inputs(family, config), config, record)
+    sampler: Any = default_sampler(family, config)
+    examples = example_inputs(family, config) if family != "var" else model.example_inputs()
+    if family == "var":  # decodes with the tokenizer it was trained on
+        sampler = VARSampler.for_model(model, load(record.get("tokenizer", "var-digits-vq")).model)
+    return Reference(key if key in REFERENCES else path.stem, model, sampler, examples, config, record)

@@ -11,6 +11,12 @@ Objectives:
 - dit (flow matching): t ~ U(0, 1), x_t = (1 - t) x + t eps, loss = |v(x_t, t, y) - (eps - x)|^2, labels
   replaced by the null class with probability class_dropout.
 - classifier: cross-entropy on the train split with random 1-pixel shifts; held-out accuracy recorded.
+- vq (var-digits' tokenizer): |dec(f_hat) - x|^2 plus the VQ terms |sg(f) - f_hat|^2 + beta |f - sg(f_hat)|^2
+  averaged over scales, straight-through to the encoder; codes no scale uses are restarted on the
+  batch's latents every ``save_every`` steps. No EMA (the codebook moves by restarts).
+- var (var-digits): cross-entropy of the teacher-forced logits against the tokenizer's codes of the
+  image at every scale, labels replaced by the null class with probability class_dropout. Needs the
+  trained tokenizer (``var-digits-vq``).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ DEFAULTS = {
     "unet": TrainConfig(steps=1600, batch=64, lr=1e-3),
     "dit": TrainConfig(steps=1600, batch=64, lr=1e-3),
     "classifier": TrainConfig(steps=1000, batch=64, lr=1e-3, ema=0.0),
+    "vq": TrainConfig(steps=1500, batch=64, lr=1e-3, ema=0.0),
+    "var": TrainConfig(steps=1600, batch=32, lr=1e-3),
 }
 
 
@@ -74,8 +82,35 @@ def _classifier_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torc
     return F.cross_entropy(model(x), y)
 
 
-LOSSES: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]] = {
-    "unet": _edm_loss, "dit": _flow_loss, "classifier": _classifier_loss}
+def _vq_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    reconstruction, vq_loss = model(x)
+    return F.mse_loss(reconstruction, x) + vq_loss
+
+
+def _var_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, y: torch.Tensor,
+              g: torch.Generator) -> torch.Tensor:
+    drop = torch.rand(y.shape[0], generator=g) < model.config.class_dropout
+    y = torch.where(drop, torch.full_like(y, model.null_class), y)
+    logits = model.teacher_forced(inputs, y)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _fields(family: str, data: Any) -> tuple[torch.Tensor, ...]:
+    """The training tensors a family's loss takes, one row per training image: (images, labels), or
+    for var the tokenizer's teacher-forcing inputs and codes, encoded once, and the labels."""
+    if family != "var":
+        return data.train_images, data.train_labels
+    from . import load
+
+    tokenizer = load("var-digits-vq").model
+    with torch.no_grad():
+        indices = tokenizer.encode(data.train_images)
+        inputs = tokenizer.teacher_inputs(indices)
+    return inputs, torch.cat(indices, dim=1), data.train_labels
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "unet": _edm_loss, "dit": _flow_loss, "classifier": _classifier_loss, "vq": _vq_loss, "var": _var_loss}
 
 
 def heldout_accuracy(model: nn.Module, resolution: int) -> float:
@@ -100,6 +135,7 @@ def train(family: str, config: Any = None, train_config: TrainConfig | None = No
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(tc.seed)
     loss_fn = LOSSES[family]
+    fields = _fields(family, data)
     smoothed = None
     start = time.perf_counter()
     record: dict[str, Any] = {}
@@ -107,7 +143,7 @@ def train(family: str, config: Any = None, train_config: TrainConfig | None = No
     bar = tqdm(range(1, tc.steps + 1), f"train {family}", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(data.train_labels), (tc.batch,), generator=g)
-        loss = loss_fn(model, data.train_images[idx], data.train_labels[idx], g)
+        loss = loss_fn(model, *(f[idx] for f in fields), g)
         for group in opt.param_groups:
             group["lr"] = tc.lr * min(1.0, step / tc.warmup)
         opt.zero_grad(set_to_none=True)
@@ -122,6 +158,8 @@ def train(family: str, config: Any = None, train_config: TrainConfig | None = No
         value = float(loss.detach())
         smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
         bar.set_postfix_str(f"loss {smoothed:.4f}", refresh=False)
+        if family == "vq" and step % tc.save_every == 0 and step < tc.steps:
+            model.restart_codes(data.train_images[torch.randint(0, len(data.train_labels), (256,), generator=g)], g)
         if out is not None and (step % tc.save_every == 0 or step == tc.steps):
             record = _record(family, ema, tc, step, smoothed, time.perf_counter() - start)
             save_checkpoint(out, ema, family, config, record)
@@ -137,6 +175,14 @@ def _record(family: str, model: nn.Module, tc: TrainConfig, step: int, loss: flo
         model.eval()
         record["heldout_accuracy"] = heldout_accuracy(model, model.config.resolution)
         model.train(was_training)
+    if family == "vq":
+        held = load_digits(model.config.resolution).heldout_images
+        with torch.no_grad():
+            indices = model.encode(held)
+            record["heldout_mse"] = float(F.mse_loss(model.decode_indices(indices), held))
+        record["codes_used"] = int(torch.cat([i.flatten() for i in indices]).unique().numel())
+    if family == "var":
+        record["tokenizer"] = "var-digits-vq"
     return record
 
 

@@ -5,12 +5,13 @@ from graphopt import LoadError
 from graphopt.models import load
 from graphopt.models.checkpoint import read_checkpoint
 from graphopt.models.train import TrainConfig, main, train
-from tests.models.tiny import DIT, UNET
+from tests.models.tiny import DIT, UNET, VAR, VQ
 
 FEW = TrainConfig(steps=3, batch=4, lr=1e-3, save_every=2)
 
 
-@pytest.mark.parametrize("family, config", [("unet", UNET), ("dit", DIT), ("classifier", None)])
+@pytest.mark.parametrize("family, config", [("unet", UNET), ("dit", DIT), ("classifier", None), ("vq", VQ),
+                                            ("var", VAR)])
 def test_a_few_training_steps_write_a_loadable_checkpoint(tmp_path, family, config):
     path = tmp_path / f"{family}.safetensors"
     model, record = train(family, config, FEW, out=path, progress=False)
@@ -21,6 +22,10 @@ def test_a_few_training_steps_write_a_loadable_checkpoint(tmp_path, family, conf
         assert torch.equal(a, b)
     if family == "classifier":
         assert 0.0 <= record["heldout_accuracy"] <= 1.0
+    elif family == "vq":
+        assert record["heldout_mse"] > 0 and 1 <= record["codes_used"] <= VQ.codebook_size
+    elif family == "var":  # trained on the shipped tokenizer's codes, samples through it
+        assert record["tokenizer"] == "var-digits-vq" and loaded.sampler.tokens == 155
     else:
         assert loaded.sampler is not None and len(loaded.example_inputs) == (2 if family == "unet" else 3)
 
