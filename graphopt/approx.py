@@ -105,6 +105,10 @@ class ApproxContext:
         if self.sampler is None:
             raise UsageError("this approximate change needs a sampler (a generator and its sampling loop); the "
                              "context has none")
+        if self.sampler.family == "var":  # one call per scale: its NFE is the scale count
+            if self.nfe != self.sampler.nfe:
+                raise UsageError(f"a VAR sampler makes {self.sampler.nfe} calls (one per scale), not nfe={self.nfe}")
+            return self.sampler
         return self.sampler.with_steps(steps_for_nfe(self.sampler.method, int(self.nfe)), self.sampler.method)
 
     def generator(self, denoiser: Callable[..., Any]) -> Callable[[int, int], torch.Tensor]:
@@ -122,10 +126,12 @@ class ApproxContext:
 
 @dataclasses.dataclass(frozen=True)
 class ApproxOutcome:
-    """What an approximate pass changed: a new canonical graph and/or new defaults of extra inputs."""
+    """What an approximate pass changed: a new canonical graph, new defaults of extra inputs, and/or a
+    routing of calls onto graph variants without some blocks (:class:`graphopt.variants.Routing`)."""
 
     graph: fx.GraphModule | None = None
     defaults: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    routing: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +184,12 @@ def run_approximate(module: "OptimizedModule", passes: Sequence[ApproxPass], ctx
             raise QualityBudgetError(f"approximate pass '{p.name}' costs {quality.line()}, beyond the budget of "
                                      f"+{limit:g}")
         gm = module.captured.graph_module
+        routing = module.routing
+        if routing is not None and routing.applies(module.captured.example_inputs):  # the example's routed graph
+            from .variants import without_blocks
+
+            gm = without_blocks(gm, [b for b in module.blocks if b.id in routing.skipped],
+                                free_caches=routing.free_caches)
         report = PassReport(
             name=p.name, exact=False, skipped=False, hits=sum(pctx.hits.values()),
             rule_hits=tuple(sorted(pctx.hits.items())), near_misses=tuple(pctx.near_misses.values()),
@@ -194,22 +206,35 @@ def run_approximate(module: "OptimizedModule", passes: Sequence[ApproxPass], ctx
 class _Snapshot:
     module: Any
     captured: Any
+    routing: Any
 
 
 def _snapshot(module: "OptimizedModule") -> _Snapshot:
-    """The module as it is now, callable on its own (for the baseline and to undo a failed pass)."""
+    """The module as it is now, callable on its own (for the baseline and to undo a failed pass). With
+    no approximate change yet it keeps the source, so it re-captures for other shapes as the module does."""
     from .emit import OptimizedModule
 
-    frozen = OptimizedModule(module.captured, module._report, source=None, passes=module._passes)
-    return _Snapshot(frozen, module.captured)
+    source = module._source if not module.approximate_passes else None
+    frozen = OptimizedModule(module.captured, module._report, source=source, passes=module._passes,
+                             flops=module._flops, source_eval=module._source_eval)
+    frozen._routing = module.routing
+    # the same variants: one re-captured for the baseline serves the module too, until a pass replaces
+    # the module's canonical graph (_reset gives it new lists and leaves these to the snapshot)
+    frozen._captured, frozen.variants = module._captured, module.variants
+    return _Snapshot(frozen, module.captured, module.routing)
 
 
 def _restore(module: "OptimizedModule", snap: _Snapshot) -> None:
     module._reset(snap.captured)
+    module._routing = snap.routing
 
 
 def _apply(module: "OptimizedModule", outcome: ApproxOutcome) -> None:
-    """Make the outcome the module's canonical graph and defaults; outputs re-referenced to it."""
+    """Make the outcome the module's canonical graph, defaults and routing; outputs re-referenced to it."""
+    if outcome.routing is not None:
+        module._routing = outcome.routing
+    if outcome.graph is None and not outcome.defaults:
+        return
     captured = module.captured
     if outcome.graph is not None:
         captured = dataclasses.replace(captured, graph_module=outcome.graph)

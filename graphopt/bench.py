@@ -66,7 +66,7 @@ def sample_images(model: Any, sampler: Any, n: int, seed: int, batch: int, label
                   ) -> torch.Tensor:
     """``n`` samples (seeded: the same seed gives the same noise and labels), generated ``batch`` at a time."""
     noise = sampler.noise(n, seed)
-    if sampler.family == "flow" and labels is None:
+    if sampler.family in ("flow", "var") and labels is None:
         labels = sampler.labels(n, seed)
     out = [sampler.sample(model, noise[i:i + batch], None if labels is None else labels[i:i + batch])
            for i in range(0, n, batch)]

@@ -156,8 +156,9 @@ class OptimizedModule(nn.Module):
         self._flops = flops
         self._recaptures = 0
         self._blocks: dict[int, tuple[Any, ...]] = {}  # variant index -> its skippable blocks
-        self._skip_graphs: dict[tuple[int, frozenset[int]], nn.Module] = {}  # (variant, skipped ids) -> graph
+        self._skip_graphs: dict[tuple[int, frozenset[int], bool], nn.Module] = {}  # (variant, skipped, free) -> graph
         self._compiled: Any = None  # compile(): the main variant as Inductor's CPU program
+        self._routing: Any = None  # a subnet's per-call routing (graphopt.variants.Routing)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -200,7 +201,16 @@ class OptimizedModule(nn.Module):
         main = self._captured[0]
         spec, tensors, objects = main.flatten_call(args, kwargs)
         i = self._variant_for(args, kwargs, spec, tensors, objects)
+        routing = self._routing
+        if routing is not None and routing.applies(tensors):
+            return self._captured[i].call.rebuild_output(
+                self._run_skipping(i, routing.skipped, tensors, routing.free_caches))
         return self._captured[i].call.rebuild_output(self._run(i, tensors))
+
+    @property
+    def routing(self) -> Any:
+        """The per-call block routing a subnet pass set (:class:`graphopt.variants.Routing`), or None."""
+        return self._routing
 
     def _variant_for(self, args: tuple, kwargs: dict, spec: dict, tensors: list[torch.Tensor],
                      objects: list[Any]) -> int:
@@ -270,24 +280,30 @@ class OptimizedModule(nn.Module):
         main = self._captured[0]
         spec, tensors, objects = main.flatten_call(args, kwargs)
         i = self._variant_for(args, kwargs, spec, tensors, objects)
-        key = (i, skipped)
+        return self._captured[i].call.rebuild_output(self._run_skipping(i, skipped, tensors))
+
+    def _run_skipping(self, i: int, skipped: frozenset[int], tensors: list[torch.Tensor], free_caches: bool = False
+                      ) -> tuple[torch.Tensor, ...]:
+        key = (i, skipped, free_caches)
         if key not in self._skip_graphs:
             from .variants import without_blocks
 
             graph = without_blocks(self._captured[i].graph_module,
-                                   [b for b in self._blocks_of(i) if b.id in skipped])
+                                   [b for b in self._blocks_of(i) if b.id in skipped], free_caches=free_caches)
             if i < len(self.lowered):  # target="cuda": the variant runs on kernels like the rest
                 captured = dataclasses.replace(self._captured[i], graph_module=graph)
                 with torch.no_grad():
                     outputs = captured.run(captured.example_inputs)
                 graph, _ = lower_captured(dataclasses.replace(captured, reference_outputs=tuple(outputs)))
             self._skip_graphs[key] = graph
-        return self._captured[i].call.rebuild_output(tuple(self._skip_graphs[key](*tensors)))
+        return tuple(self._skip_graphs[key](*tensors))
 
     @property
     def approximate_passes(self) -> tuple[str, ...]:
-        """The approximate passes applied to the canonical graph (they are never re-run)."""
-        return tuple(p.name for p in self._report.passes if not p.exact and not p.skipped)
+        """The approximate passes applied to the canonical graph (they are never re-run). A subnet's
+        routing is not among them: it applies to every variant, re-captured ones included."""
+        routed = self._routing.pass_name if self._routing is not None else None
+        return tuple(p.name for p in self._report.passes if not p.exact and not p.skipped and p.name != routed)
 
     def _recapture(self, args: tuple, kwargs: dict, spec: dict, tensors: list[torch.Tensor], objects: list[Any],
                    reason: str) -> CapturedGraph:

@@ -24,9 +24,10 @@ from .linear_attention import LINEAR_ATTENTION, LinearAttentionOptions, linear_a
 from .noop import NOOP
 from .skip_scale import SKIP_SCALE
 from .skip_tune import SKIP_TUNE
+from .subnet import SUBNET, SubnetOptions, subnet_pass
 
 REGISTRY: Mapping[str, Pass | ApproxPass] = MappingProxyType(
-    {p.name: p for p in (NOOP, FOLD, DCE, SKIP_SCALE, SKIP_TUNE, LINEAR_ATTENTION, ATCONV)})
+    {p.name: p for p in (NOOP, FOLD, DCE, SKIP_SCALE, SKIP_TUNE, LINEAR_ATTENTION, ATCONV, SUBNET)})
 
 # The exact pipeline, in the order each pass's docstring argues for.
 DEFAULT_PIPELINE: tuple[str, ...] = ("noop", "fold", "dce")
@@ -60,6 +61,7 @@ def describe() -> list[tuple[str, bool, str]]:
 CONFIGURABLE: Mapping[str, tuple[type, Callable[[Any], Pass | ApproxPass]]] = MappingProxyType({
     "linear-attention": (LinearAttentionOptions, linear_attention_pass),
     "atconv": (ATConvOptions, atconv_pass),
+    "subnet": (SubnetOptions, subnet_pass),
 })
 
 
