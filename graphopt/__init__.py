@@ -12,6 +12,8 @@ nn.Module or ONNX::
 
     plan = graphopt.search(model, sampler, (x, t), nfe=6)   # steps, skipped blocks, skip scales
     images = plan.sampler().sample(model, noise, labels)   # drop-in for the reference sampler
+
+    graphopt.optimize_pipeline(pipe, class_labels=[1, 2])  # a diffusers pipeline's denoiser, in place
 """
 
 from . import ops  # noqa: F401 - registers torch.ops.graphopt.*, which saved programs may hold
@@ -26,6 +28,7 @@ from .errors import (BudgetError, CaptureError, GraphoptError, InputError, LoadE
                      UnknownPassError, UsageError, VerificationError)
 from .onnx import OnnxReport, export_onnx
 from .pipeline import MatchResult, Pass, PassReport, Rule, rule_pass
+from .pipelines import PipelineReport, optimize_pipeline, plan_scheduler, plan_steps
 from .plan import SamplingPlan
 from .quality import QualityCost, QualityEvaluator
 
@@ -35,7 +38,8 @@ __all__ = [
     "ApproxContext", "ApproxPass", "Budget", "BudgetError", "EvolutionConfig", "PlanError", "QualityBudgetError",
     "QualityCost", "QualityEvaluator", "SamplingPlan", "search", "DistillConfig", "DistillReport", "distill",
     "CaptureError", "CapturedGraph", "GraphoptError", "InputError", "LoadError", "MatchResult", "OnnxExportError",
-    "OnnxParityError", "OnnxReport", "OptimizationReport", "OptimizedModule", "OutputPathError", "Pass",
+    "OnnxParityError", "OnnxReport", "OptimizationReport", "OptimizedModule", "OutputPathError", "Pass", "PipelineReport",
     "PassError", "PassReport", "Rule", "SaveError", "SignatureError", "UnknownPassError", "UsageError",
-    "VerificationError", "capture", "export_onnx", "load", "optimize", "rule_pass", "save",
+    "VerificationError", "capture", "export_onnx", "load", "optimize", "optimize_pipeline", "plan_scheduler", "plan_steps",
+    "rule_pass", "save",
 ]

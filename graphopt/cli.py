@@ -1,7 +1,9 @@
 """The ``graphopt`` command: inspect, optimize and export a model named on the command line.
 
 A model is named as ``package.module:factory`` or ``path/to/file.py:factory``: a callable returning
-``(model, args)`` or ``(model, args, kwargs)`` with example inputs. Errors print one line; exit
+``(model, args)`` or ``(model, args, kwargs)`` with example inputs, or a diffusers pipeline (alone or
+as ``(pipeline, call_kwargs)``), whose denoiser is then the model, with the arguments of its first
+call in one run of the pipeline as example inputs. Errors print one line; exit
 status 2 means the command was malformed (bad spec, unknown pass, unwritable path), 1 that the work
 failed (the model cannot be captured, a pass broke verification, ONNX parity failed).
 """
@@ -65,6 +67,14 @@ def load_model_spec(spec: str) -> tuple[nn.Module, tuple, dict]:
     if not callable(factory):
         raise UsageError(f"{target} has no callable {attr!r}")
     result = factory()
+    pipeline = _pipeline_result(result)
+    if pipeline is not None:  # a diffusers pipeline: its denoiser, on the arguments of its first call
+        from .pipelines import record_denoiser_call
+
+        pipe, call_kwargs = pipeline
+        _status(f"running {type(pipe).__name__} up to its denoiser's first call ...")
+        recorded = record_denoiser_call(pipe, **call_kwargs)
+        return recorded.module, recorded.args, recorded.kwargs
     if isinstance(result, nn.Module):
         raise UsageError(f"{spec} returned only a model; return (model, example_args) or (model, args, kwargs)")
     if not isinstance(result, tuple) or len(result) not in (2, 3):
@@ -78,6 +88,23 @@ def load_model_spec(spec: str) -> tuple[nn.Module, tuple, dict]:
     if not isinstance(kwargs, dict):
         raise UsageError(f"{spec}: example kwargs must be a dict")
     return model, args, kwargs
+
+
+def _pipeline_result(result: Any) -> tuple[Any, dict] | None:
+    """(pipeline, call kwargs) when a factory returned a pipeline or (pipeline, call_kwargs), else None."""
+    from .pipelines import DENOISERS
+
+    def is_pipeline(obj: Any) -> bool:
+        return not isinstance(obj, nn.Module) and any(isinstance(getattr(obj, n, None), nn.Module) for n in DENOISERS)
+
+    if is_pipeline(result):
+        return result, {}
+    if isinstance(result, tuple) and len(result) == 2 and is_pipeline(result[0]):
+        if not isinstance(result[1], dict):
+            raise UsageError(f"a factory returning a pipeline returns it alone or as (pipeline, call_kwargs), the "
+                             f"keyword arguments of one pipeline call; got a {type(result[1]).__name__} beside it")
+        return result
+    return None
 
 
 def _status(text: str) -> None:
@@ -452,7 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphopt", description=__doc__.split("\n\n")[0],
                                      epilog="MODEL is a reference model name (unet-digits, dit-digits, "
                                             "classifier-digits), package.module:factory or path/to/file.py:factory "
-                                            "(a callable returning (model, example_args[, example_kwargs])).")
+                                            "(a callable returning (model, example_args[, example_kwargs]), or a "
+                                            "diffusers pipeline, alone or as (pipeline, call_kwargs): then the model is "
+                                            "its denoiser, pipe.transformer or pipe.unet, and the example inputs are the "
+                                            "arguments of its first call when the pipeline is run with call_kwargs).")
     parser.add_argument("--verbose", "-v", action="store_true", help="print full tracebacks on errors")
     # --verbose also after the subcommand; SUPPRESS keeps an absent one from resetting the global one
     verbose = argparse.ArgumentParser(add_help=False)
@@ -472,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="run passes, print the report, save the optimized model",
                        description="Capture MODEL, run the passes (each verified against the model), print "
                                    "the per-pass report and optionally save the result (.pt2 + report.json, "
-                                   "with hashes that loading checks).")
+                                   "with hashes that loading checks). For a MODEL whose factory returns a "
+                                   "diffusers pipeline, the denoiser is optimized and --out saves the optimized "
+                                   "denoiser alone (with its config); install it with pipe.transformer (or "
+                                   "pipe.unet) = graphopt.load(DIR).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--passes", type=_passes_arg, default=None,
                    help="comma-separated pass names, or 'none' (default: the exact pipeline; see 'graphopt passes')")

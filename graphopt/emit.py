@@ -134,17 +134,112 @@ def _flops(value: float) -> str:
     return f"{value:.0f}"
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+    """What an optimized module keeps of its original model beyond the graph, saved with it.
+
+    ``config`` is the original's ``config`` as JSON when it was a plain dict or a diffusers
+    ``ConfigMixin`` config (``config_kind`` "dict" or "diffusers"); otherwise None and ``note`` says why.
+    """
+
+    class_name: str
+    config_kind: str | None = None
+    config: dict[str, Any] | None = None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "SourceInfo":
+        kind = data.get("config_kind")
+        config = data.get("config")
+        if kind not in (None, "dict", "diffusers") or not (config is None or isinstance(config, dict)):
+            raise ValueError(f"unknown config kind {kind!r}")
+        return SourceInfo(str(data["class_name"]), kind, config, str(data.get("note", "")))
+
+    def config_view(self) -> Any:
+        """The config as the original exposed it: a dict, or a diffusers FrozenDict (attribute access too)."""
+        if self.config is None:
+            return None
+        if self.config_kind == "dict":
+            return copy.deepcopy(self.config)
+        try:
+            from diffusers.configuration_utils import FrozenDict
+        except ImportError:
+            return ConfigView(self.config)
+        return FrozenDict(copy.deepcopy(self.config))
+
+
+class ConfigView(dict):
+    """A read-only dict with attribute access: a diffusers config read back where diffusers is not installed."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no {name!r}") from None
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("the config of an optimized module is read-only")
+
+    __setitem__ = __delitem__ = __setattr__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore
+
+
+def source_info(model: nn.Module) -> SourceInfo:
+    """The :class:`SourceInfo` of ``model``: its class, and its config where it is a dict of JSON values."""
+    import json
+
+    name = type(model).__name__
+    config = model.__dict__.get("_internal_dict")  # diffusers' ConfigMixin keeps its FrozenDict there
+    kind = "diffusers"
+    if config is None:
+        try:
+            config = getattr(model, "config", None)
+        except Exception:  # a property that fails: the same as none to keep
+            config = None
+        kind = "dict"
+    if config is None:
+        return SourceInfo(name, note=f"{name} has no config")
+    if not isinstance(config, dict):
+        return SourceInfo(name, note=f"{name}.config is a {type(config).__name__}, not a dict or a diffusers config")
+    try:
+        data = json.loads(json.dumps(dict(config)))
+    except (TypeError, ValueError) as e:
+        return SourceInfo(name, note=f"{name}.config holds a value JSON cannot store ({e})")
+    return SourceInfo(name, kind, data)
+
+
+# Names of an OptimizedModule that are its own, not the original's (besides every nn.Module name).
+OWN_NAMES = ("report", "save", "compile", "captured", "graph_module", "variants", "lowered", "blocks",
+             "with_skipped", "approximate_passes", "kernel_modules", "source_info", "dtype", "device")
+
+
 class OptimizedModule(nn.Module):
     """An optimized model: call it like the original; ``.report``, ``.save(dir)``.
 
     ``graph_module`` is the optimized graph of the main variant (the one captured at
     ``optimize`` time); calls outside its range run re-captured variants.
+
+    Any other attribute is read from the original model, as torch.compile's wrapper does: a
+    pipeline reads ``config`` and calls the original's methods through it. This is read-only:
+    assigning an attribute sets it on this module, and a method that changes the original (say,
+    swapping its attention processors) changes the original only, never the optimized graph;
+    optimize again after such a change. Names that are this module's own shadow the original's:
+    every name ``nn.Module`` defines (``forward``, ``to``, ``eval``, ``parameters``, ``state_dict``,
+    ...) and ``report``, ``save``, ``compile``, ``captured``, ``graph_module``, ``variants``,
+    ``lowered``, ``blocks``, ``with_skipped``, ``approximate_passes``, ``kernel_modules``,
+    ``source_info``, ``dtype`` and ``device`` (the last two from this module's own weights, so they
+    follow ``.to()``). A loaded module (:func:`graphopt.load`) has no Python original: it answers
+    ``config`` from the saved copy of the original's config (a plain dict or a diffusers config,
+    saved as JSON) and ``dtype`` and ``device`` from its weights; other names raise AttributeError.
     """
 
     def __init__(self, captured: CapturedGraph, report: OptimizationReport, *, source: nn.Module | None = None,
                  passes: Sequence[Pass] = (), flops: Callable[[fx.GraphModule], float] | None = None,
-                 source_eval: bool = False):
+                 source_eval: bool = False, info: SourceInfo | None = None):
         super().__init__()
+        self._source_info = info if info is not None else source_info(source) if source is not None else None
         self.variants = nn.ModuleList([captured.graph_module])
         self.lowered = nn.ModuleList()  # target="cuda": the variants with regions on Triton kernels
         self._graph_runners: list[Any] | None = None  # cuda_graphs=True: one CudaGraphRunner per lowered variant
@@ -163,6 +258,44 @@ class OptimizedModule(nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule:
         return self.variants[0]
+
+    @property
+    def source_info(self) -> SourceInfo | None:
+        """The original's class and config, as saved with this module (None for modules built without one)."""
+        return self._source_info
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of this module's first floating-point weight (float32 when it has none), as diffusers'
+        ``ModelMixin.dtype`` answers it."""
+        for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        """The device of this module's weights (the CPU when it has none)."""
+        for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules, nn.Module's own lookup
+        except AttributeError:
+            if name.startswith("__") or name in OWN_NAMES or "_modules" not in self.__dict__:
+                raise
+        source = self.__dict__["_modules"].get("_source")
+        if source is not None:
+            return getattr(source, name)
+        info = self.__dict__.get("_source_info")
+        if name == "config" and info is not None and info.config is not None:
+            return info.config_view()
+        what = (f"of {info.class_name} it keeps only the config" + (f" ({info.note})" if info.note else "")
+                if info is not None else "")
+        raise AttributeError(f"'OptimizedModule' object has no attribute {name!r}: a loaded module has no Python "
+                             f"original to read it from{'; ' + what if what else ''}")
 
     def _reset(self, captured: CapturedGraph) -> None:
         """Make ``captured`` the canonical graph (an approximate pass changed it): variants and caches

@@ -3,7 +3,8 @@
 A save is a folder holding ``model.pt2`` (torch.export's format: the program and its weights,
 loaded without unpickling code), ``examples.safetensors`` (example inputs and the original model's
 outputs on them), ``report.json``, ``plan.json`` when a sampling plan goes with the model, and
-``graphopt.json`` (the call structure and the integrity record), written last.
+``graphopt.json`` (the call structure, the original model's class and config where it is a dict of
+JSON values, and the integrity record), written last.
 
 The integrity record holds a SHA-256 of every other file, of every weight tensor of the program,
 of its graph, and of graphopt.json's own content. :func:`load` checks all of them before it trusts
@@ -83,6 +84,8 @@ def save(module: Any, directory: str | os.PathLike, *, overwrite: bool = False, 
         "in_spec": call.in_spec, "out_spec": call.out_spec, "extras": list(call.extras),
         "dynamic_batch": captured.dynamic_batch,
     }
+    if module.source_info is not None:  # the original's class and config, read back as the loaded module's
+        meta["source"] = module.source_info.to_json()
     _remove_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
@@ -156,7 +159,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     ``optimize`` does (the saved program is the portable graph; kernels are generated for the
     machine that loads it).
     """
-    from .emit import TARGETS, OptimizationReport, OptimizedModule, _check_cuda_target, _to_device
+    from .emit import TARGETS, OptimizationReport, OptimizedModule, SourceInfo, _check_cuda_target, _to_device
 
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -192,6 +195,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         n_out = structure.count_tensors(call.out_spec)
         inputs = tuple(tensors[f"input_{i}"] for i in range(n_in))
         outputs = tuple(tensors[f"output_{i}"] for i in range(n_out))
+        info = SourceInfo.from_json(meta["source"]) if "source" in meta else None
     except (KeyError, TypeError, ValueError) as e:
         raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
     gm = program.module()
@@ -216,7 +220,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
             raise LoadError(f"{path / PROGRAM} does not run on its saved example inputs ({first_line(e)})") from e
         if not cmp.within:
             raise LoadError(f"{path} does not reproduce its saved outputs ({cmp.line()}): corrupted weights?")
-    module = OptimizedModule(captured, report)
+    module = OptimizedModule(captured, report, info=info)
     if target == "cuda":
         module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(captured))
     elif (path / COMPILED).is_file():

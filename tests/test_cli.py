@@ -312,3 +312,47 @@ def test_optimize_compile_saves_a_program_that_loads_warm(model_file, tmp_path, 
     assert "compile: inductor (AOTInductor, CPU), compiled in" in capsys.readouterr().out
     assert (out_dir / "model.aoti.pt2").is_file()
     assert main(["export", str(out_dir), "--out", str(tmp_path / "c.onnx")]) == 0  # the graph exports as before
+
+
+PIPELINE_FILE = textwrap.dedent('''
+    import torch
+    import diffusers
+
+
+    def make():
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DModel(
+            sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+            norm_num_groups=4).eval()
+        return diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()), {"batch_size": 2}
+
+
+    def bad_kwargs():
+        return make()[0], [2]
+''')
+
+
+def test_optimize_a_pipeline_factory_saves_its_denoiser(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    import torch
+
+    import graphopt
+
+    path = tmp_path / "pipeline.py"
+    path.write_text(PIPELINE_FILE)
+    assert main(["optimize", f"{path}:make", "--out", str(tmp_path / "unet")]) == 0
+    assert "UNet2DModel on cpu" in capsys.readouterr().out
+    loaded = graphopt.load(tmp_path / "unet")
+    assert loaded.config.sample_size == 8
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor(10)
+    assert main(["optimize", f"{path}:bad_kwargs"]) == 2
+    assert "returns it alone or as (pipeline, call_kwargs)" in capsys.readouterr().err
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pipeline_factory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pipe, _ = module.make()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t).sample, pipe.unet(x, t).sample, atol=1e-5, rtol=0)

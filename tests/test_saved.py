@@ -206,3 +206,28 @@ def test_a_save_from_before_the_integrity_record_is_refused_with_what_to_do(save
     _rewrite_meta(copy, format_version=1)
     with pytest.raises(LoadError, match="format version 1.*re-run optimize and save"):
         graphopt.load(copy)
+
+
+class WithConfig(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_a_loaded_module_carries_a_dict_config_and_says_why_when_it_cannot(tmp_path):
+    x = torch.randn(2, 4)
+    opt = graphopt.optimize(WithConfig({"width": 4, "kinds": ("a", "b")}).eval(), (x,))
+    loaded = graphopt.load(opt.save(tmp_path / "dict"))
+    assert loaded.config == {"width": 4, "kinds": ["a", "b"]} and type(loaded.config) is dict
+    assert loaded.dtype == torch.float32 and loaded.device == torch.device("cpu")
+    loaded.config["width"] = 8  # a copy: the saved config stays as it was
+    assert loaded.config["width"] == 4
+    opt = graphopt.optimize(WithConfig({"fn": print}).eval(), (x,))
+    loaded = graphopt.load(opt.save(tmp_path / "object"))
+    assert loaded.source_info.config is None
+    with pytest.raises(AttributeError, match="WithConfig.config holds a value JSON cannot store"):
+        loaded.config
