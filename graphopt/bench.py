@@ -45,6 +45,7 @@ class BenchResult:
     psnr_vs_original: float | None
     grid: str
     conditions: dict[str, Any]
+    class_agreement: dict[str, Any] | None = None  # class-conditional samples: classifier's label == asked label
 
     def summary(self) -> str:
         fd = self.fd
@@ -53,6 +54,8 @@ class BenchResult:
             f"  latency        {self.latency_ms_per_image:.3f} ms/image (median of {self.latency_repeats})",
             f"  FD             {fd['mean']:.2f} ± {fd['std']:.2f} (n={fd['samples']}, seeds {fd['seeds']}); "
             f"floor {self.fd_floor:.2f}, noise ceiling {self.fd_ceiling:.1f}",
+            *([f"  class agreement {self.class_agreement['mean']:.3f} (classifier's digit == the label asked for, "
+               f"same samples)"] if self.class_agreement else []),
             f"  parameters     {self.parameters:,}",
             f"  FLOPs/image    {self.flops_per_image / 1e6:.1f} M",
         ]
@@ -73,32 +76,42 @@ def sample_images(model: Any, sampler: Any, n: int, seed: int, batch: int, label
     return torch.cat(out)
 
 
-def run_bench(name: str, *, steps: int = 16, method: str = "heun", batch: int = 64, samples: int = 500,
+def run_bench(name: str, *, steps: int | None = None, method: str | None = None, batch: int = 64, samples: int = 500,
               seeds: Sequence[int] = (0, 1), repeats: int = 5, out_dir: str | os.PathLike = "bench-out",
               passes: Sequence[str] | None = None, progress: bool = True) -> BenchResult:
     from . import optimize
     from .analysis.cost import graph_cost
     from .capture import capture
     from .metrics import DigitFeatures, digit_bounds, fd_over_seeds, psnr
-    from .models import REFERENCES, load
+    from .models import REFERENCES, generators, load
     from .models.data import load_digits
     from .images import grid, save_png
 
-    if name not in REFERENCES or REFERENCES[name] == "classifier":
-        generators = [n for n, f in REFERENCES.items() if f != "classifier"]
-        raise UsageError(f"bench needs a reference generator ({', '.join(generators)}), got {name!r}")
+    if name not in generators():
+        raise UsageError(f"bench needs a reference generator ({', '.join(generators())}), got {name!r}")
+    scale_by_scale = REFERENCES[name] == "var"
+    if scale_by_scale and (steps is not None or method is not None):
+        raise UsageError(f"{name} samples scale by scale (one call per scale): steps and sampler do not apply")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref = load(name)
-    sampler = ref.sampler.with_steps(steps, method)
+    sampler = ref.sampler if scale_by_scale else ref.sampler.with_steps(steps or 16, method or "heun")
+    method = sampler.method
     denoiser: Any = ref.model
     if passes is not None:
         denoiser = optimize(ref.model, ref.example_inputs, passes=list(passes))
 
-    captured = capture(ref.model, ref.example_inputs)
-    cost = graph_cost(captured.graph_module, captured.batch_symbol())
-    calls_per_image = sampler.nfe * (2 if sampler.cfg_scale != 1.0 else 1)
-    flops = float(cost.at(1)[0]) * calls_per_image
+    if scale_by_scale:  # every scale is a call of its own shape, each counted once
+        calls = [ref.model.example_inputs(scale=k) for k in range(sampler.steps)]
+        repeats_per_call, guided = 1, sampler.cfg_scale != 0.0
+    else:  # one shape, nfe calls
+        calls = [ref.example_inputs]
+        repeats_per_call, guided = sampler.nfe, sampler.cfg_scale != 1.0
+    flops = 0.0
+    for inputs in calls:
+        captured = capture(ref.model, inputs)
+        flops += float(graph_cost(captured.graph_module, captured.batch_symbol()).at(1)[0])
+    flops *= repeats_per_call * (2 if guided else 1)
 
     bar = tqdm(total=repeats + 1 + len(seeds) + 1, desc=f"bench {name}", disable=not progress)
     timings = []
@@ -112,17 +125,28 @@ def run_bench(name: str, *, steps: int = 16, method: str = "heun", batch: int = 
     extractor = DigitFeatures()
     heldout = extractor(load_digits(ref.config.resolution).heldout_images)
 
+    conditional = sampler.family in ("flow", "var")
+    agreements: list[float] = []
+
     def generate(n: int, seed: int) -> torch.Tensor:
-        images = sample_images(denoiser, sampler, n, seed, batch)
+        labels = sampler.labels(n, seed) if conditional else None
+        images = sample_images(denoiser, sampler, n, seed, batch, labels)
+        if labels is not None:  # does the classifier read the digit each sample was asked for?
+            with torch.no_grad():
+                agreements.append(float((extractor.model(images.clamp(-1, 1)).argmax(1) == labels).float().mean()))
         bar.update()
         return images
 
     fd = fd_over_seeds(generate, heldout, extractor, samples, seeds)
+    agreement = None
+    if agreements:
+        agreement = {"mean": statistics.fmean(agreements), "values": agreements, "samples": samples,
+                     "seeds": list(seeds)}
     bounds = digit_bounds(extractor, ref.config.resolution)
     fidelity = None
     if passes is not None:
         fidelity = psnr(sample_images(denoiser, sampler, batch, 0, batch), sample_images(ref.model, sampler, batch, 0, batch))
-    labels = torch.arange(64) % 10 if sampler.family == "flow" else None
+    labels = torch.arange(64) % 10 if conditional else None
     grid_path = save_png(grid(sample_images(denoiser, sampler, 64, 0, 64, labels), nrow=8), out / f"{name}-grid.png")
     bar.update()
     bar.close()
@@ -135,7 +159,8 @@ def run_bench(name: str, *, steps: int = 16, method: str = "heun", batch: int = 
         flops_per_image=flops, passes=tuple(passes or ()), psnr_vs_original=fidelity, grid=str(grid_path),
         conditions={"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                    "warmup_runs": 1})
+                    "warmup_runs": 1},
+        class_agreement=agreement)
     (out / f"{name}-bench.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result
 
@@ -190,14 +215,15 @@ def run_plan_bench(name: str, plan_path: str | os.PathLike, *, batch: int = 64, 
     The default samplers run the model as it is; the plan runs its planned denoiser."""
     from .autodiffusion import steps_for_nfe
     from .metrics import DigitFeatures, digit_bounds, fd_over_seeds
-    from .models import REFERENCES, load
+    from .models import REFERENCES, generators, load
     from .models.data import load_digits
     from .plan import SamplingPlan
     from .planned import PlannedDenoiser, example_call
 
-    if name not in REFERENCES or REFERENCES[name] == "classifier":
-        generators = [n for n, f in REFERENCES.items() if f != "classifier"]
-        raise UsageError(f"bench needs a reference generator ({', '.join(generators)}), got {name!r}")
+    if name not in generators():
+        raise UsageError(f"bench needs a reference generator ({', '.join(generators())}), got {name!r}")
+    if REFERENCES[name] == "var":
+        raise UsageError(f"--plan benchmarks a diffusion sampling plan; {name} samples scale by scale")
     ref = load(name)
     plan = SamplingPlan.load(plan_path, ref.model)
     out = Path(out_dir)

@@ -276,15 +276,19 @@ def parse_duration(text: str) -> float:
 
 
 def _is_reference_generator(spec: str) -> bool:
-    from .models import REFERENCES
+    from .models import generators
 
-    return REFERENCES.get(spec) not in (None, "classifier")
+    return spec in generators()
 
 
-def _reference_generator(spec: str, what: str) -> "Any":
-    from .models import REFERENCES, load
+def _reference_generator(spec: str, what: str, diffusion: bool = False) -> "Any":
+    from .models import REFERENCES, generators, load
 
-    generators = [n for n, f in REFERENCES.items() if f != "classifier"]
+    names = [n for n in generators() if not diffusion or REFERENCES[n] != "var"]
+    if diffusion and REFERENCES.get(spec) == "var":
+        raise UsageError(f"{what} searches a diffusion sampler's steps; {spec} samples scale by scale (its subnet "
+                         f"pass is `--passes ...,subnet`): MODEL must be one of {', '.join(names)}")
+    generators = names
     if spec not in generators:
         raise UsageError(f"{what} needs a sampler and a quality measure: MODEL must be a reference generator "
                          f"({', '.join(generators)}); from Python, pass your own (graphopt.search / "
@@ -305,7 +309,7 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     if ns.max_gflops is not None and not ns.max_gflops > 0:
         raise UsageError(f"--max-gflops must be positive, got {ns.max_gflops}")
     config = EvolutionConfig.sized(ns.population, ns.generations)
-    ref = _reference_generator(ns.model, "search")
+    ref = _reference_generator(ns.model, "search", diffusion=True)
     out = prepare_out(ns.out, ns.resume)  # before any work: a bad --out is exit 2
     sampler = ref.sampler if ns.sampler is None else ref.sampler.with_steps(ref.sampler.steps, ns.sampler)
     evaluator = QualityEvaluator.for_digits(ref.config.resolution, proxy_samples=ns.samples,
@@ -553,12 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("bench", help="latency, NFE, FD, FLOPs and a sample grid for a reference generator",
-                       description="Sample a reference generator (unet-digits, dit-digits): median latency per "
-                                   "image after warm-up, NFE, Frechet distance to held-out digits over seeds (with "
-                                   "floor and ceiling), parameters, FLOPs per image, and a PNG grid; writes JSON.")
-    p.add_argument("model", metavar="MODEL", help="unet-digits or dit-digits")
-    p.add_argument("--steps", type=_positive, default=16, help="sampler steps (default 16)")
-    p.add_argument("--sampler", choices=("euler", "heun", "ddim"), default="heun", help="ODE method (default heun)")
+                       description="Sample a reference generator (unet-digits, dit-digits, var-digits): median "
+                                   "latency per image after warm-up, NFE, Frechet distance to held-out digits over "
+                                   "seeds (with floor and ceiling), class agreement of class-conditional samples "
+                                   "with their labels, parameters, FLOPs per image, and a PNG grid; writes JSON.")
+    p.add_argument("model", metavar="MODEL", help="unet-digits, dit-digits or var-digits")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="sampler steps (default 16; var-digits samples its scales, one call each)")
+    p.add_argument("--sampler", choices=("euler", "heun", "ddim"), default=None,
+                   help="ODE method (default heun; not for var-digits)")
     p.add_argument("--batch", type=_positive, default=64, help="images per denoiser call (default 64)")
     p.add_argument("--samples", type=_positive, default=500, help="samples per FD seed (default 500)")
     p.add_argument("--seeds", default="0,1", help="comma-separated FD seeds (default 0,1)")

@@ -41,6 +41,7 @@ import torch
 from . import structure
 from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards
 from .errors import LoadError, OutputPathError, SaveError, UsageError, first_line, no_folder
+from .variants import Routing
 from .logs import quiet
 
 FORMAT = "graphopt-optimized"
@@ -86,6 +87,8 @@ def save(module: Any, directory: str | os.PathLike, *, overwrite: bool = False, 
     }
     if module.source_info is not None:  # the original's class and config, read back as the loaded module's
         meta["source"] = module.source_info.to_json()
+    if module.routing is not None:  # a subnet's routing: which calls skip which blocks
+        meta["routing"] = module.routing.to_json()
     _remove_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
@@ -196,6 +199,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         inputs = tuple(tensors[f"input_{i}"] for i in range(n_in))
         outputs = tuple(tensors[f"output_{i}"] for i in range(n_out))
         info = SourceInfo.from_json(meta["source"]) if "source" in meta else None
+        routing = Routing.from_json(meta["routing"]) if "routing" in meta else None
     except (KeyError, TypeError, ValueError) as e:
         raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
     gm = program.module()
@@ -221,6 +225,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         if not cmp.within:
             raise LoadError(f"{path} does not reproduce its saved outputs ({cmp.line()}): corrupted weights?")
     module = OptimizedModule(captured, report, info=info)
+    module._routing = routing
     if target == "cuda":
         module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(captured))
     elif (path / COMPILED).is_file():

@@ -19,6 +19,18 @@ def test_bench_reports_every_figure_and_writes_json_and_grid(tmp_path, name):
     assert (tmp_path / f"{name}-grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_samples_var_digits_scale_by_scale(tmp_path):
+    result = run_bench("var-digits", batch=8, samples=16, seeds=(0,), repeats=1, out_dir=tmp_path, progress=False)
+    assert result.sampler == "var" and result.nfe == result.steps == 7
+    assert result.fd["samples"] == 16 and 0 <= result.class_agreement["mean"] <= 1
+    # every scale's own cost, the guided half included: more than 7 calls at the first scale's cost
+    assert result.flops_per_image > 0 and "class agreement" in result.summary()
+    assert (tmp_path / "var-digits-grid.png").is_file()
+    with pytest.raises(UsageError, match="scale by scale"):
+        run_bench("var-digits", steps=16, out_dir=tmp_path)
+    assert main(["bench", "var-digits", "--sampler", "euler", "--out", str(tmp_path)]) == 2
+
+
 def test_bench_with_passes_reports_fidelity(tmp_path):
     result = run_bench("dit-digits", steps=1, method="euler", batch=4, samples=8, seeds=(0,), repeats=1,
                        out_dir=tmp_path, passes=["noop", "fold", "dce"], progress=False)
@@ -28,6 +40,8 @@ def test_bench_with_passes_reports_fidelity(tmp_path):
 def test_bench_rejects_non_generators(tmp_path, capsys):
     with pytest.raises(UsageError, match="reference generator"):
         run_bench("classifier-digits", out_dir=tmp_path)
+    with pytest.raises(UsageError, match="reference generator"):
+        run_bench("var-digits-vq", out_dir=tmp_path)
     assert main(["bench", "nope", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit) as info:  # argparse rejects it before any work
         main(["bench", "dit-digits", "--steps", "0"])

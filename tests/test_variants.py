@@ -52,7 +52,7 @@ def test_a_skip_set_runs_a_smaller_graph_built_once(dit):
     with torch.no_grad():
         opt.with_skipped([1, 3])(*args)
         opt.with_skipped([3, 1])(*args)  # the same set: the same variant
-    graphs = [g for (i, skipped), g in opt._skip_graphs.items() if skipped == frozenset({1, 3})]
+    graphs = [g for (i, skipped, free), g in opt._skip_graphs.items() if skipped == frozenset({1, 3})]
     assert len(graphs) == 1
     assert len(graphs[0].graph.nodes) < len(opt.graph_module.graph.nodes) - 10
     assert graph_cost(graphs[0], symbol).at(1)[0] < full * 0.8  # two MLPs gone: no multiply by zero
@@ -96,5 +96,5 @@ def test_a_lowered_module_runs_its_skip_variants_on_kernels_too(dit):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     from graphopt.autotune.lower import _Tuned
 
-    (graph,) = [g for (i, s), g in lowered._skip_graphs.items() if s == frozenset({1, 4})]
+    (graph,) = [g for (i, s, free), g in lowered._skip_graphs.items() if s == frozenset({1, 4})]
     assert any(isinstance(m, _Tuned) for m in graph.modules())  # kernel call sites, not the ATen graph

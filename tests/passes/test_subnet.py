@@ -156,3 +156,16 @@ def test_subnet_options_parse_from_text():
     assert p.name == "subnet"
     with pytest.raises(UsageError, match="takes a number"):
         configure("subnet", {"keep": "half"})
+
+
+def test_a_saved_subnet_keeps_its_routing(tmp_path):
+    model, _ = _var(depth=4)
+    opt = _subnet(model, model.example_inputs(), keep=2, bridge=2)
+    loaded = graphopt.load(opt.save(tmp_path / "var-subnet"))
+    assert loaded.routing == opt.routing
+    args = model.example_inputs()  # the captured (last) scale: past the bridge, so routed
+    with torch.no_grad():
+        want, got = opt(*args), loaded(*args)
+    assert got[3].shape[2] == 0  # a dropped layer's cache comes back empty
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
