@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import logging
 import linecache
 import math
 import os
@@ -359,7 +360,10 @@ def retrace(captured: CapturedGraph, tensors: list[torch.Tensor] | tuple[torch.T
     tensors = tuple(tensors)
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings(), quiet(), contextlib.redirect_stderr(io.StringIO()):
+        # a graph that does not hold at these shapes fails inside tracing, where torch logs the
+        # failure as an error of its own before raising it; the CaptureError below says it once
+        with warnings.catch_warnings(), quiet(), quiet("torch._subclasses.fake_tensor", level=logging.CRITICAL), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             gm = copy_sharing_weights(captured.graph_module)
             drop_guards(gm)

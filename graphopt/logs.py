@@ -13,12 +13,12 @@ TORCH_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torc
 
 
 @contextlib.contextmanager
-def quiet(*names: str) -> Iterator[None]:
-    """Raise the given loggers (default: torch's export/ONNX loggers) to ERROR for the duration."""
+def quiet(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the given loggers (default: torch's export/ONNX loggers) to ``level`` for the duration."""
     loggers = [logging.getLogger(n) for n in (names or TORCH_LOGGERS)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(level)
     try:
         yield
     finally:
