@@ -8,6 +8,7 @@ parameters and buffers of the original (a graph variant costs no weight memory) 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.utils._pytree as pytree
@@ -17,7 +18,9 @@ from torch import fx
 def copy_sharing_weights(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule with a copy of ``gm``'s graph over the same parameters and buffers."""
     graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    with warnings.catch_warnings():  # torch's own pytree specs warn about their deprecated LeafSpec when copied
+        warnings.simplefilter("ignore", FutureWarning)
+        graph._codegen = copy.deepcopy(gm.graph._codegen)
     value, output = graph.graph_copy(gm.graph, {}, return_output_node=True)
     node = graph.output(value)
     node.meta = dict(output.meta)
