@@ -15,8 +15,11 @@ Objectives:
   averaged over scales, straight-through to the encoder; codes no scale uses are restarted on the
   batch's latents every ``save_every`` steps. No EMA (the codebook moves by restarts).
 - var (var-digits): cross-entropy of the teacher-forced logits against the tokenizer's codes of the
-  image at every scale, labels replaced by the null class with probability class_dropout. Needs the
-  trained tokenizer (``var-digits-vq``).
+  image at every scale, labels replaced by the null class with probability class_dropout; plus, as
+  VARiant trains its subnets with the full model (shared weights), the cross-entropy of one subnet's
+  logits for the scales after the bridge zone, the subnet's depth drawn per step from ``subnets``
+  and its layers chosen equidistantly (the subnet pass's rule). Needs the trained tokenizer
+  (``var-digits-vq``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -48,6 +52,7 @@ class TrainConfig:
     ema: float = 0.999
     warmup: int = 100
     save_every: int = 200
+    subnets: tuple[int, ...] = ()  # var: subnet depths trained jointly with the full model (VARiant)
 
 
 DEFAULTS = {
@@ -55,7 +60,7 @@ DEFAULTS = {
     "dit": TrainConfig(steps=1600, batch=64, lr=1e-3),
     "classifier": TrainConfig(steps=1000, batch=64, lr=1e-3, ema=0.0),
     "vq": TrainConfig(steps=1500, batch=64, lr=1e-3, ema=0.0),
-    "var": TrainConfig(steps=1600, batch=32, lr=1e-3),
+    "var": TrainConfig(steps=1600, batch=32, lr=1e-3, subnets=(6, 3, 2)),
 }
 
 
@@ -88,11 +93,20 @@ def _vq_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Genera
 
 
 def _var_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, y: torch.Tensor,
-              g: torch.Generator) -> torch.Tensor:
+              g: torch.Generator, subnets: tuple[int, ...] = ()) -> torch.Tensor:
     drop = torch.rand(y.shape[0], generator=g) < model.config.class_dropout
     y = torch.where(drop, torch.full_like(y, model.null_class), y)
-    logits = model.teacher_forced(inputs, y)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    if not subnets:
+        logits = model.teacher_forced(inputs, y)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    from graphopt.passes.subnet import BRIDGE_FRACTION, equidistant
+
+    scales = model.config.patch_nums
+    bridge = sum(p * p for p in scales[:round(BRIDGE_FRACTION * len(scales))])
+    keep = subnets[int(torch.randint(0, len(subnets), (1,), generator=g))]
+    logits, late = model.teacher_forced(inputs, y, equidistant(model.config.depth, keep), bridge)
+    return (F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            + F.cross_entropy(late.flatten(0, 1), targets[:, bridge:].flatten()))
 
 
 def _fields(family: str, data: Any) -> tuple[torch.Tensor, ...]:
@@ -134,7 +148,7 @@ def train(family: str, config: Any = None, train_config: TrainConfig | None = No
     ema = copy.deepcopy(model).eval() if tc.ema > 0 else model
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(tc.seed)
-    loss_fn = LOSSES[family]
+    loss_fn = functools.partial(_var_loss, subnets=tc.subnets) if family == "var" else LOSSES[family]
     fields = _fields(family, data)
     smoothed = None
     start = time.perf_counter()

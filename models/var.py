@@ -231,10 +231,15 @@ class Attention(nn.Module):
         b, _, n, _ = o.shape
         return self.proj(o.transpose(1, 2).reshape(b, n, -1))
 
-    def masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """All scales at once under the block-causal ``mask`` (training)."""
+    def masked(self, x: torch.Tensor, mask: torch.Tensor,
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Many scales at once under ``mask`` (training), after the keys and values ``prefix`` of
+        earlier tokens when given; returns (out, keys, values)."""
         q, k, v = self._qkv(x)
-        return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0))
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+        return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)), k, v
 
     def forward(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,11 +262,14 @@ class VARBlock(nn.Module):
     def _modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(m.unsqueeze(1) for m in self.ada_lin(cond).chunk(6, dim=1))
 
-    def masked(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """All scales at once under the block-causal ``mask`` (training)."""
+    def masked(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Many scales at once under ``mask`` (training); returns (x, keys, values)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self._modulation(cond)
-        x = x + gamma1 * self.attn.masked(self.norm1(x) * (1 + scale1) + shift1, mask)
-        return x + gamma2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2)
+        a, k, v = self.attn.masked(self.norm1(x) * (1 + scale1) + shift1, mask, prefix)
+        x = x + gamma1 * a
+        return x + gamma2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2), k, v
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -326,17 +334,33 @@ class VAR(nn.Module):
         scale, shift = self.head_ada(cond).unsqueeze(1).chunk(2, dim=2)
         return self.head(self.head_norm(h) * (1 + scale) + shift)
 
-    def teacher_forced(self, inputs: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def teacher_forced(self, inputs: torch.Tensor, label: torch.Tensor, subnet: tuple[int, ...] | None = None,
+                       bridge_tokens: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, L, V) for all scales at once: ``inputs`` (B, L - 1, C_latent) from
-        :meth:`MultiScaleVQ.teacher_inputs`, block-causal attention."""
+        :meth:`MultiScaleVQ.teacher_inputs`, block-causal attention.
+
+        With ``subnet`` (block indices) also the logits of the tokens after the first
+        ``bridge_tokens`` as VARiant's subnet computes them: only those blocks, each attending to the
+        bridge tokens' keys and values from the full path, then block-causally among themselves.
+        Training on both makes the subnets work with the full model's weights (VARiant's joint
+        training with weight sharing)."""
         cond = self.class_emb(label)
         start = inputs.new_zeros((inputs.shape[0], 1, inputs.shape[2]))
         h = self.word_embed(torch.cat([start, inputs], dim=1)) + self.pos_embed + self.lvl_embed(self.levels)
         h = torch.cat([h[:, :1] + cond.unsqueeze(1), h[:, 1:]], dim=1)
+        embedded = h
         mask = block_causal_mask(self.levels)
+        bridge: list[tuple[torch.Tensor, torch.Tensor]] = []
         for block in self.blocks:
-            h = block.masked(h, cond, mask)
-        return self._head(h, cond)
+            h, k, v = block.masked(h, cond, mask)
+            bridge.append((k[:, :, :bridge_tokens], v[:, :, :bridge_tokens]))
+        logits = self._head(h, cond)
+        if subnet is None:
+            return logits
+        late = embedded[:, bridge_tokens:]
+        for i in subnet:  # late queries see the bridge prefix and the late tokens of their level or below
+            late, _, _ = self.blocks[i].masked(late, cond, mask[bridge_tokens:], bridge[i])
+        return logits, self._head(late, cond)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(cache) != 2 * len(self.blocks):

@@ -116,3 +116,26 @@ def test_example_inputs_are_a_last_scale_call_with_the_earlier_scales_cached():
         logits, *grown = model(x, label, *cache)
     assert logits.shape == (3, 64, TINY.codebook_size) and grown[0].shape[2] == TINY.tokens
     assert math.isclose(float(cache[0].norm(dim=-1).mean()), 1.0, rel_tol=1e-4)
+
+
+def test_the_teacher_forced_subnet_is_what_per_scale_calls_with_the_subnet_compute():
+    """Training's subnet logits for the scales after the bridge are the logits of per-scale calls that
+    run only the kept blocks there, on the caches the full path left for the bridge scales."""
+    vq, model = _tokenizer_and_model(dataclasses.replace(VAR_SCALES, depth=4))
+    kept, bridge = (0, 3), 5  # scales 1x1 and 2x2 are the bridge
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    label = torch.tensor([4, 7])
+    with torch.no_grad():
+        inputs = vq.teacher_inputs(vq.encode(x))
+        full, late = model.teacher_forced(inputs, label, kept, bridge)
+        torch.testing.assert_close(full, model.teacher_forced(inputs, label))
+        cache = model.empty_cache(2)
+        for p, xk in ((1, torch.zeros(2, 1, inputs.shape[2])), (2, inputs[:, :4])):
+            out = model(xk, label, *cache)
+            cache = out[1:]
+        m = model  # the 8x8 scale through blocks 0 and 3 only
+        h = m.word_embed(inputs[:, 4:]) + m.pos_embed[:, 5:] + m.lvl_embed.weight[2]
+        cond = m.class_emb(label)
+        for i in kept:
+            h, _, _ = m.blocks[i](h, cond, cache[2 * i], cache[2 * i + 1])
+        torch.testing.assert_close(late, m._head(h, cond), rtol=1e-4, atol=1e-5)
