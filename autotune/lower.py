@@ -42,6 +42,7 @@ from .cache import Config, shape_bucket
 from .codegen import GeneratedKernel, generate
 from .configs import ATEN, is_aten, norm_configs, pointwise_configs, prune_blocks
 from .family import FamilyOp
+from .kernels._launch import Buffer, KernelCall, LaunchPlan, Ref
 from .regions import Partition, Region, node_arg, partition, shape_of, strides_of
 from .tuner import (
     DEFAULT_CACHE,
@@ -119,15 +120,45 @@ class KernelLibrary:
             (self.directory / "regions.txt").write_text(text)
 
 
+@dataclasses.dataclass(eq=False)
+class ChoiceEpoch:
+    """Counts the config changes of one lowering's call sites (a ``tune()``): a generated forward
+    (:mod:`.runtime`) bakes in the configs of one epoch and is dropped when the count moves on."""
+
+    value: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePlan:
+    """What a call site does on inputs laid out like the ones it was planned for.
+
+    ``plan`` is ``None`` when the site runs its region's eager ATen ops (``fallback``): the ATen
+    candidate was chosen, or a generated kernel's inputs are laid out otherwise than at capture.
+    Otherwise the plan's k-th input is the site's input ``inputs[k]``.
+    """
+
+    config: Config | None
+    plan: LaunchPlan | None
+    inputs: tuple[int, ...] = ()
+
+    def run(self, site: _Tuned, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.plan is None:
+            return tuple(site.fallback(*args))
+        return self.plan.run([args[i] for i in self.inputs])
+
+
 class _Tuned(nn.Module):
     """A kernel call site: picks and remembers a config per shape bucket; ``tune()`` times them all."""
 
     kernel_name: str
     source_hash: str
+    fallback: fx.GraphModule
+    """The region's original ATen nodes, as a graph taking the site's inputs."""
 
-    def __init__(self, options: TuningOptions):
+    def __init__(self, options: TuningOptions, epoch: ChoiceEpoch | None = None):
         super().__init__()
         self.options = options
+        self.epoch = epoch if epoch is not None else ChoiceEpoch()
         self._chosen: dict[tuple[str, tuple[int, ...]], Config] = {}
 
     def configs(self) -> list[dict[str, int]]:
@@ -165,7 +196,13 @@ class _Tuned(nn.Module):
         result = tune(name, self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
                       prune=self.prune, timer=timer, cache=cache, budget_s=budget_s, force=force)
         self._chosen[(name, shape_bucket(shape))] = result.config
+        self.epoch.value += 1
         return result
+
+    def plan_for(self, *inputs: torch.Tensor) -> SitePlan:
+        """The config this site uses on ``inputs`` (chosen once per shape bucket, as a call would) and
+        its launch plan for their layouts."""
+        raise NotImplementedError
 
     def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What the kernel computes, by the eager ops it replaces."""
@@ -185,8 +222,8 @@ class FusedRegion(_Tuned):
     """
 
     def __init__(self, kernel: GeneratedKernel, library: KernelLibrary, fallback: fx.GraphModule,
-                 options: TuningOptions):
-        super().__init__(options)
+                 options: TuningOptions, epoch: ChoiceEpoch | None = None):
+        super().__init__(options, epoch)
         self.generated = kernel
         self.kernel_name, self.source_hash = kernel.name, hash_source(kernel.source)
         self._library = library  # keeps the kernel's source file alive
@@ -207,6 +244,7 @@ class FusedRegion(_Tuned):
         self._geometry = sympy.lambdify(self._symbols, [geometry, numel], modules="math")
         self._dtypes = tuple(n.meta["val"].dtype for n in region.outputs)
         self._n_in = len(region.inputs)
+        self._names = tuple(f"in{i}" for i in range(len(region.inputs)))
         self._layouts: dict[tuple, tuple[list[int], list, int] | None] = {}
 
     def extra_repr(self) -> str:
@@ -254,27 +292,45 @@ class FusedRegion(_Tuned):
     def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if is_aten(config):
             return self.reference(*inputs)
+        return self.plan(config, inputs).run(inputs)
+
+    def plan(self, config: Config, inputs: Sequence[torch.Tensor]) -> LaunchPlan:
+        """The kernel's allocations and launches with ``config`` for inputs laid out like ``inputs``."""
         values, out_geometry, numel = self._required_layout(inputs)
-        device = inputs[0].device
-        outs = tuple(torch.empty_strided(shape, strides, dtype=dtype, device=device)
-                     for (shape, strides), dtype in zip(out_geometry, self._dtypes))
+        outs = tuple(Buffer(f"out{j}", tuple(int(d) for d in shape), tuple(int(d) for d in strides), dtype)
+                     for j, ((shape, strides), dtype) in enumerate(zip(out_geometry, self._dtypes)))
+        out_names = tuple(b.name for b in outs)
         if numel == 0:
-            return outs
+            return LaunchPlan(self._names, outs, (), out_names)
         cfg = dict(config)
         row = self.generated.row
+        sizes = tuple(self._kernel_symbols(values))
+        pointers = tuple(Ref(n) for n in (*self._names, *out_names))
         if row is None:
-            grid = (triton_cdiv(numel, cfg["XBLOCK"]),)
-            self.fn[grid](*inputs, *outs, numel, *self._kernel_symbols(values), **cfg)
+            calls = (KernelCall(self.fn, (triton_cdiv(numel, cfg["XBLOCK"]),), (*pointers, numel, *sizes),
+                                tuple(cfg.items())),)
         elif (splits := cfg.pop("RSPLIT", 1)) > 1:
             assert self._split is not None
-            rows, sizes = numel // row, self._kernel_symbols(values)
-            ws = torch.empty(rows * splits * 3, device=device, dtype=torch.float32)
+            rows = numel // row
+            ws = Buffer("ws", (rows * splits * 3,), (1,), torch.float32)
             stats, apply = self._split
-            stats[(rows, splits)](*inputs, ws, rows, *sizes, RSPLIT=splits, **cfg)
-            apply[(rows, splits)](*inputs, *outs, ws, rows, *sizes, RSPLIT=splits, **cfg)
+            tail = (rows, *sizes)
+            constexprs = (("RSPLIT", splits), *cfg.items())
+            calls = (KernelCall(stats, (rows, splits), (*pointers[:self._n_in], Ref("ws"), *tail), constexprs),
+                     KernelCall(apply, (rows, splits), (*pointers, Ref("ws"), *tail), constexprs))
+            return LaunchPlan(self._names, (*outs, ws), calls, out_names)
         else:
-            self.fn[(numel // row,)](*inputs, *outs, numel // row, *self._kernel_symbols(values), **cfg)
-        return outs
+            calls = (KernelCall(self.fn, (numel // row,), (*pointers, numel // row, *sizes), tuple(cfg.items())),)
+        return LaunchPlan(self._names, outs, calls, out_names)
+
+    def plan_for(self, *inputs: torch.Tensor) -> SitePlan:
+        layout = self._layout(inputs)
+        if layout is None:
+            return SitePlan(None, None)
+        config = self._config(self._shape(layout[2]), inputs)
+        if is_aten(config):
+            return SitePlan(config, None)
+        return SitePlan(config, self.plan(config, inputs), tuple(range(self._n_in)))
 
     def _kernel_symbols(self, values: Sequence[int]) -> list[int]:
         return [values[self._symbols.index(s)] for s in self.generated.symbols]
@@ -305,8 +361,8 @@ class FamilyRegion(_Tuned):
     """An attention-family op (softmax attention, ReLU linear attention, ATConv's dynamic depthwise
     conv) on its hand-written kernel, with the config tuned per shape bucket."""
 
-    def __init__(self, region: Region, options: TuningOptions):
-        super().__init__(options)
+    def __init__(self, region: Region, options: TuningOptions, epoch: ChoiceEpoch | None = None):
+        super().__init__(options, epoch)
         from .kernels._launch import is_compiled
 
         node = region.nodes[0]
@@ -320,6 +376,8 @@ class FamilyRegion(_Tuned):
             raise _Decline("Triton's interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584); "
                            f"bf16 {self.op.module} runs on ATen under TRITON_INTERPRET=1")
         self._launcher = getattr(module, self.op.launcher)
+        self._planner = getattr(module, f"{self.op.launcher}_plan")
+        self.fallback = _fallback(region)
         self._configs = module.configs
         self.kernel_name = self.op.module if node.target is aten.scaled_dot_product_attention.default \
             else str(node.target).removeprefix("graphopt.").removesuffix(".default")
@@ -329,6 +387,7 @@ class FamilyRegion(_Tuned):
         self._arg_index = tuple(region.inputs.index(a) for a in node.args[:self.op.tensors])
         self._optional_index = {name: region.inputs.index(a) for i, name in self.op.optional_tensors
                                 if isinstance(a := node_arg(node, i, name), fx.Node)}
+        self._name_index = {**dict(zip(self.op.tensor_names, self._arg_index)), **self._optional_index}
 
     def extra_repr(self) -> str:
         given = "".join(f" + {name}" for name in self._optional_index)  # e.g. LiT's fused depthwise-conv branch
@@ -355,6 +414,14 @@ class FamilyRegion(_Tuned):
 
     def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.op.reference(*self._tensors(inputs), **self.options_kw, **self._optional(inputs)),)
+
+    def plan_for(self, *inputs: torch.Tensor) -> SitePlan:
+        config = self._config(self.tuning_shape(*inputs), inputs)
+        if is_aten(config):
+            return SitePlan(config, None)
+        options = {**self.options_kw, **self._optional(inputs)}
+        plan = self.op.launch(self._planner, self._tensors(inputs), options, config)
+        return SitePlan(config, plan, tuple(self._name_index[name] for name in plan.inputs))
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.launch(self._config(self.tuning_shape(*inputs), inputs), *inputs)
@@ -477,13 +544,14 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
     placed: dict[fx.Node, tuple[str, Region]] = {}
     lowered: list[LoweredRegion] = []
     declined: list[tuple[str, str]] = []
+    epoch = ChoiceEpoch()  # shared by the sites: a tune() of any of them retires generated forwards
     for region in part.regions:
         name = f"r{len(kernels)}"
         try:
             if region.kind == "attention":
-                module: _Tuned = FamilyRegion(region, options)
+                module: _Tuned = FamilyRegion(region, options, epoch)
             else:
-                module = FusedRegion(generate(region), library, _fallback(region), options)
+                module = FusedRegion(generate(region), library, _fallback(region), options, epoch)
         except _Decline as e:
             declined.append((region.nodes[0].name, str(e)))
             continue

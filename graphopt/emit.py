@@ -147,6 +147,7 @@ class OptimizedModule(nn.Module):
         super().__init__()
         self.variants = nn.ModuleList([captured.graph_module])
         self.lowered = nn.ModuleList()  # target="cuda": the variants with regions on Triton kernels
+        self._runtimes: list[Any] = []  # target="cuda": one graphopt.autotune.runtime.Runtime per lowered variant
         self._graph_runners: list[Any] | None = None  # cuda_graphs=True: one CudaGraphRunner per lowered variant
         self._captured = [captured]
         self._report = report
@@ -156,7 +157,8 @@ class OptimizedModule(nn.Module):
         self._flops = flops
         self._recaptures = 0
         self._blocks: dict[int, tuple[Any, ...]] = {}  # variant index -> its skippable blocks
-        self._skip_graphs: dict[tuple[int, frozenset[int]], nn.Module] = {}  # (variant, skipped ids) -> graph
+        # (variant, skipped ids) -> its graph, or for a lowered variant the Runtime of its lowered graph
+        self._skip_graphs: dict[tuple[int, frozenset[int]], Any] = {}
         self._compiled: Any = None  # compile(): the main variant as Inductor's CPU program
 
     @property
@@ -182,9 +184,31 @@ class OptimizedModule(nn.Module):
 
     def _lower_variant(self, captured: CapturedGraph) -> dict[str, Any]:
         """Lower ``captured`` (the next variant) onto Triton kernels, checked region by region."""
+        from graphopt.autotune.runtime import Runtime
+
         gm, report = lower_captured(captured)
         self.lowered.append(gm)
+        self._runtimes.append(Runtime(gm, dump_dir=report.get("dump_dir")))
         return report
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # .to() / .half() / .cuda() may replace the parameters a generated forward holds: write new ones
+        result = super()._apply(fn, *args, **kwargs)
+        for runtime in self._runtimes:
+            runtime.clear()
+        self._skip_graphs.clear()
+        return result
+
+    def kernel_calls(self, *args: Any, **kwargs: Any) -> list[tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+        """Every kernel call site this call meets, with the tensors it is called with (target="cuda";
+        the call runs on the general path, site by site)."""
+        from graphopt.autotune.lower import call_sites
+
+        spec, tensors, objects = self._captured[0].flatten_call(args, kwargs)
+        i = self._variant_for(args, kwargs, spec, tensors, objects)
+        if i >= len(self.lowered):
+            return []
+        return call_sites(self.lowered[i], tensors)
 
     def kernel_modules(self) -> list[nn.Module]:
         """The kernel call sites of every lowered variant (empty unless target="cuda")."""
@@ -233,9 +257,10 @@ class OptimizedModule(nn.Module):
                 from .cudagraphs import CudaGraphRunner
 
                 while len(self._graph_runners) <= i:
-                    self._graph_runners.append(CudaGraphRunner(self.lowered[len(self._graph_runners)]))
+                    runtime = self._runtimes[len(self._graph_runners)]
+                    self._graph_runners.append(CudaGraphRunner(lambda *t, runtime=runtime: runtime(t)))
                 return self._graph_runners[i](tensors)
-            return tuple(self.lowered[i](*tensors))
+            return self._runtimes[i](tensors)
         return self._captured[i].run(tensors)
 
     @property
@@ -280,9 +305,14 @@ class OptimizedModule(nn.Module):
                 captured = dataclasses.replace(self._captured[i], graph_module=graph)
                 with torch.no_grad():
                     outputs = captured.run(captured.example_inputs)
-                graph, _ = lower_captured(dataclasses.replace(captured, reference_outputs=tuple(outputs)))
+                from graphopt.autotune.runtime import Runtime
+
+                lowered, report = lower_captured(dataclasses.replace(captured, reference_outputs=tuple(outputs)))
+                graph = Runtime(lowered, dump_dir=report.get("dump_dir"))
             self._skip_graphs[key] = graph
-        return self._captured[i].call.rebuild_output(tuple(self._skip_graphs[key](*tensors)))
+        run = self._skip_graphs[key]
+        outputs = run(tensors) if i < len(self.lowered) else run(*tensors)
+        return self._captured[i].call.rebuild_output(tuple(outputs))
 
     @property
     def approximate_passes(self) -> tuple[str, ...]:
