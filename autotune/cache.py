@@ -126,6 +126,10 @@ class Config(Mapping[str, int]):
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Config is immutable")
 
+    def __reduce__(self) -> tuple[type, tuple[dict[str, int]]]:
+        # copy and pickle rebuild through __init__: the slot cannot be set from outside
+        return Config, (dict(self._items),)
+
     def __getitem__(self, key: str) -> int:
         for k, v in self._items:
             if k == key:

@@ -1,7 +1,9 @@
+import copy
 import dataclasses
 import json
 import math
 import multiprocessing
+import pickle
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,7 @@ def test_config_is_an_immutable_hashable_value():
     assert (lambda **kw: kw)(**c) == {"BLOCK_M": 64, "num_warps": 4}
     with pytest.raises(AttributeError):
         c._items = ()
+    assert copy.deepcopy(c) == c and pickle.loads(pickle.dumps(c)) == c  # a lowered module's chosen configs copy
     for bad in ({"BLOCK_M": 64.0}, {"BLOCK_M": True}, {"": 1}):
         with pytest.raises(TypeError):
             Config(bad)
