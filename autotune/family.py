@@ -2,7 +2,7 @@
 
 Softmax attention, VAR's block-causal attention, LiT's linear attention and ATConv's dynamic depthwise
 conv each have a kernel module in :mod:`.kernels`; each module's ``lowering()`` returns its rows,
-keyed by the graph target they lower, and :func:`graphopt.autotune.lower.family_ops` collects them.
+keyed by the graph target they lower, and :func:`graphopt.autotune.sites.family_ops` collects them.
 A new attention-family kernel adds its row beside its launcher, not in the lowering.
 """
 

@@ -27,7 +27,7 @@ from graphopt.errors import UsageError
 
 from .cache import Config, shape_bucket
 from .configs import is_aten
-from .lower import FamilyRegion, FusedRegion, _Tuned
+from .sites import FamilyRegion, FusedRegion, _Tuned
 from .tuner import DEFAULT_CACHE, CacheArg, Timer, cuda_event_timer
 
 

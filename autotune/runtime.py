@@ -13,7 +13,7 @@ source from then on:
   general path;
 - ATen nodes are direct calls of their ``torch.ops`` overloads, sizes read off the inputs are
   literals (the guard pins them), and each value is released (``del``) after its last use;
-- each kernel call site is its launch plan (:class:`~.kernels._launch.LaunchPlan`) written out:
+- each kernel call site is its launch plan (:class:`~.launches.LaunchPlan`) written out:
   ``torch.empty_strided`` for its outputs, then ``kernel[grid](..., BLOCK=..., num_warps=...)`` with
   the grid, sizes, strides and config as literals; a site whose config is the ATen candidate (or
   whose inputs are laid out otherwise than at capture) has its region's ATen ops inline instead.
@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from .kernels._launch import Ref
-from .lower import SitePlan, _Tuned
+from .launches import Ref
+from .sites import SitePlan, _Tuned
 
 Layout = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device], ...]
 

@@ -106,7 +106,7 @@ def interleaved(fns: dict[str, Callable[[], object]], calls: int, rounds: int,
 
 def bench(key: str, args: argparse.Namespace) -> dict[str, object]:
     import graphopt
-    from graphopt.autotune.lower import _Tuned
+    from graphopt.autotune.sites import _Tuned
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", DTYPES[args.dtype]) if cuda else ("cpu", torch.float32)

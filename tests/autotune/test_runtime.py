@@ -4,18 +4,19 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 pytest.importorskip("triton")
 
 import graphopt  # noqa: E402
 import graphopt.ops  # noqa: E402, F401 - registers torch.ops.graphopt.*
-from graphopt.autotune import lower as lower_module  # noqa: E402
+from graphopt.autotune import sites as sites_module  # noqa: E402
+from graphopt.autotune.check import call_sites  # noqa: E402
 from graphopt.autotune.cache import TuningCache  # noqa: E402
 from graphopt.autotune.configs import is_aten  # noqa: E402
-from graphopt.autotune.kernels._launch import LaunchPlan  # noqa: E402
-from graphopt.autotune.lower import FamilyRegion, FusedRegion, TuningOptions, _Tuned, lower  # noqa: E402
+from graphopt.autotune.launches import LaunchPlan  # noqa: E402
+from graphopt.autotune.lower import lower  # noqa: E402
+from graphopt.autotune.sites import FamilyRegion, FusedRegion, TuningOptions, _Tuned  # noqa: E402
 from graphopt.autotune.runtime import Runtime, layout_of  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from tests import zoo  # noqa: E402
@@ -93,7 +94,7 @@ def test_softmax_attention_runs_sdpa_inline_until_the_flash_kernel_is_tuned_in()
         runtime(tensors)
     assert "aten_scaled_dot_product_attention_default(" in runtime.forwards[0].source
     (site,) = [m for m in gm.modules() if isinstance(m, FamilyRegion)]
-    (_, inputs), = lower_module.call_sites(gm, tensors)
+    (_, inputs), = call_sites(gm, tensors)
     result = site.tune(*inputs, timer=FakeTimer(), cache=None)  # the last candidate timed wins: a kernel config
     assert not is_aten(result.config)
     with torch.no_grad():
@@ -137,7 +138,7 @@ def test_nothing_of_the_tuner_cache_sites_or_verifier_runs_on_the_generated_path
     def forbidden(*args, **kwargs):
         raise AssertionError("called on the generated path")
 
-    for owner, name in ((lower_module, "choose"), (lower_module, "tune"), (TuningCache, "get"),
+    for owner, name in ((sites_module, "choose"), (sites_module, "tune"), (TuningCache, "get"),
                         (graphopt.verify, "compare"), (_Tuned, "__call__"), (_Tuned, "plan_for"),
                         (FusedRegion, "_config"), (FusedRegion, "_layout"), (FusedRegion, "plan"),
                         (LaunchPlan, "run")):
