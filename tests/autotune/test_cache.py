@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from graphopt.autotune import cache as cache_mod
-from graphopt.autotune.cache import (CacheBundleError, CacheEntry, CacheWarning, Config, DeviceKey, Timing,
-                                     TuningCache, cache_dir, clear, export_bundle, format_listing, import_bundle,
-                                     list_caches, shape_bucket)
+from graphopt.autotune.cache import CacheEntry, CacheWarning, Config, DeviceKey, Timing, TuningCache, cache_dir, shape_bucket
+from graphopt.autotune.cache_admin import (CacheBundleError, clear, export_bundle, format_listing, import_bundle,
+                                           list_caches)
 
 H100 = DeviceKey("NVIDIA H100 80GB HBM3", (9, 0), 132, "12.4", "2.5.1", "3.1.0", "0.1.0")
 A100 = DeviceKey("NVIDIA A100-SXM4-40GB", (8, 0), 108, "12.4", "2.5.1", "3.1.0", "0.1.0")
