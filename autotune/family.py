@@ -2,7 +2,7 @@
 
 Softmax attention, VAR's block-causal attention, LiT's linear attention and ATConv's dynamic depthwise
 conv each have a kernel module in :mod:`.kernels`; each module's ``lowering()`` returns its rows,
-keyed by the graph target they lower, and :func:`graphopt.autotune.lower.family_ops` collects them.
+keyed by the graph target they lower, and :func:`graphopt.autotune.sites.family_ops` collects them.
 A new attention-family kernel adds its row beside its launcher, not in the lowering.
 """
 
@@ -27,7 +27,10 @@ class FamilyOp:
     ``options(node)``: its other arguments as the launcher's keywords; ``shape(*tensors,
     **optional_tensors)``: the tuning shape; ``reference``: the eager op it replaces; ``uses_dot``:
     the kernel multiplies with ``tl.dot`` (which the interpreter gets wrong in bf16); ``aten_first``:
-    the eager op is the untuned default (PyTorch's SDPA is the bar for softmax attention).
+    the eager op is the untuned default (PyTorch's SDPA is the bar for softmax attention);
+    ``tensor_names``: the launcher's names of the leading tensors, in order (the launcher's
+    ``<launcher>_plan`` names its inputs so); ``launch(fn, tensors, options, config)``: calls the
+    launcher, or its planner, with them.
     """
 
     module: str
@@ -40,6 +43,7 @@ class FamilyOp:
     uses_dot: bool = True
     aten_first: bool = False
     optional_tensors: tuple[tuple[int, str], ...] = ()
+    tensor_names: tuple[str, ...] = ("q", "k", "v")
     launch: Callable[..., torch.Tensor] = lambda fn, tensors, options, config: fn(*tensors, **options, config=config)
 
 

@@ -2,402 +2,31 @@
 
 Where it belongs: the last step of ``optimize(..., target="cuda")``, after the rewrite passes. It
 partitions the graph (:mod:`.regions`), generates a kernel per pointwise or norm region
-(:mod:`.codegen`), and rebuilds the graph with one ``call_module`` per region. Attention regions call
-the hand-written flash kernel. Every region keeps its original ATen nodes as an eager fallback, which
-is also the reference its kernel is checked against.
-
-Identical regions (the same ops on the same layouts: one per transformer block) share one source and
-so one compiled kernel: a :class:`KernelLibrary` loads each distinct source once. With
-``GRAPHOPT_DUMP_KERNELS=dir`` the sources are written to ``dir`` (one ``.py`` per kernel and
-``regions.txt`` saying which graph nodes and modules each region came from), readable as they are.
-
-Each region picks its launch config per shape bucket from the tuning cache the first time it sees the
-bucket (:func:`graphopt.autotune.choose`): the tuned config if ``graphopt autotune`` stored one for this
-GPU, else the family's heuristic default. ``tune()`` on a region times every candidate. One candidate
-of every call site is :data:`ATEN`, the eager ops it replaces, so tuning never makes a site slower
-than eager. It is the untuned default only for softmax attention, where PyTorch's SDPA backends
-(FlashAttention, cuDNN) are the bar the flash kernel must clear on each GPU.
+(:mod:`.codegen`), and rebuilds the graph with one ``call_module`` per region, each a call site of
+:mod:`.sites`. Regions whose kernel cannot be built stay on ATen, named in the :class:`LoweringReport`
+with the reason. :mod:`.check` runs the result site by site against the ATen ops; :mod:`.runtime`
+calls it through generated forwards. With ``GRAPHOPT_DUMP_KERNELS=dir``, ``regions.txt`` in ``dir``
+says which graph nodes and modules each region came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import heapq
-import importlib.util
 import operator
-import os
-import tempfile
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import sympy
-import torch
 from torch import fx, nn
 
-from graphopt.errors import UsageError, first_line
-
-from .cache import Config, shape_bucket
-from .codegen import GeneratedKernel, generate
-from .configs import ATEN, is_aten, norm_configs, pointwise_configs, prune_blocks
-from .family import FamilyOp
-from .regions import Partition, Region, node_arg, partition, shape_of, strides_of
-from .tuner import (
-    DEFAULT_CACHE,
-    CacheArg,
-    Timer,
-    TuneResult,
-    choose,
-    cuda_event_timer,
-    hash_source,
-    tune,
-)
-
-aten = torch.ops.aten
-
-DUMP_ENV = "GRAPHOPT_DUMP_KERNELS"
-
-
-@dataclasses.dataclass(frozen=True)
-class TuningOptions:
-    """How lowered kernels pick configs: ``cache`` to read (and write when tuning), ``autotune`` to time
-    candidates the first time a shape bucket is met rather than use the cached or default config."""
-
-    cache: CacheArg = DEFAULT_CACHE
-    autotune: bool = False
-    timer: Timer = cuda_event_timer
-    budget_s: float | None = None
-
-
-class KernelLibrary:
-    """Loads each distinct generated source once; writes them to ``dump_dir`` when given.
-
-    Without a dump directory the sources go to a private temporary directory (Triton reads a kernel's
-    source from its file), removed when the library is garbage-collected.
-    """
-
-    def __init__(self, dump_dir: str | os.PathLike | None = None):
-        if dump_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="graphopt-kernels-")
-            self._tmp = tmp
-            self.directory, self.dumped = Path(tmp.name), False
-        else:
-            self._tmp = None
-            self.directory, self.dumped = Path(dump_dir), True
-            try:
-                self.directory.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UsageError(f"{DUMP_ENV}={dump_dir}: cannot create the folder ({e.strerror})") from e
-        self._loaded: dict[str, Any] = {}
-
-    @staticmethod
-    def from_env() -> KernelLibrary:
-        return KernelLibrary(os.environ.get(DUMP_ENV) or None)
-
-    def __len__(self) -> int:
-        return len(self._loaded)
-
-    def load(self, kernel: GeneratedKernel) -> Any:
-        """The module holding ``kernel``'s ``@triton.jit`` functions (each compiled by Triton on first
-        launch, once per signature)."""
-        if (module := self._loaded.get(kernel.source)) is not None:
-            return module
-        path = self.directory / f"{kernel.name}.py"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(kernel.source)
-        os.replace(tmp, path)  # a reader never sees half a file
-        spec = importlib.util.spec_from_file_location(f"graphopt_generated.{kernel.name}", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        self._loaded[kernel.source] = module
-        return module
-
-    def write_index(self, text: str) -> None:
-        if self.dumped:
-            (self.directory / "regions.txt").write_text(text)
-
-
-class _Tuned(nn.Module):
-    """A kernel call site: picks and remembers a config per shape bucket; ``tune()`` times them all."""
-
-    kernel_name: str
-    source_hash: str
-
-    def __init__(self, options: TuningOptions):
-        super().__init__()
-        self.options = options
-        self._chosen: dict[tuple[str, tuple[int, ...]], Config] = {}
-
-    def configs(self) -> list[dict[str, int]]:
-        raise NotImplementedError
-
-    def prune(self, configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
-        return list(configs)
-
-    def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-    def cache_name(self, *inputs: torch.Tensor) -> str:
-        """The kernel's name in the tuning cache: the source is dtype-generic, its timings are not."""
-        dtypes = dict.fromkeys(str(t.dtype).removeprefix("torch.") for t in inputs if t.is_floating_point())
-        return f"{self.kernel_name}:{'-'.join(dtypes)}"
-
-    def _config(self, shape: tuple[int, ...], inputs: Sequence[torch.Tensor]) -> Config:
-        key = (self.cache_name(*inputs), shape_bucket(shape))
-        if (cfg := self._chosen.get(key)) is None:
-            o = self.options
-            cfg = choose(key[0], self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
-                         autotune=o.autotune, prune=self.prune, timer=o.timer, cache=o.cache,
-                         budget_s=o.budget_s).config
-            self._chosen[key] = cfg
-        return cfg
-
-    def tune(self, *inputs: torch.Tensor, timer: Timer = cuda_event_timer, cache: CacheArg = DEFAULT_CACHE,
-             budget_s: float | None = None, force: bool = False) -> TuneResult:
-        """Time every candidate config on ``inputs``; the winner is stored and used from now on."""
-        shape = self.tuning_shape(*inputs)
-        name = self.cache_name(*inputs)
-        result = tune(name, self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
-                      prune=self.prune, timer=timer, cache=cache, budget_s=budget_s, force=force)
-        self._chosen[(name, shape_bucket(shape))] = result.config
-        return result
-
-    def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What the kernel computes, by the eager ops it replaces."""
-        raise NotImplementedError
-
-    def default_config(self, *inputs: torch.Tensor) -> Config:
-        """The untuned heuristic choice at these inputs' shape."""
-        return Config(self.prune([Config(c) for c in self.configs()], self.tuning_shape(*inputs))[0])
-
-
-class FusedRegion(_Tuned):
-    """A generated pointwise or norm kernel in place of the region's ATen nodes.
-
-    Called with the region's inputs, returns its outputs as a tuple, allocated with the strides the
-    eager ops would have given them. Inputs laid out otherwise than at capture (the kernel's index math
-    assumes the captured strides) run the eager fallback instead, counted in ``fallbacks``.
-    """
-
-    def __init__(self, kernel: GeneratedKernel, library: KernelLibrary, fallback: fx.GraphModule,
-                 options: TuningOptions):
-        super().__init__(options)
-        self.generated = kernel
-        self.kernel_name, self.source_hash = kernel.name, hash_source(kernel.source)
-        self._library = library  # keeps the kernel's source file alive
-        module = library.load(kernel)
-        self.fn = getattr(module, kernel.name)
-        self._split = (getattr(module, f"{kernel.name}_stats"), getattr(module, f"{kernel.name}_apply")) \
-            if kernel.row is not None else None
-        self.fallback = fallback
-        self.fallbacks = 0
-        region = kernel.region
-        symbols = sorted({s for n in (*region.inputs, *region.outputs)
-                          for e in (*shape_of(n), *strides_of(n)) for s in e.free_symbols} | set(kernel.symbols),
-                         key=str)
-        self._symbols = tuple(symbols)
-        self._binders = _binders(self._symbols, region.inputs)
-        geometry = [[list(shape_of(n)), list(strides_of(n))] for n in (*region.inputs, *region.outputs)]
-        numel = sympy.Mul(*region.domain)
-        self._geometry = sympy.lambdify(self._symbols, [geometry, numel], modules="math")
-        self._dtypes = tuple(n.meta["val"].dtype for n in region.outputs)
-        self._n_in = len(region.inputs)
-        self._layouts: dict[tuple, tuple[list[int], list, int] | None] = {}
-
-    def extra_repr(self) -> str:
-        return f"{self.kernel_name}: {' '.join(self.generated.region.ops())}"
-
-    def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.fallback(*inputs))
-
-    def configs(self) -> list[dict[str, int]]:
-        return pointwise_configs() if self.generated.row is None else norm_configs()
-
-    def prune(self, configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
-        return prune_blocks(self.generated.block_key)(configs, shape)
-
-    def _layout(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int] | None:
-        # per call this is a dict lookup: the sympy-derived geometry is evaluated once per input layout
-        key = tuple((tuple(t.shape), t.stride()) for t in inputs)
-        if key not in self._layouts:
-            if len(self._layouts) >= 64:
-                self._layouts.clear()
-            self._layouts[key] = self._evaluate(inputs)
-        return self._layouts[key]
-
-    def _evaluate(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int] | None:
-        values = [b(inputs) for b in self._binders]
-        geometry, numel = self._geometry(*values)
-        for t, (shape, strides) in zip(inputs, geometry):
-            if tuple(t.shape) != tuple(shape) or any(
-                    s != 1 and a != b for s, a, b in zip(shape, t.stride(), strides)):
-                return None
-        return values, geometry[self._n_in:], int(numel)
-
-    def _required_layout(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int]:
-        if (layout := self._layout(inputs)) is None:
-            raise ValueError(f"{self.kernel_name}: inputs are not laid out as at capture")
-        return layout
-
-    def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
-        return self._shape(self._required_layout(inputs)[2])
-
-    def _shape(self, numel: int) -> tuple[int, ...]:
-        row = self.generated.row
-        return (numel,) if row is None else (numel // row, row)
-
-    def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if is_aten(config):
-            return self.reference(*inputs)
-        values, out_geometry, numel = self._required_layout(inputs)
-        device = inputs[0].device
-        outs = tuple(torch.empty_strided(shape, strides, dtype=dtype, device=device)
-                     for (shape, strides), dtype in zip(out_geometry, self._dtypes))
-        if numel == 0:
-            return outs
-        cfg = dict(config)
-        row = self.generated.row
-        if row is None:
-            grid = (triton_cdiv(numel, cfg["XBLOCK"]),)
-            self.fn[grid](*inputs, *outs, numel, *self._kernel_symbols(values), **cfg)
-        elif (splits := cfg.pop("RSPLIT", 1)) > 1:
-            assert self._split is not None
-            rows, sizes = numel // row, self._kernel_symbols(values)
-            ws = torch.empty(rows * splits * 3, device=device, dtype=torch.float32)
-            stats, apply = self._split
-            stats[(rows, splits)](*inputs, ws, rows, *sizes, RSPLIT=splits, **cfg)
-            apply[(rows, splits)](*inputs, *outs, ws, rows, *sizes, RSPLIT=splits, **cfg)
-        else:
-            self.fn[(numel // row,)](*inputs, *outs, numel // row, *self._kernel_symbols(values), **cfg)
-        return outs
-
-    def _kernel_symbols(self, values: Sequence[int]) -> list[int]:
-        return [values[self._symbols.index(s)] for s in self.generated.symbols]
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        layout = self._layout(inputs)
-        if layout is None:
-            self.fallbacks += 1
-            return self.reference(*inputs)
-        return self.launch(self._config(self._shape(layout[2]), inputs), *inputs)
-
-
-FAMILY_KERNELS = ("attention", "linear_attention", "dynamic_dwconv")
-"""The kernel modules whose ``lowering()`` rows (:class:`.family.FamilyOp`) say which ops they run."""
-
-
-def family_ops() -> dict[object, FamilyOp]:
-    """The attention-family ops lowering knows, by graph target, from their kernel modules."""
-    import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.*
-
-    rows: dict[object, FamilyOp] = {}
-    for name in FAMILY_KERNELS:
-        rows.update(_kernel_module(name).lowering())
-    return rows
-
-
-class FamilyRegion(_Tuned):
-    """An attention-family op (softmax attention, ReLU linear attention, ATConv's dynamic depthwise
-    conv) on its hand-written kernel, with the config tuned per shape bucket."""
-
-    def __init__(self, region: Region, options: TuningOptions):
-        super().__init__(options)
-        from .kernels._launch import is_compiled
-
-        node = region.nodes[0]
-        if (op := family_ops().get(node.target)) is None:
-            raise _Decline(f"no kernel for {node.target}")
-        self.op = op
-        module = _kernel_module(self.op.module)
-        kernels = [getattr(module, k) for k in self.op.kernels]
-        dtype = node.args[0].meta["val"].dtype
-        if self.op.uses_dot and not is_compiled(kernels[0]) and dtype == torch.bfloat16:
-            raise _Decline("Triton's interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584); "
-                           f"bf16 {self.op.module} runs on ATen under TRITON_INTERPRET=1")
-        self._launcher = getattr(module, self.op.launcher)
-        self._configs = module.configs
-        self.kernel_name = self.op.module if node.target is aten.scaled_dot_product_attention.default \
-            else str(node.target).removeprefix("graphopt.").removesuffix(".default")
-        self.source_hash = hash_source(*kernels)
-        self.options_kw = self.op.options(node)
-        # the op's tensor arguments as positions in the region's (deduplicated) inputs: sdpa(x, x, x) is one input
-        self._arg_index = tuple(region.inputs.index(a) for a in node.args[:self.op.tensors])
-        self._optional_index = {name: region.inputs.index(a) for i, name in self.op.optional_tensors
-                                if isinstance(a := node_arg(node, i, name), fx.Node)}
-
-    def extra_repr(self) -> str:
-        given = "".join(f" + {name}" for name in self._optional_index)  # e.g. LiT's fused depthwise-conv branch
-        return f"{self.kernel_name}{given} {self.options_kw}"
-
-    def configs(self) -> list[dict[str, int]]:
-        # PyTorch's own SDPA (FlashAttention / cuDNN / memory-efficient) is a strong default: ours must beat it
-        return [ATEN, *self._configs()] if self.op.aten_first else [*self._configs(), ATEN]
-
-    def _tensors(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [inputs[i] for i in self._arg_index]
-
-    def _optional(self, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: inputs[i] for name, i in self._optional_index.items()}
-
-    def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
-        return self.op.shape(*self._tensors(inputs), **self._optional(inputs))
-
-    def launch(self, config: Config, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if is_aten(config):
-            return self.reference(*inputs)
-        options = {**self.options_kw, **self._optional(inputs)}
-        return (self.op.launch(self._launcher, self._tensors(inputs), options, config),)
-
-    def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.op.reference(*self._tensors(inputs), **self.options_kw, **self._optional(inputs)),)
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.launch(self._config(self.tuning_shape(*inputs), inputs), *inputs)
-
-
-def _kernel_module(name: str) -> Any:
-    return importlib.import_module(f"{__package__}.kernels.{name}")
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _binders(symbols: Sequence[sympy.Symbol], inputs: Sequence[fx.Node]) -> list[Callable[[Sequence[torch.Tensor]], int]]:
-    """For each size symbol, how to read its value off the inputs (a dim equal to it, or solved from one)."""
-    binders = []
-    for s in symbols:
-        direct, solved = None, None
-        for i, n in enumerate(inputs):
-            for d, e in enumerate(shape_of(n)):
-                if e == s and direct is None:
-                    direct = functools.partial(_dim, i, d, None)
-                elif solved is None and e.free_symbols == {s}:
-                    y = sympy.Symbol("y")
-                    roots = sympy.solve(sympy.Eq(e, y), s)
-                    if len(roots) == 1:  # e.g. the batch of a CFG-doubled tensor, 2*s0
-                        solved = functools.partial(_dim, i, d, sympy.lambdify(y, roots[0], modules="math"))
-        if (found := direct or solved) is None:
-            raise _Decline(f"size symbol {s} cannot be read off the region's inputs")
-        binders.append(found)
-    return binders
-
-
-def _dim(i: int, d: int, inverse: Callable[[int], float] | None, tensors: Sequence[torch.Tensor]) -> int:
-    size = int(tensors[i].shape[d])
-    return size if inverse is None else int(inverse(size))
-
-
-class _Decline(Exception):
-    """A region that cannot be lowered; the reason goes into the report and its nodes stay on ATen."""
-
-
-# -------------------------------------------------------------------------------------------- lowering
+from graphopt.errors import first_line
+
+from .check import call_sites, check_regions  # noqa: F401 - lowering's check, importable from here as before
+from .codegen import generate
+from .regions import Partition, Region, partition
+# the call sites lowering builds, importable from here as before
+from .sites import (DUMP_ENV, ChoiceEpoch, FamilyRegion, FusedRegion, KernelLibrary, SitePlan,  # noqa: F401
+                    TuningOptions, _Decline, _Tuned, family_ops, region_graph)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,13 +106,14 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
     placed: dict[fx.Node, tuple[str, Region]] = {}
     lowered: list[LoweredRegion] = []
     declined: list[tuple[str, str]] = []
+    epoch = ChoiceEpoch()  # shared by the sites: a tune() of any of them retires generated forwards
     for region in part.regions:
         name = f"r{len(kernels)}"
         try:
             if region.kind == "attention":
-                module: _Tuned = FamilyRegion(region, options)
+                module: _Tuned = FamilyRegion(region, options, epoch)
             else:
-                module = FusedRegion(generate(region), library, _fallback(region), options)
+                module = FusedRegion(generate(region), library, region_graph(region), options, epoch)
         except _Decline as e:
             declined.append((region.nodes[0].name, str(e)))
             continue
@@ -508,18 +138,6 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
     out = fx.GraphModule(root, graph, class_name="LoweredGraph")
     library.write_index(_index(lowered))
     return Lowered(out, part, tuple(lowered), tuple(declined), library)
-
-
-def _fallback(region: Region) -> fx.GraphModule:
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for i, n in enumerate(region.inputs):
-        env[n] = graph.placeholder(f"in{i}")
-        env[n].meta = dict(n.meta)
-    for n in region.nodes:
-        env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(tuple(env[n] for n in region.outputs))
-    return fx.GraphModule(nn.Module(), graph, class_name="RegionFallback")
 
 
 def _rebuild(old: fx.Graph, placed: dict[fx.Node, tuple[str, Region]]) -> fx.Graph:
@@ -566,59 +184,3 @@ def _index(regions: Sequence[LoweredRegion]) -> str:
     for r in regions:
         lines.append(f"{r.name}\t{r.kind}\t{r.kernel}\t{' '.join(r.ops)}\t{', '.join(r.modules)}")
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------- verifying
-
-
-class _Sites(fx.Interpreter):
-    """Runs a lowered graph node by node, handing every kernel call site and its inputs to ``visit``,
-    whose return value is what the rest of the graph sees."""
-
-    def __init__(self, gm: fx.GraphModule, visit: Callable[[str, _Tuned, tuple], Any]):
-        super().__init__(gm)
-        self.visit = visit
-
-    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        module = self.fetch_attr(target)
-        if isinstance(module, _Tuned):
-            return self.visit(target.rsplit(".", 1)[-1], module, args)
-        return super().call_module(target, args, kwargs)
-
-
-def call_sites(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], *,
-               run_kernels: bool = True) -> list[tuple[_Tuned, tuple]]:
-    """Every kernel call site of ``lowered`` with the tensors it is called with on ``inputs``.
-
-    With ``run_kernels=False`` the sites' eager references stand in for the kernels (to collect the
-    inputs of kernels that cannot run here, e.g. compiled for a GPU this machine lacks).
-    """
-    calls: list[tuple[_Tuned, tuple]] = []
-
-    def visit(name: str, site: _Tuned, args: tuple) -> Any:
-        calls.append((site, args))
-        return site(*args) if run_kernels else site.reference(*args)
-
-    with torch.no_grad():
-        _Sites(lowered, visit).run(*inputs)
-    return calls
-
-
-def check_regions(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], dict[str, tuple[float, float, bool]]]:
-    """Run ``lowered`` on ``inputs`` comparing every kernel with its region's eager ops on the same inputs.
-
-    Returns the outputs and, per region, (max abs error, max rel error, within tolerance).
-    """
-    from graphopt.verify import compare
-
-    errors: dict[str, tuple[float, float, bool]] = {}
-
-    def visit(name: str, site: _Tuned, args: tuple) -> Any:
-        got = site(*args)
-        cmp = compare(got, site.reference(*args))
-        errors[name] = (cmp.max_abs_error, cmp.max_rel_error, cmp.within)
-        return got
-
-    with torch.no_grad():
-        out = _Sites(lowered, visit).run(*inputs)
-    return tuple(out), errors

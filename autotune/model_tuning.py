@@ -27,7 +27,7 @@ from graphopt.errors import UsageError
 
 from .cache import Config, shape_bucket
 from .configs import is_aten
-from .lower import FamilyRegion, FusedRegion, _Tuned
+from .sites import FamilyRegion, FusedRegion, _Tuned
 from .tuner import DEFAULT_CACHE, CacheArg, Timer, cuda_event_timer
 
 
@@ -65,15 +65,7 @@ def record_calls(module: Any, args: tuple, kwargs: dict) -> list[tuple[_Tuned, t
     """Run ``module`` once and return each kernel call site with the tensors it was called with."""
     with torch.no_grad():
         module(*args, **kwargs)  # a batch outside the captured range re-captures (and lowers) here
-    calls: list[tuple[_Tuned, tuple[torch.Tensor, ...]]] = []
-    hooks = [m.register_forward_hook(lambda m, a, out: calls.append((m, a))) for m in module.kernel_modules()]
-    try:
-        with torch.no_grad():
-            module(*args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return calls
+        return module.kernel_calls(*args, **kwargs)
 
 
 def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_event_timer, cache: CacheArg = DEFAULT_CACHE,

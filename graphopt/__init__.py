@@ -21,7 +21,9 @@ from .approx import ApproxContext, ApproxPass, Budget, QualityBudgetError
 from .autodiffusion import EvolutionConfig, search
 from .capture import CapturedGraph, capture
 from .distill import DistillConfig, DistillReport, distill
-from .emit import OptimizationReport, OptimizedModule, optimize
+from .driver import optimize
+from .emit import OptimizedModule
+from .report import OptimizationReport
 from .saved import load, save
 from .errors import (BudgetError, CaptureError, GraphoptError, InputError, LoadError, OnnxExportError,
                      OnnxParityError, OutputPathError, PassError, PlanError, SaveError, SignatureError,

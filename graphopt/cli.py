@@ -133,7 +133,7 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
 def _cmd_optimize(ns: argparse.Namespace) -> int:
     from . import optimize
     from . import passes as registry
-    from .emit import check_inference_mode
+    from .driver import check_inference_mode
 
     pipeline = _with_options(registry.resolve(ns.passes), ns.pass_option)  # fails before the model is built
     out = Path(ns.out) if ns.out else None

@@ -35,7 +35,9 @@ import torch
 from torch import nn
 
 from . import structure
-from .emit import OptimizationReport, OptimizedModule, optimize
+from .driver import optimize
+from .emit import OptimizedModule
+from .report import OptimizationReport
 from .errors import CaptureError, GraphoptError, PlanError, UsageError, first_line
 
 DENOISERS = ("transformer", "unet")

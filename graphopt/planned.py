@@ -45,7 +45,8 @@ class PlannedDenoiser:
     @staticmethod
     def build(model: nn.Module, example_inputs: Sequence[Any]) -> "PlannedDenoiser":
         """Optimize ``model`` for plans (``PLAN_PASSES``), or use an already optimized module as it is."""
-        from .emit import OptimizedModule, optimize
+        from .driver import optimize
+        from .emit import OptimizedModule
 
         if isinstance(model, OptimizedModule):
             return PlannedDenoiser(model)

@@ -162,12 +162,15 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     ``optimize`` does (the saved program is the portable graph; kernels are generated for the
     machine that loads it).
     """
-    from .emit import TARGETS, OptimizationReport, OptimizedModule, SourceInfo, _check_cuda_target, _to_device
+    from .driver import TARGETS, _to_device
+    from .emit import OptimizedModule, SourceInfo
+    from .lowering import check_cuda_target
+    from .report import OptimizationReport
 
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "cuda":
-        _check_cuda_target()
+        check_cuda_target()
     path = Path(directory)
     if not path.is_dir():
         left = _interrupted(path)

@@ -5,6 +5,10 @@ cannot be accessed from Triton", a float64 one compiles a kernel nobody tested, 
 of bounds. So each launcher checks its inputs here first and raises ``ValueError`` with a message that
 names the op, the argument and what was expected (``ValueError`` rather than ``assert``: the checks
 must survive ``python -O``).
+
+A launcher's work after its checks is data, a :class:`~graphopt.autotune.launches.LaunchPlan`
+(re-exported here), which the launcher runs at once and :mod:`graphopt.autotune.runtime` writes into
+a generated forward.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from triton.runtime.jit import JITFunction
 
 from ..cache import Config
+from ..launches import Buffer, KernelCall, LaunchPlan, Ref, contiguous_strides  # noqa: F401 - the launchers' vocabulary
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The dtypes the kernels are written for: fp32 is exact up to summation order, halves accumulate in fp32."""

@@ -46,7 +46,8 @@ import triton.language as tl
 
 from graphopt.ops.block_causal_attention import block_causal_mask  # noqa: F401 - the op's mask, re-exported
 
-from ._launch import check_device, check_dot_blocks, check_float, check_shape, next_power_of_2, pick_config
+from ._launch import (Buffer, KernelCall, LaunchPlan, Ref, check_device, check_dot_blocks, check_float, check_shape,
+                      contiguous_strides, next_power_of_2, pick_config)
 
 LOG2E = 1.4426950408889634
 
@@ -139,6 +140,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     token (Lq = Lk = L); query i attends key j iff ``level[j] <= level[i]``. Returns a new contiguous
     (B, H, Lq, Dv) tensor. ``config``: one of :func:`configs` (default: the first).
     """
+    plan = attention_plan(q, k, v, scale=scale, level=level, config=config)
+    return plan.run((q, k, v) if level is None else (q, k, v, level))[0]
+
+
+def attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                   level: torch.Tensor | None = None, config: Mapping[str, int] | None = None) -> LaunchPlan:
+    """:func:`attention`'s checks, then its allocation and launch as a :class:`LaunchPlan` for these layouts."""
     op = "attention"
     check_device(op, attention_kernel, q=q, k=k, v=v, level=level)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -151,32 +159,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     check_shape(op, "v", v, (batch, heads, l_k, d_v), "k's batch, heads and length")
     if max(d, d_v) > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dims D={d}, Dv={d_v} must be at most {MAX_HEAD_DIM}")
+    inputs, casts = ("q", "k", "v"), ()
     if level is not None:
         if level.dtype.is_floating_point or level.dtype.is_complex or level.dtype == torch.bool:
             raise ValueError(f"{op}: level must be an integer tensor, got {level.dtype}")
         if l_q != l_k:
             raise ValueError(f"{op}: a level vector needs Lq == Lk (one sequence), got Lq={l_q}, Lk={l_k}")
         check_shape(op, "level", level, (l_q,), "one level id per token")
-        level = level.to(torch.int32).contiguous()  # no-op for the usual int32 vector; levels are small
+        inputs += ("level",)
+        if level.dtype != torch.int32 or not level.is_contiguous():  # levels are small: the copy is cheap
+            casts = (("level32", "level", torch.int32),)
     if batch * heads > 65535:
         raise ValueError(f"{op}: batch * heads = {batch * heads} exceeds the grid's second axis (65535)")
     cfg = pick_config(op, configs, config)
     check_dot_blocks(op, cfg, "BLOCK_M", "BLOCK_N")
 
-    o = torch.empty(batch, heads, l_q, d_v, device=q.device, dtype=q.dtype)
-    if o.numel() == 0:
-        return o
-    if l_k == 0:
-        return o.zero_()  # no keys: the kernel's empty-row convention
+    shape = (batch, heads, l_q, d_v)
+    empty = batch * heads * l_q * d_v == 0
+    o = Buffer("o", shape, contiguous_strides(shape), q.dtype, zero=l_k == 0 and not empty)
+    if empty or l_k == 0:  # no keys: the kernel's empty-row convention, zeros
+        return LaunchPlan(inputs, (o,), (), ("o",))
     qk_scale = (d ** -0.5 if scale is None else scale) * LOG2E
     grid = (triton.cdiv(l_q, cfg["BLOCK_M"]), batch * heads)
-    attention_kernel[grid](
-        q, k, v, o, level if level is not None else q,  # no level: BLOCK_CAUSAL is off, q is never read as one
-        heads, l_q, l_k, d, d_v, qk_scale,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        BLOCK_CAUSAL=level is not None, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_DV=max(16, next_power_of_2(d_v)),
-        **cfg)
-    return o
+    # no level: BLOCK_CAUSAL is off, q is never read as one
+    levels = Ref("q") if level is None else Ref(casts[0][0] if casts else "level")
+    call = KernelCall(attention_kernel, grid, (
+        Ref("q"), Ref("k"), Ref("v"), Ref("o"), levels, heads, l_q, l_k, d, d_v, qk_scale,
+        *q.stride(), *k.stride(), *v.stride(), *o.strides),
+        (("BLOCK_CAUSAL", level is not None), ("BLOCK_D", max(16, next_power_of_2(d))),
+         ("BLOCK_DV", max(16, next_power_of_2(d_v))), *cfg.items()))
+    return LaunchPlan(inputs, (o,), (call,), ("o",), casts)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -222,5 +234,6 @@ def lowering() -> dict[object, Any]:
             "attention", "attention", ("attention_kernel", "_attend_block"), 4,
             lambda n: {"scale": node_arg(n, 4, "scale")}, lambda q, k, v, level: heads_shape(q, k, v),
             lambda q, k, v, level, scale=None: torch.ops.graphopt.block_causal_attention(q, k, v, level, scale),
-            launch=lambda fn, t, options, config: fn(t[0], t[1], t[2], level=t[3], **options, config=config)),
+            launch=lambda fn, t, options, config: fn(t[0], t[1], t[2], level=t[3], **options, config=config),
+            tensor_names=("q", "k", "v", "level")),
     }

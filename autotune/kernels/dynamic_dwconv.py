@@ -26,7 +26,7 @@ import triton.language as tl
 
 from graphopt.ops.dynamic_dwconv import dynamic_dwconv_reference  # noqa: F401 - the op's formula, re-exported
 
-from ._launch import check_device, check_float, check_shape, pick_config
+from ._launch import Buffer, KernelCall, LaunchPlan, Ref, check_device, check_float, check_shape, contiguous_strides, pick_config
 
 
 @triton.jit
@@ -66,6 +66,12 @@ def dynamic_dwconv(v: torch.Tensor, kernels: torch.Tensor, *,
     ``v`` and ``kernels``: fp32/fp16/bf16 (the same dtype), any strides; k odd. Returns a new contiguous
     (B, C, H, W) tensor. ``config``: one of :func:`configs` (default: the first).
     """
+    return dynamic_dwconv_plan(v, kernels, config=config).run((v, kernels))[0]
+
+
+def dynamic_dwconv_plan(v: torch.Tensor, kernels: torch.Tensor, *,
+                        config: Mapping[str, int] | None = None) -> LaunchPlan:
+    """:func:`dynamic_dwconv`'s checks, then its allocation and launch as a :class:`LaunchPlan`."""
     op = "dynamic_dwconv"
     check_device(op, dynamic_dwconv_kernel, v=v, kernels=kernels)
     check_float(op, "v", v)
@@ -80,16 +86,18 @@ def dynamic_dwconv(v: torch.Tensor, kernels: torch.Tensor, *,
     check_shape(op, "kernels", kernels, (batch, channels, ksize, ksize), "one k x k kernel per sample and channel")
     cfg = pick_config(op, configs, config)
 
-    o = torch.empty(batch, channels, height, width, device=v.device, dtype=v.dtype)
-    if o.numel() == 0:
-        return o
+    shape = (batch, channels, height, width)
+    o = Buffer("o", shape, contiguous_strides(shape), v.dtype)
+    if batch * channels * height * width == 0:
+        return LaunchPlan(("v", "kernels"), (o,), (), ("o",))
     grid = (batch * channels, triton.cdiv(height, cfg["BLOCK_H"]), triton.cdiv(width, cfg["BLOCK_W"]))
     if max(grid[1:]) > 65535:
         raise ValueError(f"{op}: {height} x {width} planes need more than 65535 tiles along an axis; "
                          f"use larger BLOCK_H/BLOCK_W")
-    dynamic_dwconv_kernel[grid](v, kernels, o, channels, height, width,
-                                *v.stride(), *kernels.stride(), *o.stride(), KERNEL_SIZE=ksize, **cfg)
-    return o
+    call = KernelCall(dynamic_dwconv_kernel, grid, (Ref("v"), Ref("kernels"), Ref("o"), channels, height, width,
+                                                    *v.stride(), *kernels.stride(), *o.strides),
+                      (("KERNEL_SIZE", ksize), *cfg.items()))
+    return LaunchPlan(("v", "kernels"), (o,), (call,), ("o",))
 
 
 def configs() -> list[dict[str, int]]:
@@ -113,5 +121,5 @@ def lowering() -> dict[object, Any]:
         torch.ops.graphopt.dynamic_dwconv.default: FamilyOp(
             "dynamic_dwconv", "dynamic_dwconv", ("dynamic_dwconv_kernel",), 2, lambda n: {},
             lambda v, w: (v.shape[0] * v.shape[1], v.shape[2], v.shape[3], w.shape[-1]),
-            torch.ops.graphopt.dynamic_dwconv, uses_dot=False),
+            torch.ops.graphopt.dynamic_dwconv, uses_dot=False, tensor_names=("v", "kernels")),
     }

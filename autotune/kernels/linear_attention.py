@@ -51,7 +51,8 @@ import triton.language as tl
 from graphopt.ops.linear_attention import check_dwc
 from graphopt.ops.linear_attention import linear_attention_reference  # noqa: F401 - the op's formula, re-exported
 
-from ._launch import check_device, check_dot_blocks, check_float, check_shape, pick_config
+from ._launch import (Buffer, KernelCall, LaunchPlan, Ref, check_device, check_dot_blocks, check_float, check_shape,
+                      contiguous_strides, pick_config)
 
 
 @triton.jit
@@ -159,6 +160,15 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
     the branch needs Nq = Nk = s*s. Returns a new contiguous (B, H, Nq, Dv) tensor. ``config``: one of
     :func:`configs` (default: the first).
     """
+    tensors = (q, k, v) + tuple(t for t in (dwc_weight, dwc_bias) if t is not None)
+    plan = linear_attention_plan(q, k, v, eps=eps, dwc_weight=dwc_weight, dwc_bias=dwc_bias, config=config)
+    return plan.run(tensors)[0]
+
+
+def linear_attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6,
+                          dwc_weight: torch.Tensor | None = None, dwc_bias: torch.Tensor | None = None,
+                          config: Mapping[str, int] | None = None) -> LaunchPlan:
+    """:func:`linear_attention`'s checks, then its allocations and launches as a :class:`LaunchPlan`."""
     op = "linear_attention"
     check_device(op, linear_attention_apply_kernel, q=q, k=k, v=v, dwc_weight=dwc_weight, dwc_bias=dwc_bias)
     for name, t in (("q", q), ("k", k), ("v", v), ("dwc_weight", dwc_weight), ("dwc_bias", dwc_bias)):
@@ -176,32 +186,37 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
         raise ValueError(f"{op}: batch * heads = {batch * heads} exceeds the grid's third axis (65535)")
     cfg = pick_config(op, configs, config)
     check_dot_blocks(op, cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")
-    blocks = {name: cfg[name] for name in ("BLOCK_D", "BLOCK_DV")}
-    launch = {name: cfg[name] for name in ("num_warps", "num_stages")}
+    blocks = (("BLOCK_D", cfg["BLOCK_D"]), ("BLOCK_DV", cfg["BLOCK_DV"]))
+    launch = (("num_warps", cfg["num_warps"]), ("num_stages", cfg["num_stages"]))
+    inputs = ("q", "k", "v") + tuple(name for name, t in (("dwc_weight", dwc_weight), ("dwc_bias", dwc_bias))
+                                     if t is not None)
 
-    o = torch.empty(batch, heads, n_q, d_v, device=q.device, dtype=q.dtype)
-    if o.numel() == 0:
-        return o
-    if (d == 0 or n_k == 0) and dwc_weight is None:
-        return o.zero_()  # S = 0 and z = 0: every output is 0 / eps = 0
-    kv = torch.empty(batch, heads, d, d_v, device=q.device, dtype=torch.float32)
-    ksum = torch.empty(batch, heads, d, device=q.device, dtype=torch.float32)
+    shape = (batch, heads, n_q, d_v)
+    empty = batch * heads * n_q * d_v == 0
+    no_state = (d == 0 or n_k == 0) and dwc_weight is None
+    o = Buffer("o", shape, contiguous_strides(shape), q.dtype, zero=no_state and not empty)
+    if empty or no_state:  # S = 0 and z = 0: every output is 0 / eps = 0
+        return LaunchPlan(inputs, (o,), (), ("o",))
+    kv = Buffer("kv", (batch, heads, d, d_v), contiguous_strides((batch, heads, d, d_v)), torch.float32)
+    ksum = Buffer("ksum", (batch, heads, d), contiguous_strides((batch, heads, d)), torch.float32)
+    calls = []
     if d > 0:  # with no features the apply kernel's loop over D is empty: the branch alone
         state_grid = (triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(d_v, cfg["BLOCK_DV"]), batch * heads)
-        linear_attention_state_kernel[state_grid](
-            k, v, kv, ksum, heads, n_k, d, d_v, *k.stride(), *v.stride(),
-            BLOCK_N=cfg["BLOCK_N"], **blocks, **launch)
+        calls.append(KernelCall(linear_attention_state_kernel, state_grid, (
+            Ref("k"), Ref("v"), Ref("kv"), Ref("ksum"), heads, n_k, d, d_v, *k.stride(), *v.stride()),
+            (("BLOCK_N", cfg["BLOCK_N"]), *blocks, *launch)))
     # without a branch the DWC pointers are never read (DWC_SIZE = 0 removes that code): pass q for them
-    weight = dwc_weight if dwc_weight is not None else q
-    bias = dwc_bias if dwc_bias is not None else weight
+    weight, weight_ref = (dwc_weight, Ref("dwc_weight")) if dwc_weight is not None else (q, Ref("q"))
+    bias_ref = Ref("dwc_bias") if dwc_bias is not None else weight_ref
     apply_grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(d_v, cfg["BLOCK_DV"]), batch * heads)
-    linear_attention_apply_kernel[apply_grid](
-        q, kv, ksum, o, v, weight, bias, heads, n_q, d, d_v, math.isqrt(n_k), eps,
-        *q.stride(), *o.stride(), *v.stride(), weight.stride(0), weight.stride(-2), weight.stride(-1),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        DWC_SIZE=0 if dwc_weight is None else dwc_weight.shape[-1], HAS_BIAS=dwc_bias is not None,
-        BLOCK_M=cfg["BLOCK_M"], **blocks, **launch)
-    return o
+    calls.append(KernelCall(linear_attention_apply_kernel, apply_grid, (
+        Ref("q"), Ref("kv"), Ref("ksum"), Ref("o"), Ref("v"), weight_ref, bias_ref, heads, n_q, d, d_v,
+        math.isqrt(n_k), eps, *q.stride(), *o.strides, *v.stride(), weight.stride(0), weight.stride(-2),
+        weight.stride(-1)),
+        (("DOT_PRECISION", "ieee" if q.dtype == torch.float32 else "tf32"),
+         ("DWC_SIZE", 0 if dwc_weight is None else dwc_weight.shape[-1]), ("HAS_BIAS", dwc_bias is not None),
+         ("BLOCK_M", cfg["BLOCK_M"]), *blocks, *launch)))
+    return LaunchPlan(inputs, (o, kv, ksum), tuple(calls), ("o",))
 
 
 def configs() -> list[dict[str, int]]:

@@ -1,15 +1,17 @@
+import copy
 import dataclasses
 import json
 import math
 import multiprocessing
+import pickle
 from pathlib import Path
 
 import pytest
 
 from graphopt.autotune import cache as cache_mod
-from graphopt.autotune.cache import (CacheBundleError, CacheEntry, CacheWarning, Config, DeviceKey, Timing,
-                                     TuningCache, cache_dir, clear, export_bundle, format_listing, import_bundle,
-                                     list_caches, shape_bucket)
+from graphopt.autotune.cache import CacheEntry, CacheWarning, Config, DeviceKey, Timing, TuningCache, cache_dir, shape_bucket
+from graphopt.autotune.cache_admin import (CacheBundleError, clear, export_bundle, format_listing, import_bundle,
+                                           list_caches)
 
 H100 = DeviceKey("NVIDIA H100 80GB HBM3", (9, 0), 132, "12.4", "2.5.1", "3.1.0", "0.1.0")
 A100 = DeviceKey("NVIDIA A100-SXM4-40GB", (8, 0), 108, "12.4", "2.5.1", "3.1.0", "0.1.0")
@@ -36,6 +38,7 @@ def test_config_is_an_immutable_hashable_value():
     assert (lambda **kw: kw)(**c) == {"BLOCK_M": 64, "num_warps": 4}
     with pytest.raises(AttributeError):
         c._items = ()
+    assert copy.deepcopy(c) == c and pickle.loads(pickle.dumps(c)) == c  # a lowered module's chosen configs copy
     for bad in ({"BLOCK_M": 64.0}, {"BLOCK_M": True}, {"": 1}):
         with pytest.raises(TypeError):
             Config(bad)

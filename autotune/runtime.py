@@ -1,0 +1,459 @@
+"""The lean runtime: one generated Python forward per lowered graph and input layout.
+
+Where it belongs: after lowering (:mod:`.lower` builds the kernel call sites), between the caller
+(:class:`graphopt.OptimizedModule`) and the kernels. The general path runs a lowered graph through
+its call sites, and each site works out per call what a generated forward settles once: the layout of
+its inputs, the shape bucket and its config, the output strides, the kernels' grids and arguments.
+As Inductor does, :class:`Runtime` instead writes the graph out as Python source the first time it
+meets an input layout (shapes, strides, dtypes and devices of the graph's inputs) and calls that
+source from then on:
+
+- one guard at entry compares each input's shape, strides, dtype and device with the layout the
+  source was written for; a miss returns ``None`` and the runtime takes another forward or the
+  general path;
+- ATen nodes are direct calls of their ``torch.ops`` overloads, sizes read off the inputs are
+  literals (the guard pins them), and each value is released (``del``) after its last use;
+- each kernel call site is its launch plan (:class:`~.launches.LaunchPlan`) written out:
+  ``torch.empty_strided`` for its outputs, then ``kernel[grid](..., BLOCK=..., num_warps=...)`` with
+  the grid, sizes, strides and config as literals; a site whose config is the ATen candidate (or
+  whose inputs are laid out otherwise than at capture) has its region's ATen ops inline instead.
+
+The tuner, the tuning cache and the verifier run while a forward is generated (the generating call
+goes through the general path, which picks each site's config), never on the call path of a
+generated forward. A ``tune()`` of any call site retires the forwards that baked in the old configs.
+With ``GRAPHOPT_DUMP_KERNELS=dir`` each forward's source is written to ``dir`` beside the kernels,
+and its tracebacks point into that file.
+
+Not done here: launching through Triton's compiled launcher directly (each launch still goes through
+``JITFunction.run``'s argument binding), and buffer reuse (every kernel output is a fresh tensor from
+PyTorch's caching allocator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import keyword
+import math
+import operator
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from .launches import Ref
+from .sites import SitePlan, _Tuned
+
+Layout = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device], ...]
+
+MAX_FORWARDS = 8
+"""Input layouts a :class:`Runtime` writes a forward for; calls in further layouts take the general path."""
+
+# ops whose int result is a size of a guarded input: written as a literal
+_SIZE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+             torch.ops.aten.sym_storage_offset.default}
+_INT_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg}
+
+
+def layout_of(tensors: Sequence[torch.Tensor]) -> Layout:
+    """What a generated forward is specialised on: each input's shape, strides, dtype and device."""
+    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedForward:
+    """One generated forward: its source, the compiled function and the layout it guards for.
+
+    ``fn(*tensors)`` returns the graph's outputs as a tuple, or ``None`` when ``tensors`` are not
+    laid out as ``layout`` says (nothing has run then). ``path`` is the dumped source file, if any.
+    """
+
+    name: str
+    source: str
+    fn: Callable[..., tuple[torch.Tensor, ...] | None]
+    layout: Layout
+    path: Path | None = None
+
+
+@dataclasses.dataclass
+class RuntimeStats:
+    """Counts of one :class:`Runtime`'s calls by the path they took."""
+
+    generated: int = 0
+    """Forwards written (each costs one call on the general path)."""
+    hits: int = 0
+    """Calls served by a generated forward."""
+    general: int = 0
+    """Calls run on the general path without writing a forward (the layout limit was reached)."""
+
+
+class Runtime:
+    """Calls a lowered graph through a forward generated per input layout, the general path otherwise.
+
+    ``runtime(tensors)`` takes the graph's flat input tensors and returns its outputs as a tuple.
+    ``dump_dir``: where to write each forward's source (``None``: nowhere). ``max_forwards``: how many
+    layouts get a forward of their own.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, *, dump_dir: str | os.PathLike | None = None,
+                 max_forwards: int = MAX_FORWARDS):
+        self.graph_module = graph_module
+        self.dump_dir = None if dump_dir is None else Path(dump_dir)
+        self.max_forwards = max_forwards
+        self.stats = RuntimeStats()
+        self._forwards: dict[Layout, GeneratedForward] = {}
+        self._last: Callable[..., tuple[torch.Tensor, ...] | None] | None = None
+        self._epochs = tuple({id(m.epoch): m.epoch for m in graph_module.modules() if isinstance(m, _Tuned)}.values())
+        self._epoch_values = self._read_epochs()
+
+    @property
+    def forwards(self) -> tuple[GeneratedForward, ...]:
+        """The forwards written so far, oldest first."""
+        return tuple(self._forwards.values())
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        for epoch, seen in zip(self._epochs, self._epoch_values):
+            if epoch.value != seen:  # a site was re-tuned: the configs baked into the forwards are stale
+                self.clear()
+                break
+        if self._last is not None and (out := self._last(*tensors)) is not None:
+            self.stats.hits += 1
+            return out
+        layout = layout_of(tensors)
+        if (forward := self._forwards.get(layout)) is not None:
+            self._last = forward.fn
+            self.stats.hits += 1
+            out = forward.fn(*tensors)
+            assert out is not None, "a generated forward refused the layout it was written for"
+            return out
+        if len(self._forwards) >= self.max_forwards:
+            self.stats.general += 1
+            return tuple(self.graph_module(*tensors))
+        out, forward = generate_forward(self.graph_module, tensors, name=f"forward_{len(self._forwards)}",
+                                        dump_dir=self.dump_dir)
+        self._forwards[layout] = forward
+        self._last = forward.fn
+        self.stats.generated += 1
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy holds copied parameters: it writes forwards of its own rather than share these
+        state = dict(self.__dict__)
+        state["_forwards"], state["_last"] = {}, None
+        return state
+
+    def clear(self) -> None:
+        """Drop every generated forward (the next call in each layout writes a new one)."""
+        self._forwards.clear()
+        self._last = None
+        self._epoch_values = self._read_epochs()
+
+    def _read_epochs(self) -> tuple[int, ...]:
+        return tuple(e.value for e in self._epochs)
+
+
+def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, name: str = "forward",
+                     dump_dir: str | os.PathLike | None = None) -> tuple[tuple[torch.Tensor, ...], GeneratedForward]:
+    """Run ``gm`` once on ``tensors`` through its call sites and write its forward for their layout.
+
+    Returns the outputs of that run and the forward. Every call site chooses its config here, as on
+    the general path (from the tuning cache, by tuning, or the default).
+    """
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        outputs = tuple(recorder.run(*tensors))
+    layout = layout_of(tensors)
+    source, namespace = _Writer(gm, recorder, layout, name).source()
+    digest = hashlib.sha256(source.encode()).hexdigest()[:8]
+    path = None
+    filename = f"<graphopt generated {name}_{digest}>"
+    if dump_dir is not None:
+        path = Path(dump_dir) / f"{name}_{digest}.py"
+        path.write_text(source)
+        filename = str(path)
+    code = compile(source, filename, "exec")
+    exec(code, namespace)  # noqa: S102 - our own generated source, written just above
+    return outputs, GeneratedForward(name, source, namespace[name], layout, path)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a lowered graph as the general path does, keeping each site's plan and each size it read."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.sites: dict[fx.Node, tuple[_Tuned, SitePlan, tuple[torch.Tensor, ...]]] = {}
+        self.sizes: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_module" and isinstance(site := self.fetch_attr(n.target), _Tuned):
+            args = tuple(self.env[a] if isinstance(a, fx.Node) else a for a in n.args)
+            planned = site.plan_for(*args)
+            self.sites[n] = (site, planned, args)
+            return planned.run(site, args)
+        out = super().run_node(n)
+        if n.op == "call_function" and type(out) is int and (
+                n.target in _SIZE_OPS or (n.target in _INT_OPS and all(a in self.sizes for a in n.all_input_nodes))):
+            self.sizes[n] = out
+        return out
+
+
+class _Writer:
+    """Writes a lowered graph as the source of one Python function for one input layout."""
+
+    def __init__(self, gm: fx.GraphModule, recorder: _Recorder, layout: Layout, name: str):
+        self.gm, self.recorder, self.layout, self.name = gm, recorder, layout, name
+        self.namespace: dict[str, Any] = {"torch": torch}
+        self._const_names: dict[object, str] = {}
+        self._taken: set[str] = {"torch", name} | {n.name for n in gm.graph.nodes}
+        self.lines: list[str] = []
+
+    # ---- names
+
+    def const(self, value: Any, hint: str) -> str:
+        """A module-level name bound to ``value`` (one name per object, or per value for dtypes and devices)."""
+        key = value if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)) else id(value)
+        if (known := self._const_names.get(key)) is not None:
+            return known
+        base = re.sub(r"\W+", "_", hint).strip("_") or "c"
+        if base[0].isdigit() or keyword.iskeyword(base):
+            base = f"c_{base}"
+        name, i = base, 1
+        while name in self._taken:
+            name, i = f"{base}_{i}", i + 1
+        self._taken.add(name)
+        self._const_names[key] = name
+        self.namespace[name] = value
+        return name
+
+    def local(self, hint: str) -> str:
+        base = re.sub(r"\W+", "_", hint)
+        name, i = base, 1
+        while name in self._taken:
+            name, i = f"{base}_{i}", i + 1
+        self._taken.add(name)
+        return name
+
+    def expr(self, value: Any, env: dict[fx.Node, str]) -> str:
+        """``value`` (a node argument) as a Python expression."""
+        if isinstance(value, fx.Node):
+            return env[value]
+        if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+            return repr(value)
+        if isinstance(value, float):
+            return repr(value) if math.isfinite(value) else f"float({str(value)!r})"
+        if isinstance(value, tuple):
+            inner = ", ".join(self.expr(v, env) for v in value)
+            return f"({inner},)" if len(value) == 1 else f"({inner})"
+        if isinstance(value, list):
+            return "[" + ", ".join(self.expr(v, env) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k!r}: {self.expr(v, env)}" for k, v in value.items()) + "}"
+        if isinstance(value, torch.dtype):
+            return self.const(value, str(value).replace(".", "_"))
+        if isinstance(value, torch.device):
+            return self.const(value, f"device_{value}")
+        return self.const(value, type(value).__name__.lower())
+
+    def function(self, target: Any) -> str:
+        if isinstance(target, torch._ops.OpOverload):
+            return self.const(target, str(target))  # aten.linear.default -> aten_linear_default
+        return self.const(target, getattr(target, "__name__", "fn"))
+
+    # ---- statements
+
+    def source(self) -> tuple[str, dict[str, Any]]:
+        graph = self.gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        env: dict[fx.Node, str] = {n: n.name for n in placeholders}
+        self._guard(placeholders)
+        last_use = _last_uses(graph)
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                self.lines.append(f"return {self.expr(tuple(_flat_outputs(node)), env)}")
+                break
+            self._node(node, env)
+            dead = [env[a] for a in last_use.get(node, ()) if a.op not in ("placeholder", "get_attr")
+                    and a in env and env[a].isidentifier() and not self._is_const(env[a])]
+            if dead:
+                self.lines.append(f"del {', '.join(dict.fromkeys(dead))}")
+        shapes = ", ".join("x".join(map(str, shape)) or "scalar" for shape, _, _, _ in self.layout)
+        head = [f"# graphopt: generated forward of {type(self.gm).__name__} for inputs {shapes}",
+                "# each kernel call site's config, grid, sizes and strides are literals for this layout;",
+                "# a call in another layout returns None at the guard and the runtime takes another path;",
+                "# torch.export's input guards and metadata assertions are left out: the entry guard implies them",
+                "", "", f"def {self.name}({', '.join(env[p] for p in placeholders)}):"]
+        body = ["    " + line if line else "" for line in self.lines]
+        return "\n".join(head + body) + "\n", self.namespace
+
+    def _is_const(self, name: str) -> bool:
+        return name in self.namespace
+
+    def _guard(self, placeholders: Sequence[fx.Node]) -> None:
+        if len(placeholders) != len(self.layout):
+            raise ValueError(f"the graph takes {len(placeholders)} inputs, the layout describes {len(self.layout)}")
+        tests = []
+        for p, (shape, strides, dtype, device) in zip(placeholders, self.layout):
+            tests.append(f"{p.name}.dtype is not {self.expr(dtype, {})} or {p.name}.shape != {shape!r} "
+                         f"or {p.name}.stride() != {strides!r} or {p.name}.device != {self.expr(device, {})}")
+        if tests:
+            self.lines += ["if (" + "\n        or ".join(tests) + "):", "    return None"]
+
+    def _node(self, node: fx.Node, env: dict[fx.Node, str]) -> None:
+        if _implied_by_guard(node):
+            return
+        if node.op == "get_attr":
+            env[node] = self.const(_fetch(self.gm, node.target), f"p_{node.target}")
+        elif node.op == "call_module":
+            if node in self.recorder.sites:
+                self._site(node, env)
+            else:
+                module = self.const(_fetch(self.gm, node.target), f"m_{node.target}")
+                self._call(node, env, f"{module}.forward")
+        elif node.op == "call_function":
+            if node in self.recorder.sizes:
+                env[node] = repr(self.recorder.sizes[node])
+            elif node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                    and node.args[0] in self.recorder.sites:
+                pass  # named by the site that produced it
+            elif node.target is operator.getitem:
+                env[node] = node.name
+                self.lines.append(f"{node.name} = {self.expr(node.args[0], env)}[{self.expr(node.args[1], env)}]")
+            else:
+                self._call(node, env, self.function(node.target))
+        elif node.op == "call_method":
+            env[node] = node.name
+            args = [self.expr(a, env) for a in node.args[1:]] + [f"{k}={self.expr(v, env)}" for k, v in node.kwargs.items()]
+            self.lines.append(f"{node.name} = {self.expr(node.args[0], env)}.{node.target}({', '.join(args)})")
+        else:
+            raise ValueError(f"cannot generate code for a {node.op} node ({node.name})")
+
+    def _call(self, node: fx.Node, env: dict[fx.Node, str], fn: str, name: str | None = None) -> None:
+        env[node] = name or node.name
+        args = [self.expr(a, env) for a in node.args] + [f"{k}={self.expr(v, env)}" for k, v in node.kwargs.items()]
+        target = f"{env[node]} = " if node.users or name else ""
+        self.lines.append(f"{target}{fn}({', '.join(args)})")
+
+    def _site(self, node: fx.Node, env: dict[fx.Node, str]) -> None:
+        site, planned, args = self.recorder.sites[node]
+        site_name = str(node.target).rsplit(".", 1)[-1]
+        n_out = len(site.fallback.graph.find_nodes(op="output")[0].args[0])
+        outs: list[str | None] = [None] * n_out
+        for user in node.users:
+            if user.target is operator.getitem:
+                outs[user.args[1]] = user.name
+                env[user] = user.name
+        unused = [self.local(f"{site_name}_out{j}") for j, o in enumerate(outs) if o is None]
+        named = iter(unused)
+        outs = [o if o is not None else next(named) for o in outs]
+        inputs = [self.expr(a, env) for a in node.args]
+        if planned.plan is None:
+            why = "ATen chosen" if planned.config is not None else "inputs laid out otherwise than at capture"
+            self.lines.append(f"# {site_name}: {site.kernel_name} -> the region's ATen ops ({why})")
+            self._inline(site.fallback, inputs, outs, site_name)
+        else:
+            config = " ".join(f"{k}={v}" for k, v in planned.config.items())
+            self.lines.append(f"# {site_name}: {site.kernel_name} [{config}]")
+            self._plan(planned, inputs, outs, site_name, args)
+        if unused:
+            self.lines.append(f"del {', '.join(unused)}")
+
+    def _inline(self, fallback: fx.GraphModule, inputs: list[str], outs: list[str], prefix: str) -> None:
+        """The region's own ATen nodes, their results named for the site's outputs."""
+        graph = fallback.graph
+        output = graph.find_nodes(op="output")[0]
+        results = list(output.args[0])
+        env: dict[fx.Node, str] = {}
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        env.update(zip(placeholders, inputs))
+        named: dict[fx.Node, str] = {}
+        aliases = []
+        for j, r in enumerate(results):
+            if r.op == "placeholder" or r in named:
+                aliases.append(f"{outs[j]} = {env[r] if r.op == 'placeholder' else named[r]}")
+            else:
+                named[r] = outs[j]
+        last_use = _last_uses(graph)
+        for n in graph.nodes:
+            if n.op in ("placeholder", "output"):
+                continue
+            if n.op != "call_function":
+                raise ValueError(f"cannot inline a {n.op} node of a region's ATen ops ({n.name})")
+            if n.target is operator.getitem:
+                env[n] = named.get(n) or self.local(f"{prefix}_{n.name}")
+                self.lines.append(f"{env[n]} = {self.expr(n.args[0], env)}[{self.expr(n.args[1], env)}]")
+            else:
+                self._call(n, env, self.function(n.target), named.get(n) or self.local(f"{prefix}_{n.name}"))
+            dead = [env[a] for a in last_use.get(n, ()) if a.op != "placeholder" and a not in named]
+            if dead:
+                self.lines.append(f"del {', '.join(dead)}")
+        self.lines += aliases
+
+    def _plan(self, planned: SitePlan, inputs: list[str], outs: list[str], prefix: str,
+              args: Sequence[torch.Tensor]) -> None:
+        plan = planned.plan
+        assert plan is not None
+        names = {name: inputs[i] for name, i in zip(plan.inputs, planned.inputs)}
+        scratch = []
+        for j, out in enumerate(plan.outputs):
+            names[out] = outs[j]
+        for name, source, dtype in plan.casts:
+            names[name] = self.local(f"{prefix}_{name}")
+            scratch.append(names[name])
+            self.lines.append(f"{names[name]} = {names[source]}.to({self.expr(dtype, {})}).contiguous()")
+        device = self.expr(args[planned.inputs[0]].device if planned.inputs else args[0].device, {})
+        for b in plan.buffers:
+            if b.name not in names:
+                names[b.name] = self.local(f"{prefix}_{b.name}")
+                scratch.append(names[b.name])
+            zero = ".zero_()" if b.zero else ""
+            self.lines.append(f"{names[b.name]} = torch.empty_strided({b.shape!r}, {b.strides!r}, "
+                              f"dtype={self.expr(b.dtype, {})}, device={device}){zero}")
+        for call in plan.calls:
+            kernel = self.const(call.kernel, getattr(call.kernel, "__name__", "kernel"))
+            call_args = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in call.args]
+            constexprs = [f"{k}={self.expr(v, {})}" for k, v in call.constexprs]
+            self.lines.append(f"{kernel}[{call.grid!r}]({', '.join(call_args + constexprs)})")
+        if scratch:
+            self.lines.append(f"del {', '.join(scratch)}")
+
+
+def _implied_by_guard(node: fx.Node) -> bool:
+    """torch.export's input guards and tensor-metadata assertions: the entry guard, which pins every
+    input's shape, strides, dtype and device, implies them (they passed on the generating run)."""
+    if node.users:
+        return False
+    return (node.op == "call_module" and node.target == "_guards_fn") or (
+        node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default)
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in str(target).split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _flat_outputs(output: fx.Node) -> list[Any]:
+    value = output.args[0]
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the values whose last use it is (never the graph's outputs)."""
+    nodes = list(graph.nodes)
+    output = nodes[-1]
+    last: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            last[a] = n
+    uses: dict[fx.Node, list[fx.Node]] = {}
+    for value, user in last.items():
+        if user is not output:
+            uses.setdefault(user, []).append(value)
+    return uses

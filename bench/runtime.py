@@ -1,0 +1,183 @@
+"""Per-call host overhead of a lowered model: the general path against the generated forward.
+
+    python bench/runtime.py                       # on a CPU: Triton's interpreter, host overhead only
+    python bench/runtime.py --models dit-s --batch 16 --dtype bf16   # on a GPU: also whole-call latency
+
+A lowered model can be called two ways (:mod:`graphopt.autotune.runtime`): the general path (the
+lowered ``fx.GraphModule``, each kernel call site an ``nn.Module`` that works out its layout, shape
+bucket, config, output strides and launch arguments per call) and the generated forward (the same
+graph written out as Python per input layout, all of that baked in). Both launch the same kernels
+with the same configs and run the same ATen ops; what differs is the Python around them.
+
+What is measured, in one run per model:
+
+1. **Host overhead** (any machine): each Triton kernel's ``run`` (argument binding, its cache lookup
+   and the launch itself, identical in both paths) is replaced by a function that returns at once, so
+   a call costs graphopt's Python plus the ATen ops on the inputs' device. Medians over rounds of
+   calls, both paths interleaved; "saved per site" divides the difference by the number of kernel call
+   sites. On a CPU the ATen ops are computed (small widths keep them cheap) and count in both paths.
+2. **Whole-call latency** (CUDA only): the real kernels, ``torch.cuda.synchronize()`` after each
+   round of calls, milliseconds per call.
+
+On a CPU the models are the GPU benchmark's (same depth, so the same number of call sites) at a small
+width and resolution; the kernels run in Triton's interpreter when lowering checks them and never in
+the timed calls, and ATen runs on one thread (``--threads``): on a busy machine OpenMP's thread
+barrier costs milliseconds per tiny op and would swamp what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+if __name__ == "__main__" and "--help" not in sys.argv and "-h" not in sys.argv:
+    import torch  # noqa: E402 - decides whether Triton must be interpreted, before any kernel is decorated
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def models(small: bool) -> dict[str, Callable[[], tuple[nn.Module, str]]]:
+    """DiT-S/2 and the EDM UNet of bench/kernels.py; ``small``: the same depth at a CPU-friendly width."""
+    from graphopt.models.dit import DiTConfig, SiT
+    from graphopt.models.unet import EDMUNet, UNetConfig
+
+    return {
+        "dit-s": lambda: (SiT(DiTConfig(resolution=8 if small else 32, patch=2, in_channels=4,
+                                        dim=64 if small else 384, depth=12, heads=2 if small else 6,
+                                        freq_dim=32 if small else 256, num_classes=1000)),
+                          "DiT-S/2" + (" (depth 12, width 64, 8x8)" if small else "")),
+        "unet": lambda: (EDMUNet(UNetConfig(resolution=8 if small else 32, in_channels=4,
+                                            channels=16 if small else 128, channel_mult=(1, 2, 2),
+                                            blocks_per_level=2, attn_resolutions=(4,) if small else (16, 8),
+                                            heads=2 if small else 4, emb_dim=32 if small else 512,
+                                            groups=4 if small else 32)),
+                         "EDM UNet (1,2,2)x2" + (" (16ch, 8x8)" if small else " 128ch")),
+    }
+
+
+def example_inputs(key: str, model: nn.Module, batch: int, device: str, dtype: torch.dtype) -> tuple:
+    res, ch = model.config.resolution, model.config.in_channels
+    x = torch.randn(batch, ch, res, res, device=device, dtype=dtype)
+    if key.startswith("dit"):
+        return x, torch.rand(batch, device=device), torch.randint(0, 1000, (batch,), device=device)
+    return x, torch.rand(batch, device=device, dtype=dtype) * 10 + 0.1
+
+
+@contextlib.contextmanager
+def launches_skipped() -> Iterator[None]:
+    """Every Triton kernel's ``run`` returns at once (compiled and interpreted kernels alike)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def skip(self: object, *args: object, **kwargs: object) -> None:
+        return None
+
+    with mock.patch.object(JITFunction, "run", skip), mock.patch.object(InterpretedFunction, "run", skip):
+        yield
+
+
+def interleaved(fns: dict[str, Callable[[], object]], calls: int, rounds: int,
+                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Microseconds per call: the median over ``rounds`` of ``calls`` calls, the functions taking turns."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench(key: str, args: argparse.Namespace) -> dict[str, object]:
+    import graphopt
+    from graphopt.autotune.sites import _Tuned
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", DTYPES[args.dtype]) if cuda else ("cpu", torch.float32)
+    model, label = models(small=not cuda)[key]()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model = model.to(device=device, dtype=dtype).eval()
+    inputs = example_inputs(key, model, args.batch, device, dtype)
+    opt = graphopt.optimize(model, inputs, target="cuda")
+    _, tensors, _ = opt.captured.flatten_call(inputs, {})
+    gm, runtime = opt.lowered[0], opt._runtimes[0]
+    sites = sum(isinstance(m, _Tuned) for m in gm.modules())
+    paths: dict[str, Callable[[], object]] = {"general": lambda: gm(*tensors), "generated": lambda: runtime(tensors)}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.no_grad():
+        for fn in paths.values():  # the generated forward is written here; kernels compile on a GPU
+            fn()
+        with launches_skipped():
+            host = interleaved(paths, args.calls, args.rounds)
+        whole = interleaved(paths, args.calls, args.rounds, sync) if cuda else None
+    assert runtime.stats.generated == 1, runtime.stats
+    return {"label": label, "sites": sites, "host": host, "whole": whole}
+
+
+def conditions(args: argparse.Namespace) -> str:
+    import triton
+
+    where = (torch.cuda.get_device_name() if torch.cuda.is_available()
+             else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), Triton interpreter")
+    dtype = args.dtype if torch.cuda.is_available() else f"fp32, {torch.get_num_threads()} ATen thread(s)"
+    return (f"{where}; torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}; "
+            f"batch {args.batch}, {dtype}; medians of {args.rounds} rounds x {args.calls} calls, paths interleaved")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="dit-s,unet", help="comma-separated: dit-s, unet")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="on a GPU (a CPU runs fp32)")
+    p.add_argument("--calls", type=int, default=50, help="calls per round")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1, help="ATen threads on a CPU (default 1)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in ("dit-s", "unet")]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; choose from dit-s, unet")
+
+    print(conditions(args))
+    print("host overhead per call: Triton's kernel launch (its run(): binding, cache lookup, launch) skipped in "
+          "both paths; graphopt's Python and the ATen ops counted")
+    rows = [("model", "sites", "general us", "generated us", "general / generated", "saved per site us",
+             "whole call general ms", "whole call generated ms", "whole ratio")]
+    for key in keys:
+        r = bench(key, args)
+        host, whole = r["host"], r["whole"]
+        saved = (host["general"] - host["generated"]) / max(r["sites"], 1)
+        rows.append((r["label"], str(r["sites"]), f"{host['general']:.0f}", f"{host['generated']:.0f}",
+                     f"{host['general'] / host['generated']:.2f}x", f"{saved:.1f}",
+                     f"{whole['general'] / 1e3:.3f}" if whole else "-", f"{whole['generated'] / 1e3:.3f}" if whole else "-",
+                     f"{whole['general'] / whole['generated']:.2f}x" if whole else "- (no GPU)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The lowering check: a captured graph lowered onto Triton kernels and checked before it is handed out.
+
+Where it belongs: called by :class:`~graphopt.emit.OptimizedModule` for each variant of a
+target="cuda" module (at ``optimize`` time, on re-capture, when a saved model is loaded for CUDA).
+:func:`graphopt.autotune.lower.lower` builds the call sites, :mod:`graphopt.autotune.check` runs
+them against the ATen ops they replace; the module then calls the lowered graph through
+:class:`graphopt.autotune.runtime.Runtime`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from torch import fx
+
+from .capture import CapturedGraph
+from .errors import UsageError, VerificationError
+
+
+def check_cuda_target() -> None:
+    """target="cuda" needs a CUDA device, or Triton's interpreter asked for, and Triton installed."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("target='cuda' but torch sees no CUDA device (set TRITON_INTERPRET=1 to run the "
+                         "generated kernels in Triton's interpreter on the CPU, for testing)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise UsageError("target='cuda' generates Triton kernels and Triton is not installed: "
+                         "pip install 'graphopt[triton]'") from None
+
+
+def lower_captured(captured: CapturedGraph) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Lower a captured graph onto kernels and check it on the example inputs; (module, report JSON).
+
+    Every kernel is compared with the ATen ops it replaces on the same inputs, then the whole graph
+    with the original model's outputs; either beyond the dtype's tolerance raises
+    :class:`VerificationError` naming the kernel and where it came from.
+    """
+    from graphopt.autotune.lower import LoweringReport, check_regions, lower
+
+    from .verify import compare
+
+    start = time.perf_counter()
+    result = lower(captured.graph_module)
+    outputs, errors = check_regions(result.graph_module, captured.example_inputs)
+    for region in result.regions:
+        if region.name in errors and not errors[region.name][2]:
+            abs_err, rel_err, _ = errors[region.name]
+            where = f" ({', '.join(region.modules)})" if region.modules else ""
+            raise VerificationError(f"kernel {region.kernel} for {' '.join(region.ops)}{where} differs from the ATen "
+                                    f"ops it replaces: max abs err {abs_err:.3g}, max rel err {rel_err:.3g}")
+    cmp = compare(outputs, captured.reference_outputs)
+    if not cmp.within:
+        raise VerificationError(f"the lowered graph differs from the original model: {cmp.line()}")
+    nodes = sum(len(r.ops) for r in result.regions)
+    report = LoweringReport(result.regions, len(result.library), nodes, result.partition.left_on_aten,
+                            result.declined, cmp.max_abs_error, cmp.max_rel_error, time.perf_counter() - start,
+                            str(result.library.directory) if result.library.dumped else None)
+    return result.graph_module, report.to_json()

@@ -1,0 +1,171 @@
+"""The generated forward of a lowered graph, run under TRITON_INTERPRET=1, against the general path."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+import graphopt  # noqa: E402
+import graphopt.ops  # noqa: E402, F401 - registers torch.ops.graphopt.*
+from graphopt.autotune import sites as sites_module  # noqa: E402
+from graphopt.autotune.check import call_sites  # noqa: E402
+from graphopt.autotune.cache import TuningCache  # noqa: E402
+from graphopt.autotune.configs import is_aten  # noqa: E402
+from graphopt.autotune.launches import LaunchPlan  # noqa: E402
+from graphopt.autotune.lower import lower  # noqa: E402
+from graphopt.autotune.sites import FamilyRegion, FusedRegion, TuningOptions, _Tuned  # noqa: E402
+from graphopt.autotune.runtime import Runtime, layout_of  # noqa: E402
+from graphopt.capture import capture  # noqa: E402
+from tests import zoo  # noqa: E402
+from tests.autotune.test_lower import AdaLN, Attention, FakeTimer, Fn, LiTAttention  # noqa: E402
+
+SLOW_ZOO = {"unet", "list_unet", "dict_unet", "uvit", "text_unet", "pixart"}  # 3-30 s each in the interpreter
+
+
+def lowered_runtime(model, *args, kwargs=None, **runtime_kw):
+    captured = capture(model.eval(), args, kwargs)
+    result = lower(captured.graph_module, options=TuningOptions(cache=None))
+    return Runtime(result.graph_module, **runtime_kw), result.graph_module, list(captured.example_inputs)
+
+
+def general(gm, tensors):
+    with torch.no_grad():
+        return tuple(gm(*tensors))
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride()
+        assert torch.equal(g, w), (g - w).abs().max()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ZOO else n for n in zoo.ZOO])
+def test_the_generated_forward_of_each_zoo_model_equals_the_general_path(name):
+    model, args, kwargs = zoo.ZOO[name]()
+    runtime, gm, tensors = lowered_runtime(model, *args, kwargs=kwargs)
+    with torch.no_grad():
+        first = runtime(tensors)  # writes the forward, on the general path
+        second = runtime(tensors)  # runs it
+    want = general(gm, tensors)
+    assert_same(first, want)
+    assert_same(second, want)
+    assert (runtime.stats.generated, runtime.stats.hits, runtime.stats.general) == (1, 1, 0)
+    (forward,) = runtime.forwards
+    for site in gm.modules():
+        if isinstance(site, FusedRegion):  # every generated kernel is launched from the source itself
+            assert f"{site.fn.__name__}[(" in forward.source
+
+
+def test_family_kernels_are_launched_from_the_generated_source():
+    class Family(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lit = LiTAttention()
+            self.register_buffer("level", torch.tensor([0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]))
+
+        def forward(self, x, kernels):
+            b, n, d = x.shape
+            y = self.lit(x)
+            q = y.reshape(b, n, 2, d // 2).transpose(1, 2)
+            z = torch.ops.graphopt.block_causal_attention(q, q, q, self.level, None)  # int64 levels: cast
+            v = z.transpose(1, 2).reshape(b, n, d).transpose(1, 2).reshape(b, d, 4, 4)
+            return torch.ops.graphopt.dynamic_dwconv(v, kernels)
+
+    runtime, gm, tensors = lowered_runtime(Family(), torch.randn(2, 16, 24), torch.randn(2, 24, 3, 3))
+    sites = [m for m in gm.modules() if isinstance(m, FamilyRegion)]
+    assert sorted(s.kernel_name for s in sites) == ["block_causal_attention", "dynamic_dwconv", "linear_attention"]
+    with torch.no_grad():
+        runtime(tensors)
+        got = runtime(tensors)
+    assert_same(got, general(gm, tensors))
+    source = runtime.forwards[0].source
+    for kernel in ("linear_attention_state_kernel[(", "linear_attention_apply_kernel[(", "attention_kernel[(",
+                   "dynamic_dwconv_kernel[(", ".to(torch_int32).contiguous()"):
+        assert kernel in source
+
+
+def test_softmax_attention_runs_sdpa_inline_until_the_flash_kernel_is_tuned_in():
+    runtime, gm, tensors = lowered_runtime(Attention(), torch.randn(2, 19, 32))
+    with torch.no_grad():
+        runtime(tensors)
+    assert "aten_scaled_dot_product_attention_default(" in runtime.forwards[0].source
+    (site,) = [m for m in gm.modules() if isinstance(m, FamilyRegion)]
+    (_, inputs), = call_sites(gm, tensors)
+    result = site.tune(*inputs, timer=FakeTimer(), cache=None)  # the last candidate timed wins: a kernel config
+    assert not is_aten(result.config)
+    with torch.no_grad():
+        got = runtime(tensors)  # the re-tune retired the forward: a new one is written with the kernel
+    assert runtime.stats.generated == 2 and "attention_kernel[(" in runtime.forwards[0].source
+    assert_same(got, general(gm, tensors))
+
+
+def test_another_batch_or_dtype_misses_the_guard_and_gets_its_own_forward():
+    runtime, gm, (x, c) = lowered_runtime(AdaLN(), torch.randn(3, 5, 40), torch.randn(3, 40))
+    with torch.no_grad():
+        runtime([x, c])
+        (forward,) = runtime.forwards
+        other = [torch.randn(2, 5, 40), torch.randn(2, 40)]
+        assert forward.fn(*other) is None  # the guard refuses, nothing runs
+        assert forward.fn(*(t.half() for t in (x, c))) is None
+        assert forward.fn(x.transpose(0, 1).contiguous().transpose(0, 1), c) is None  # same shape, other strides
+        assert_same(runtime(other), general(gm, other))
+        half = [t.half() for t in other]
+        assert_same(runtime(half), general(gm, half))
+        assert_same(runtime([x, c]), general(gm, [x, c]))  # back to the first layout: its forward
+    assert [f.layout for f in runtime.forwards] == [layout_of([x, c]), layout_of(other), layout_of(half)]
+    assert (runtime.stats.generated, runtime.stats.hits) == (3, 1)
+
+
+def test_past_the_layout_limit_calls_take_the_general_path():
+    runtime, gm, (x,) = lowered_runtime(Fn(lambda x: torch.sigmoid(x) * x), torch.randn(3, 7), max_forwards=1)
+    with torch.no_grad():
+        runtime([x])
+        other = [torch.randn(5, 7)]
+        assert_same(runtime(other), general(gm, other))
+    assert (runtime.stats.generated, runtime.stats.general) == (1, 1)
+
+
+def test_nothing_of_the_tuner_cache_sites_or_verifier_runs_on_the_generated_path(monkeypatch):
+    runtime, gm, tensors = lowered_runtime(AdaLN(), torch.randn(3, 5, 40), torch.randn(3, 40))
+    with torch.no_grad():
+        runtime(tensors)
+    want = general(gm, tensors)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("called on the generated path")
+
+    for owner, name in ((sites_module, "choose"), (sites_module, "tune"), (TuningCache, "get"),
+                        (graphopt.verify, "compare"), (_Tuned, "__call__"), (_Tuned, "plan_for"),
+                        (FusedRegion, "_config"), (FusedRegion, "_layout"), (FusedRegion, "plan"),
+                        (LaunchPlan, "run")):
+        monkeypatch.setattr(owner, name, forbidden)
+    with torch.no_grad():
+        assert_same(runtime(tensors), want)
+    assert runtime.stats.hits == 1
+
+
+def test_an_optimized_module_calls_its_generated_forward_and_dumps_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_DUMP_KERNELS", str(tmp_path / "kernels"))
+    model, args = AdaLN().eval(), (torch.randn(3, 5, 40), torch.randn(3, 40))
+    opt = graphopt.optimize(model, args, target="cuda")
+    with torch.no_grad():
+        want = model(*args)
+        for _ in range(2):
+            torch.testing.assert_close(opt(*args), want, atol=2e-5, rtol=2e-5)
+    (runtime,) = opt._runtimes
+    assert (runtime.stats.generated, runtime.stats.hits) == (1, 1)
+    (forward,) = runtime.forwards
+    assert forward.path is not None and forward.path.parent == tmp_path / "kernels"
+    assert forward.path.read_text() == forward.source and "def forward_0(" in forward.source
+    compile(forward.source, str(forward.path), "exec")  # the dumped file is the Python that runs
+
+    twin = copy.copy(runtime)  # a copy (or a pickle) leaves the forwards behind: they hold these parameters
+    assert not twin.forwards and runtime.forwards
+    opt.float()  # .to() and friends may replace parameters: the forwards are written again
+    assert not runtime.forwards
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*args), want, atol=2e-5, rtol=2e-5)
