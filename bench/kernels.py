@@ -67,6 +67,7 @@ from graphopt.models.unet import EDMUNet, UNetConfig
 from torch import nn
 
 import graphopt
+from _inputs import example_inputs  # bench/, beside this script
 from graphopt.verify import compare
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -88,14 +89,6 @@ MODELS: dict[str, Callable[[bool], tuple[nn.Module, str]]] = {
                                               groups=4 if smoke else 32)),
                            "EDM UNet 128ch (1,2,2)x2"),
 }
-
-
-def example_inputs(name: str, model: nn.Module, batch: int, device: str, dtype: torch.dtype) -> tuple:
-    res, ch = model.config.resolution, model.config.in_channels
-    x = torch.randn(batch, ch, res, res, device=device, dtype=dtype)
-    if name.startswith("dit"):
-        return x, torch.rand(batch, device=device), torch.randint(0, 1000, (batch,), device=device)
-    return x, torch.rand(batch, device=device, dtype=dtype) * 10 + 0.1
 
 
 def wall_timer(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3, flush_l2: bool = False) -> float:

@@ -45,6 +45,7 @@ if __name__ == "__main__" and "--help" not in sys.argv and "-h" not in sys.argv:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from _inputs import example_inputs  # noqa: E402 - bench/, beside this script
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -66,14 +67,6 @@ def models(small: bool) -> dict[str, Callable[[], tuple[nn.Module, str]]]:
                                             groups=4 if small else 32)),
                          "EDM UNet (1,2,2)x2" + (" (16ch, 8x8)" if small else " 128ch")),
     }
-
-
-def example_inputs(key: str, model: nn.Module, batch: int, device: str, dtype: torch.dtype) -> tuple:
-    res, ch = model.config.resolution, model.config.in_channels
-    x = torch.randn(batch, ch, res, res, device=device, dtype=dtype)
-    if key.startswith("dit"):
-        return x, torch.rand(batch, device=device), torch.randint(0, 1000, (batch,), device=device)
-    return x, torch.rand(batch, device=device, dtype=dtype) * 10 + 0.1
 
 
 @contextlib.contextmanager
