@@ -191,8 +191,9 @@ def _fd(values: list[float]) -> str:
 
 def section(var: dict | None, dit: dict | None, args: argparse.Namespace) -> str:
     lines = [BEGIN, "## Subnets (VARiant): d of D layers", "",
-             f"Command: `python bench/subnet.py --models {args.models} --samples {args.samples} --seeds {args.seeds} "
-             f"--batch {args.batch} --repeats {args.repeats} --distill-steps {args.distill_steps}`  ",
+             f"Command: `python bench/subnet.py --samples {args.samples} --seeds {args.seeds} --batch {args.batch} "
+             f"--repeats {args.repeats} --distill-steps {args.distill_steps}` (`--models` measures a subset and keeps "
+             "the others' last figures)  ",
              f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. FD in "
              f"classifier-digits features, n={args.samples} per seed, mean ± std over seeds {args.seeds}.", ""]
     if var is not None:
@@ -243,12 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(models) - {"var-digits", "dit-digits"}
     if unknown:
         parser.error(f"unknown model(s) {sorted(unknown)}: choose var-digits and/or dit-digits")
-    var = measure_var(args.samples, seeds, args.batch, args.repeats, True) if "var-digits" in models else None
-    dit = (measure_dit(args.samples, seeds, min(args.batch, 256), args.distill_steps, args.repeats, True)
-           if "dit-digits" in models else None)
     out = Path("bench-out")
     out.mkdir(exist_ok=True)
-    (out / "subnet.json").write_text(json.dumps({"var": var, "dit": dit}, indent=2, default=list))
+    saved = out / "subnet.json"
+    # a model not measured in this run keeps its figures from the last run that measured it
+    previous = json.loads(saved.read_text()) if saved.is_file() else {}
+    var = (measure_var(args.samples, seeds, args.batch, args.repeats, True) if "var-digits" in models
+           else previous.get("var"))
+    dit = (measure_dit(args.samples, seeds, min(args.batch, 256), args.distill_steps, args.repeats, True)
+           if "dit-digits" in models else previous.get("dit"))
+    saved.write_text(json.dumps({"var": var, "dit": dit, "commands": {
+        **previous.get("commands", {}), **{m: " ".join(sys.argv) for m in models}}}, indent=2, default=list))
     text = section(var, dit, args)
     print(text)
     if not args.no_write:
