@@ -12,6 +12,7 @@ module, which has no Python model, says so instead of guessing. Saving and loadi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
