@@ -76,6 +76,8 @@ class OptimizationReport:
                 from .quality import QualityCost
 
                 lines.append(f"{p.name}: quality {QualityCost.from_json(p.quality).line()}")
+            if not p.exact:  # what an approximate change chose (kept layers, tuned values) is part of its cost
+                lines.extend(f"{p.name}: {note}" for note in p.notes)
             if p.rule_hits:
                 lines.append(f"{p.name}: " + ", ".join(f"{r} x{n}" for r, n in p.rule_hits))
             for miss in p.near_misses[:5]:

@@ -40,6 +40,7 @@ def test_a_dit_subnet_skips_the_dropped_layers_on_every_call():
     assert row.name == "subnet" and not row.exact and row.hits == 2
     assert row.quality is not None and row.quality["samples"] == 8
     assert row.flops_after < row.flops_before
+    assert "subnet: blocks: keeps 2 of 4 layers [0, 3]" in opt.report.table()
     reference = SiT(model.config).eval()
     reference.load_state_dict(model.state_dict())
     reference.blocks = nn.ModuleList([reference.blocks[i] for i in (0, 3)])  # I_2 of 4 layers
