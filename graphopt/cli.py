@@ -288,10 +288,9 @@ def _reference_generator(spec: str, what: str, diffusion: bool = False) -> "Any"
     if diffusion and REFERENCES.get(spec) == "var":
         raise UsageError(f"{what} searches a diffusion sampler's steps; {spec} samples scale by scale (its subnet "
                          f"pass is `--passes ...,subnet`): MODEL must be one of {', '.join(names)}")
-    generators = names
-    if spec not in generators:
+    if spec not in names:
         raise UsageError(f"{what} needs a sampler and a quality measure: MODEL must be a reference generator "
-                         f"({', '.join(generators)}); from Python, pass your own (graphopt.search / "
+                         f"({', '.join(names)}); from Python, pass your own (graphopt.search / "
                          "graphopt.ApproxContext)")
     return load(spec)
 

@@ -72,13 +72,17 @@ def _edm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Gener
     return (weight[:, None, None, None] * (model(noisy, sigma) - x) ** 2).mean()
 
 
+def _dropped_labels(model: nn.Module, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``y`` with each label replaced by the null class with probability ``class_dropout`` (for guidance)."""
+    drop = torch.rand(y.shape[0], generator=g) < model.config.class_dropout
+    return torch.where(drop, torch.full_like(y, model.null_class), y)
+
+
 def _flow_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     t = torch.rand(x.shape[0], generator=g)
     eps = torch.randn(x.shape, generator=g)
     xt = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * eps
-    drop = torch.rand(x.shape[0], generator=g) < model.config.class_dropout
-    y = torch.where(drop, torch.full_like(y, model.null_class), y)
-    return F.mse_loss(model(xt, t, y), eps - x)
+    return F.mse_loss(model(xt, t, _dropped_labels(model, y, g)), eps - x)
 
 
 def _classifier_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -94,8 +98,7 @@ def _vq_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Genera
 
 def _var_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, y: torch.Tensor,
               g: torch.Generator, subnets: tuple[int, ...] = ()) -> torch.Tensor:
-    drop = torch.rand(y.shape[0], generator=g) < model.config.class_dropout
-    y = torch.where(drop, torch.full_like(y, model.null_class), y)
+    y = _dropped_labels(model, y, g)
     if not subnets:
         logits = model.teacher_forced(inputs, y)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
