@@ -44,6 +44,8 @@ VARIANTS = {
         gm, LinearAttentionOptions())),
     "dit-atconv": ("dit-digits", "ATConv, all blocks, position embedding dropped", lambda gm: substitute_atconv(
         gm, ATConvOptions(drop_pos_embed=True))),
+    "dit-atconv-pos": ("dit-digits", "ATConv, all blocks, position embedding kept", lambda gm: substitute_atconv(
+        gm, ATConvOptions())),
     "dit-atconv-hybrid": ("dit-digits", "ATConv, every second block", lambda gm: substitute_atconv(
         gm, ATConvOptions(hybrid=True))),
     "unet-lit": ("unet-digits", "LiT linear attention, all sites", lambda gm: substitute_linear_attention(

@@ -5,18 +5,21 @@ on a square grid (N = s^2), whose q/k/v come from linear projections of one inpu
 output projection is a linear, the attention from the q/k/v projections to the output projection
 becomes::
 
-    K = GELU_tanh(pool_{k^2}(Linear_CxC(x)^T)) @ W_gen + b_gen      per (sample, channel): k x k
+    K = GELU_tanh(Linear_CxC(pool_{k^2}(x^T)^T)^T) @ W_gen + b_gen  per (sample, channel): k x k
     K = K - sigmoid(lambda) * mean_{k x k}(K)                         lateral inhibition, lambda = 0
     Y = dynamic_dwconv(Linear_v(x) as [B, C, s, s], K)                 graphopt::dynamic_dwconv
     out = Linear_out(Y as [B, N, C])
 
-``pool`` is the adaptive average pool over the raster token axis to k^2 bins. The value and output
-projections are inherited (the value rows of a fused qkv weight are sliced, not copied); the kernel
-generator's C x C linear, the shared k^2 x k^2 linear and lambda (zeros) are new, under the graph's
-``graphopt_fresh`` submodule, for :func:`graphopt.distill`. ``hybrid=True`` replaces every second
-site only (the second, fourth, ...); ``drop_pos_embed=True`` removes a learned position embedding
-added to the patch tokens (all-ATConv models drop it upstream). Sites it cannot replace are listed
-with the reason; the row's hits count the sites replaced.
+``pool`` is the adaptive average pool over the raster token axis to k^2 bins. It runs before the
+kernel generator's C x C linear rather than after it (METHODS' order): each bin is an average, and an
+average of affine maps is the affine map of the average, so the result is the same up to rounding and
+the linear costs k^2 C^2 per sample instead of N C^2 (a third of the three linears' work when N is
+well above k^2). The value and output projections are inherited (the value rows of a fused qkv weight are
+sliced, not copied); the kernel generator's C x C linear, the shared k^2 x k^2 linear and lambda
+(zeros) are new, under the graph's ``graphopt_fresh`` submodule, for :func:`graphopt.distill`.
+``hybrid=True`` replaces every second site only (the second, fourth, ...); ``drop_pos_embed=True``
+removes a learned position embedding added to the patch tokens (all-ATConv models drop it upstream).
+Sites it cannot replace are listed with the reason; the row's hits count the sites replaced.
 """
 
 from __future__ import annotations
@@ -101,8 +104,11 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: ATConvOptions,
         value = _value(build, x, projections, site, channels)
         weight = fresh_parameter(gm, fresh, f"atc{index}_k_weight", (channels, channels), generator, build)
         bias = fresh_parameter(gm, fresh, f"atc{index}_k_bias", (channels,), generator, build, fan_in=channels)
-        routed = build(aten.transpose.int, build(aten.linear.default, x, weight, bias), 1, 2)  # [B, C, N]
-        pooled = build(aten.gelu.default, build(aten.adaptive_avg_pool1d.default, routed, [bins]), approximate="tanh")
+        # pool(Linear(x)) = Linear(pool(x)): a bin's average of an affine map is the map of the bin's
+        # average, so the C x C routing linear runs on k^2 pooled rows instead of N tokens
+        tokens_pooled = build(aten.adaptive_avg_pool1d.default, build(aten.transpose.int, x, 1, 2), [bins])
+        routed = build(aten.linear.default, build(aten.transpose.int, tokens_pooled, 1, 2), weight, bias)
+        pooled = build(aten.gelu.default, build(aten.transpose.int, routed, 1, 2), approximate="tanh")  # [B, C, k^2]
         gen_w = fresh_parameter(gm, fresh, f"atc{index}_gen_weight", (bins, bins), generator, build)
         gen_b = fresh_parameter(gm, fresh, f"atc{index}_gen_bias", (bins,), generator, build, fan_in=bins)
         kernels = build(aten.reshape.default, build(aten.linear.default, pooled, gen_w, gen_b), [-1, channels, k, k])

@@ -34,6 +34,10 @@ def test_a_site_becomes_the_atconv_formula():
         torch.testing.assert_close(gm(x)[0], expected.detach(), rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(f.atc0_lambda) == 0
     assert sum(p.numel() for p in f.parameters()) == 8 * 8 + 8 + 81 + 9 + 8  # C^2 + C + k^4 + k^2 + C
+    # the routing linear runs on the k^2 pooled rows, not on the 16 tokens (pooling first is exact)
+    routing = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default
+               and str(n.args[1].target).endswith("atc0_k_weight")]
+    assert [tuple(n.meta["val"].shape) for n in routing] == [(2, 9, 8)]
 
 
 def test_fused_qkv_value_rows_are_shared_and_hybrid_takes_every_second_site():
