@@ -1,9 +1,55 @@
-"""The benchmarks' inputs for the GPU-sized DiT and UNet (shared by kernels.py and runtime.py)."""
+"""The GPU benchmarks' denoisers and inputs (shared by kernels.py, runtime.py and gpu.py).
+
+``denoiser(key, scale)``: DiT-S/2, DiT-B/2, DiT-XL/2 (SiT blocks, 32x32x4 latents, patch 2, 1000
+classes) and the EDM UNet 128ch (1,2,2)x2 at 32x32x4, random weights (normal, std 0.02: speed does
+not depend on them). ``scale="full"`` is the real size; ``"cpu"`` keeps the depth at a CPU-friendly
+width on 8x8 latents (host-overhead measurements, where the number of sites is what counts);
+``"smoke"`` is tiny, to check a script under Triton's interpreter.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+DITS = {"dit-s": (384, 12, 6, "DiT-S/2"), "dit-b": (768, 12, 12, "DiT-B/2"), "dit-xl": (1152, 28, 16, "DiT-XL/2")}
+"""key: (width, depth, heads, label), DiT's sizes."""
+
+DENOISERS = (*DITS, "unet")
+SCALES = ("full", "cpu", "smoke")
+
+
+def denoiser(key: str, scale: str = "full") -> tuple[nn.Module, str]:
+    """(model in eval mode with random weights, label) for ``key`` in :data:`DENOISERS` at ``scale``."""
+    from graphopt.models.dit import DiTConfig, SiT
+    from graphopt.models.unet import EDMUNet, UNetConfig
+
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    full = scale == "full"
+    if key in DITS:
+        width, depth, heads, label = DITS[key]
+        if not full:
+            width, depth, heads = (64, depth, 2) if scale == "cpu" else (32, 2, 2)
+            label += f" (depth {depth}, width {width}, 8x8)"
+        model = SiT(DiTConfig(resolution=32 if full else 8, patch=2, in_channels=4, dim=width, depth=depth,
+                              heads=heads, freq_dim=256 if full else 32, num_classes=1000))
+    elif key == "unet":
+        channels = {"full": 128, "cpu": 16, "smoke": 8}[scale]
+        model = EDMUNet(UNetConfig(resolution=32 if full else 8, in_channels=4, channels=channels,
+                                   channel_mult=(1, 2, 2), blocks_per_level=1 if scale == "smoke" else 2,
+                                   attn_resolutions=(16, 8) if full else (4,), heads=4 if full else 2,
+                                   emb_dim=512 if full else {"cpu": 32, "smoke": 16}[scale],
+                                   groups=32 if full else 4))
+        label = f"EDM UNet {channels}ch (1,2,2)x{model.config.blocks_per_level}" + ("" if full else ", 8x8")
+    else:
+        raise ValueError(f"unknown denoiser {key!r}; choose from {', '.join(DENOISERS)}")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.eval(), label
 
 
 def example_inputs(name: str, model: nn.Module, batch: int, device: str, dtype: torch.dtype) -> tuple:

@@ -36,7 +36,7 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="dit-s,dit-b,unet", help="comma-separated: dit-s, dit-b, unet")
+    p.add_argument("--models", default="dit-s,dit-b,unet", help="comma-separated: dit-s, dit-b, dit-xl, unet")
     p.add_argument("--batches", default="1,16", help="comma-separated batch sizes (default 1,16)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--budget-s", type=float, default=60.0, help="tuning budget per model and batch (s)")
@@ -62,34 +62,10 @@ import torch.nn.functional as F
 from graphopt.autotune import cuda_event_timer
 from graphopt.autotune.lower import FusedRegion
 from graphopt.autotune.model_tuning import batch_inputs, record_calls, tune_model
-from graphopt.models.dit import DiTConfig, SiT
-from graphopt.models.unet import EDMUNet, UNetConfig
-from torch import nn
 
 import graphopt
-from _inputs import example_inputs  # bench/, beside this script
+from _inputs import DENOISERS, DTYPES, denoiser, example_inputs  # bench/, beside this script
 from graphopt.verify import compare
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-MODELS: dict[str, Callable[[bool], tuple[nn.Module, str]]] = {
-    "dit-s": lambda smoke: (SiT(DiTConfig(resolution=8 if smoke else 32, patch=2, in_channels=4,
-                                          dim=32 if smoke else 384, depth=2 if smoke else 12,
-                                          heads=2 if smoke else 6, freq_dim=32 if smoke else 256,
-                                          num_classes=1000)), "DiT-S/2"),
-    "dit-b": lambda smoke: (SiT(DiTConfig(resolution=8 if smoke else 32, patch=2, in_channels=4,
-                                          dim=64 if smoke else 768, depth=2 if smoke else 12,
-                                          heads=2 if smoke else 12, freq_dim=32 if smoke else 256,
-                                          num_classes=1000)), "DiT-B/2"),
-    "unet": lambda smoke: (EDMUNet(UNetConfig(resolution=8 if smoke else 32, in_channels=4,
-                                              channels=8 if smoke else 128, channel_mult=(1, 2, 2),
-                                              blocks_per_level=1 if smoke else 2,
-                                              attn_resolutions=(4,) if smoke else (16, 8),
-                                              heads=2 if smoke else 4, emb_dim=16 if smoke else 512,
-                                              groups=4 if smoke else 32)),
-                           "EDM UNet 128ch (1,2,2)x2"),
-}
-
 
 def wall_timer(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3, flush_l2: bool = False) -> float:
     """The smoke run's timer (CPU, interpreter): median wall milliseconds."""
@@ -242,13 +218,10 @@ def bench_attention_family(args: argparse.Namespace) -> list[tuple]:
 
 
 def bench_denoiser(key: str, batch: int, args: argparse.Namespace) -> tuple:
-    model, label = MODELS[key](args.smoke)
+    model, label = denoiser(key, "smoke" if args.smoke else "full")
     dtype = torch.float32 if args.smoke else DTYPES[args.dtype]
     device = "cpu" if args.smoke else "cuda"
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype)
     inputs = example_inputs(key, model, batch, device, dtype)
     t = timer(args.smoke)
 
@@ -283,9 +256,9 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in MODELS]
+    unknown = [k for k in keys if k not in DENOISERS]
     if unknown:
-        print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}", file=sys.stderr)
         return 2
     batches = [2] if args.smoke else [int(b) for b in args.batches.split(",")]
     sections = [f"Conditions: {conditions(args)}"]

@@ -44,29 +44,7 @@ if __name__ == "__main__" and "--help" not in sys.argv and "-h" not in sys.argv:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from _inputs import example_inputs  # noqa: E402 - bench/, beside this script
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def models(small: bool) -> dict[str, Callable[[], tuple[nn.Module, str]]]:
-    """DiT-S/2 and the EDM UNet of bench/kernels.py; ``small``: the same depth at a CPU-friendly width."""
-    from graphopt.models.dit import DiTConfig, SiT
-    from graphopt.models.unet import EDMUNet, UNetConfig
-
-    return {
-        "dit-s": lambda: (SiT(DiTConfig(resolution=8 if small else 32, patch=2, in_channels=4,
-                                        dim=64 if small else 384, depth=12, heads=2 if small else 6,
-                                        freq_dim=32 if small else 256, num_classes=1000)),
-                          "DiT-S/2" + (" (depth 12, width 64, 8x8)" if small else "")),
-        "unet": lambda: (EDMUNet(UNetConfig(resolution=8 if small else 32, in_channels=4,
-                                            channels=16 if small else 128, channel_mult=(1, 2, 2),
-                                            blocks_per_level=2, attn_resolutions=(4,) if small else (16, 8),
-                                            heads=2 if small else 4, emb_dim=32 if small else 512,
-                                            groups=4 if small else 32)),
-                         "EDM UNet (1,2,2)x2" + (" (16ch, 8x8)" if small else " 128ch")),
-    }
+from _inputs import DENOISERS, DTYPES, denoiser, example_inputs  # noqa: E402 - bench/, beside this script
 
 
 @contextlib.contextmanager
@@ -103,11 +81,8 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, object]:
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", DTYPES[args.dtype]) if cuda else ("cpu", torch.float32)
-    model, label = models(small=not cuda)[key]()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    model = model.to(device=device, dtype=dtype).eval()
+    model, label = denoiser(key, "full" if cuda else "cpu")
+    model = model.to(device=device, dtype=dtype)
     inputs = example_inputs(key, model, args.batch, device, dtype)
     opt = graphopt.optimize(model, inputs, target="cuda")
     _, tensors, _ = opt.captured.flatten_call(inputs, {})
@@ -137,7 +112,7 @@ def conditions(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="dit-s,unet", help="comma-separated: dit-s, unet")
+    p.add_argument("--models", default="dit-s,unet", help=f"comma-separated: {', '.join(DENOISERS)}")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="on a GPU (a CPU runs fp32)")
     p.add_argument("--calls", type=int, default=50, help="calls per round")
@@ -147,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in ("dit-s", "unet")]
+    unknown = [k for k in keys if k not in DENOISERS]
     if unknown:
-        p.error(f"unknown model(s) {', '.join(unknown)}; choose from dit-s, unet")
+        p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}")
 
     print(conditions(args))
     print("host overhead per call: Triton's kernel launch (its run(): binding, cache lookup, launch) skipped in "

@@ -20,6 +20,7 @@ from . import ops  # noqa: F401 - registers torch.ops.graphopt.*, which saved pr
 from .approx import ApproxContext, ApproxPass, Budget, QualityBudgetError
 from .autodiffusion import EvolutionConfig, search
 from .capture import CapturedGraph, capture
+from .cudagraphs import SamplerGraph
 from .distill import DistillConfig, DistillReport, distill
 from .driver import optimize
 from .emit import OptimizedModule
@@ -43,5 +44,5 @@ __all__ = [
     "OnnxParityError", "OnnxReport", "OptimizationReport", "OptimizedModule", "OutputPathError", "Pass", "PipelineReport",
     "PassError", "PassReport", "Rule", "SaveError", "SignatureError", "UnknownPassError", "UsageError",
     "VerificationError", "capture", "export_onnx", "load", "optimize", "optimize_pipeline", "plan_scheduler", "plan_steps",
-    "rule_pass", "save",
+    "rule_pass", "SamplerGraph", "save",
 ]

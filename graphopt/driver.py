@@ -29,7 +29,7 @@ TARGETS = ("cpu", "cuda")
 
 def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None,
              passes: Iterable[str | Any] | None = None, target: str = "cpu",
-             dynamic_batch: bool = True, cuda_graphs: bool = False, approx: Any = None,
+             dynamic_batch: bool = True, cuda_graphs: bool | None = None, approx: Any = None,
              eval_mode: bool = False, compile: bool = False) -> OptimizedModule:
     """Capture ``model`` on the example inputs, run ``passes`` (default: the exact pipeline) and emit.
 
@@ -42,9 +42,11 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     kernel is checked against the ATen ops it replaces on the example inputs, within the dtype's
     tolerance. Kernels use the tuned configs ``graphopt autotune`` stored for this GPU, else defaults.
     Under ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on the CPU instead (slow;
-    for testing). ``cuda_graphs=True`` (target "cuda" on a GPU) replays each call as a CUDA graph
-    recorded per input layout (:mod:`graphopt.cudagraphs`), which removes the launch overhead that
-    dominates at small batch.
+    for testing). With ``target="cuda"`` on a GPU each call is replayed as a CUDA graph recorded per
+    input layout (:mod:`graphopt.cudagraphs`), which removes the launch overhead that dominates at
+    small batch; a layout whose recording fails launches directly, with a warning.
+    ``cuda_graphs=False`` turns this off (default None: on for target "cuda" on a GPU); ``True``
+    without a GPU is an error. :class:`graphopt.SamplerGraph` records a whole sampling loop instead.
 
     Approximate passes (``skip-tune``) run after the exact ones through the approximate layer
     (:mod:`graphopt.approx`) and need ``approx``, an :class:`~graphopt.approx.ApproxContext` with the
@@ -72,6 +74,8 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
                          "quality evaluator: pass approx=graphopt.ApproxContext(...)")
     if cuda_graphs and (target != "cuda" or not torch.cuda.is_available()):
         raise UsageError("cuda_graphs=True needs target='cuda' and a CUDA GPU")
+    if cuda_graphs is None:
+        cuda_graphs = target == "cuda" and torch.cuda.is_available()
     if compile and target != "cpu":
         raise UsageError("compile=True builds the CPU program with Inductor; target='cuda' lowers onto Triton "
                          "kernels instead")

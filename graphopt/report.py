@@ -64,8 +64,10 @@ class OptimizationReport:
         if self.lowering is not None:
             from graphopt.autotune.lower import LoweringReport  # plain Python: no Triton needed to read it
 
-            lines.append(LoweringReport.from_json(self.lowering).text()
-                         + ("\nlower: replayed as CUDA graphs, one per input layout" if self.cuda_graphs else ""))
+            lines.append(LoweringReport.from_json(self.lowering).text() + (
+                "\nlower: replayed as CUDA graphs, one per input layout (a layout whose recording fails "
+                "launches directly, with a warning)" if self.cuda_graphs else
+                "\nlower: kernels launched directly, no CUDA graphs (cuda_graphs=False, or no GPU)"))
         if self.compiled is not None:
             from .compiled import CompiledReport
 

@@ -152,7 +152,8 @@ def is_save(directory: str | os.PathLike) -> bool:
         return False
 
 
-def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cpu") -> Any:
+def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cpu",
+         cuda_graphs: bool | None = None) -> Any:
     """Load a folder written by :func:`save`. Never unpickles code.
 
     Every file, weight tensor, the graph and the metadata are checked against the hashes recorded
@@ -160,7 +161,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     changed. With ``verify`` the program then runs on the saved example inputs and must reproduce
     the saved outputs. ``target="cuda"`` moves it to the GPU and lowers it onto Triton kernels as
     ``optimize`` does (the saved program is the portable graph; kernels are generated for the
-    machine that loads it).
+    machine that loads it), with CUDA graphs per input layout unless ``cuda_graphs=False``.
     """
     from .driver import TARGETS, _to_device
     from .emit import OptimizedModule, SourceInfo
@@ -171,6 +172,9 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "cuda":
         check_cuda_target()
+    if cuda_graphs and (target != "cuda" or not torch.cuda.is_available()):
+        raise UsageError("cuda_graphs=True needs target='cuda' and a CUDA GPU")
+    cuda_graphs = target == "cuda" and torch.cuda.is_available() and cuda_graphs is not False
     path = Path(directory)
     if not path.is_dir():
         left = _interrupted(path)
@@ -230,7 +234,9 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     module = OptimizedModule(captured, report, info=info)
     module._routing = routing
     if target == "cuda":
-        module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(captured))
+        module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(captured),
+                                             cuda_graphs=cuda_graphs)
+        module._graph_runners = [] if cuda_graphs else None
     elif (path / COMPILED).is_file():
         _load_compiled(module, path, meta)
     return module

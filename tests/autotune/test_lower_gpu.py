@@ -73,3 +73,28 @@ def test_cuda_graphs_replay_the_lowered_model():
             got, want = opt(*a, **kwargs), model(*a, **kwargs)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert len(opt._graph_runners[0]) == 2
+
+
+def test_cuda_graphs_are_on_by_default_and_can_be_turned_off():
+    model, args, kwargs = _on_gpu("dit")
+    assert graphopt.optimize(model, args, kwargs, target="cuda").report.cuda_graphs
+    off = graphopt.optimize(model, args, kwargs, target="cuda", cuda_graphs=False)
+    assert not off.report.cuda_graphs and off._graph_runners is None
+    assert "no CUDA graphs" in off.report.table()
+
+
+def test_a_sampler_graph_replays_the_whole_loop_as_the_loop_computes_it():
+    from graphopt.models import load
+
+    ref = load("dit-digits")
+    model = ref.model.to("cuda")
+    opt = graphopt.optimize(model, tuple(a.to("cuda") for a in ref.example_inputs), target="cuda")
+    sampler = ref.sampler.with_steps(4, "euler")
+    whole = graphopt.SamplerGraph(opt, sampler)
+    for seed in (0, 1):  # the second call replays the graph recorded by the first on new noise
+        noise, labels = sampler.noise(6, seed).cuda(), sampler.labels(6, seed).cuda()
+        with torch.no_grad():
+            want = sampler.sample(model, noise, labels)
+        torch.testing.assert_close(whole(noise, labels), want, atol=1e-3, rtol=1e-3)
+    assert len(whole._runner) == 1 and not whole.fallbacks
+    assert len(opt._graph_runners) == 0  # the module's per-call graphs were bypassed inside the loop's graph

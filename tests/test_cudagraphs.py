@@ -1,0 +1,77 @@
+"""CUDA graphs: what runs without a GPU (errors, the fallback, the bypass); replay is in tests/autotune's GPU tests."""
+
+import warnings
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.cudagraphs import CudaGraphRunner, SamplerGraph, direct_launches
+from graphopt.errors import UsageError
+from graphopt.models import load
+
+
+def test_a_layout_whose_recording_fails_runs_directly_with_one_warning(monkeypatch):
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape)
+        return (x * 2,)
+
+    runner = CudaGraphRunner(fn)
+    monkeypatch.setattr(runner, "_record", lambda tensors: (_ for _ in ()).throw(
+        RuntimeError("operation not permitted when stream is capturing\nmore")))
+    x = torch.arange(6.0).reshape(2, 3)
+    with pytest.warns(UserWarning, match=r"recording failed for inputs \(float32\[2, 3\]\): operation not permitted "
+                                         r"when stream is capturing; these calls launch their kernels directly"):
+        (out,) = runner([x])
+    torch.testing.assert_close(out, x * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the layout is known now: no second warning, no second attempt
+        (again,) = runner([x + 1])
+    torch.testing.assert_close(again, (x + 1) * 2)
+    assert len(runner) == 0 and list(runner.fallbacks.values()) == ["operation not permitted when stream is capturing"]
+    assert len(calls) == 2
+
+
+def test_inputs_off_the_gpu_are_a_usage_error_not_a_fallback():
+    runner = CudaGraphRunner(lambda x: (x,))
+    with pytest.raises(UsageError, match="CUDA graphs need every input on the GPU"):
+        runner([torch.ones(2)])
+    assert not runner.fallbacks and len(runner) == 0
+
+
+def test_a_sampler_graph_refuses_what_it_cannot_record():
+    ref = load("dit-digits")
+    with pytest.raises(UsageError, match="expected a sampler with sample"):
+        SamplerGraph(ref.model, object())
+    whole = SamplerGraph(ref.model, ref.sampler)
+    noise = ref.sampler.noise(2, 0)
+    with pytest.raises(UsageError, match="noise \\(and labels\\) must be CUDA tensors"):
+        whole(noise, ref.sampler.labels(2, 0))
+    assert len(whole._runner) == 0 and not whole.fallbacks
+
+
+def test_direct_launches_bypass_a_module_s_per_call_graphs_and_restore_them():
+    class Graphed:
+        _graph_runners = ["runner"]
+
+    module = Graphed()
+    with pytest.raises(RuntimeError):
+        with direct_launches(module):
+            assert module._graph_runners is None
+            raise RuntimeError("the loop failed")
+    assert module._graph_runners == ["runner"]
+    plain = torch.nn.Linear(2, 2)
+    with direct_launches(plain):  # any other model is left alone
+        assert not hasattr(plain, "_graph_runners")
+
+
+def test_without_a_gpu_the_cuda_target_launches_directly_and_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU target='cuda' records CUDA graphs (tests/autotune/test_lower_gpu.py)")
+    pytest.importorskip("triton")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval()
+    opt = graphopt.optimize(model, (torch.randn(2, 8),), target="cuda")
+    assert not opt.report.cuda_graphs and opt._graph_runners is None
+    assert "lower: kernels launched directly, no CUDA graphs" in opt.report.table()
