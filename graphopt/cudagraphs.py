@@ -12,7 +12,8 @@ recording), records one call, and from then on copies inputs in, replays, and re
 static outputs (a sampler keeps the previous step's output while calling the next one). A layout
 whose recording fails (an op that cannot be captured: a host synchronisation, a copy from pageable
 memory) runs its calls directly from then on, with one warning naming the layout and the reason
-(``CudaGraphRunner.fallbacks``); the function's results are the same either way.
+(``CudaGraphRunner.fallbacks``); the function's results are the same either way. So does every layout
+after the first ``max_graphs`` (8): each graph keeps a memory pool of its own.
 
 :class:`SamplerGraph` goes one step further than torch.compile, which records one denoiser call at a
 time: it records a whole sampling loop, every step of a sampler or of a searched
@@ -44,11 +45,11 @@ class _Recorded:
 class CudaGraphRunner:
     """Calls ``fn(*tensors) -> tuple of tensors`` through a CUDA graph recorded per input layout."""
 
-    def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], *, warmup: int = 2):
-        self.fn, self.warmup = fn, warmup
+    def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], *, warmup: int = 2, max_graphs: int = 8):
+        self.fn, self.warmup, self.max_graphs = fn, warmup, max_graphs
         self._recorded: dict[tuple, _Recorded | None] = {}
         self.fallbacks: dict[tuple, str] = {}
-        """Layouts (shapes, strides, dtypes, devices) whose recording failed, with the reason: run directly."""
+        """Layouts (shapes, strides, dtypes, devices) without a graph, with the reason: they run directly."""
 
     def __len__(self) -> int:
         return sum(rec is not None for rec in self._recorded.values())
@@ -66,16 +67,20 @@ class CudaGraphRunner:
         return tuple(o.clone() for o in rec.outputs)
 
     def _record_or_fall_back(self, key: tuple, tensors: Sequence[torch.Tensor]) -> _Recorded | None:
-        try:
-            return self._record(tensors)
-        except UsageError:
-            raise
-        except Exception as err:  # capture refused an op: this layout runs without a graph
-            shapes = ", ".join(f"{str(dtype).removeprefix('torch.')}{list(shape)}" for shape, _, dtype, _ in key)
-            self.fallbacks[key] = first_line(err)
-            warnings.warn(f"CUDA graph recording failed for inputs ({shapes}): {first_line(err)}; these calls "
-                          "launch their kernels directly (same results, more launch overhead)", stacklevel=3)
-            return None
+        shapes = ", ".join(f"{str(dtype).removeprefix('torch.')}{list(shape)}" for shape, _, dtype, _ in key)
+        if len(self) >= self.max_graphs:  # each graph keeps its own memory pool: bound how many stay alive
+            reason = f"{self.max_graphs} input layouts are recorded already (max_graphs)"
+        else:
+            try:
+                return self._record(tensors)
+            except UsageError:
+                raise
+            except Exception as err:  # capture refused an op: this layout runs without a graph
+                reason = f"recording failed: {first_line(err)}"
+        self.fallbacks[key] = reason
+        warnings.warn(f"no CUDA graph for inputs ({shapes}): {reason}; these calls launch their kernels "
+                      "directly (same results, more launch overhead)", stacklevel=3)
+        return None
 
     def _record(self, tensors: Sequence[torch.Tensor]) -> _Recorded:
         if not all(t.is_cuda for t in tensors):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.cudagraphs import CudaGraphRunner, SamplerGraph, direct_launches
+from graphopt.cudagraphs import CudaGraphRunner, SamplerGraph, _Recorded, direct_launches
 from graphopt.errors import UsageError
 from graphopt.models import load
 
@@ -22,16 +22,34 @@ def test_a_layout_whose_recording_fails_runs_directly_with_one_warning(monkeypat
     monkeypatch.setattr(runner, "_record", lambda tensors: (_ for _ in ()).throw(
         RuntimeError("operation not permitted when stream is capturing\nmore")))
     x = torch.arange(6.0).reshape(2, 3)
-    with pytest.warns(UserWarning, match=r"recording failed for inputs \(float32\[2, 3\]\): operation not permitted "
-                                         r"when stream is capturing; these calls launch their kernels directly"):
+    with pytest.warns(UserWarning, match=r"no CUDA graph for inputs \(float32\[2, 3\]\): recording failed: "
+                                         r"operation not permitted when stream is capturing; these calls launch"):
         (out,) = runner([x])
     torch.testing.assert_close(out, x * 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the layout is known now: no second warning, no second attempt
         (again,) = runner([x + 1])
     torch.testing.assert_close(again, (x + 1) * 2)
-    assert len(runner) == 0 and list(runner.fallbacks.values()) == ["operation not permitted when stream is capturing"]
+    assert len(runner) == 0
+    assert list(runner.fallbacks.values()) == ["recording failed: operation not permitted when stream is capturing"]
     assert len(calls) == 2
+
+
+def test_layouts_beyond_max_graphs_run_directly(monkeypatch):
+    class Replayable:
+        def replay(self):
+            pass
+
+    runner = CudaGraphRunner(lambda x: (x + 1,), max_graphs=2)
+    monkeypatch.setattr(runner, "_record", lambda tensors: _Recorded(Replayable(), [t.clone() for t in tensors],
+                                                                     (tensors[0] + 1,)))
+    for n in (1, 2):
+        runner([torch.zeros(n)])
+    with pytest.warns(UserWarning, match=r"no CUDA graph for inputs \(float32\[3\]\): 2 input layouts are "
+                                         r"recorded already \(max_graphs\)"):
+        (out,) = runner([torch.zeros(3)])
+    torch.testing.assert_close(out, torch.ones(3))
+    assert len(runner) == 2 and len(runner.fallbacks) == 1
 
 
 def test_inputs_off_the_gpu_are_a_usage_error_not_a_fallback():
