@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - started) / 60
     conditions = {"command": f"python bench/attention.py --variants {ns.variants} --new-minutes {ns.new_minutes} "
                              f"--all-minutes {ns.all_minutes} --samples {ns.samples} --seeds {ns.seeds} "
-                             f"--tokens {ns.tokens} --repeats {ns.repeats}",
+                             f"--tokens {shlex.quote(ns.tokens)} --repeats {ns.repeats}",
                   "samples": ns.samples, "seeds": ns.seeds,
                   "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
                   "minutes": round(minutes, 1)}
