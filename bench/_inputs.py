@@ -9,6 +9,8 @@ width on 8x8 latents (host-overhead measurements, where the number of sites is w
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -59,3 +61,18 @@ def example_inputs(name: str, model: nn.Module, batch: int, device: str, dtype: 
     if name.startswith("dit"):
         return x, torch.rand(batch, device=device), torch.randint(0, 1000, (batch,), device=device)
     return x, torch.rand(batch, device=device, dtype=dtype) * 10 + 0.1
+
+
+def selection(script: str, models: str, batches: str, smoke: bool) -> tuple[list[str], list[int]]:
+    """A GPU benchmark's ``--models`` and ``--batches`` (batch 2 in a smoke run); exits 1 without a GPU
+    (unless ``smoke``) and 2 for an unknown model, with the reason on stderr."""
+    if not smoke and not torch.cuda.is_available():
+        print(f"bench/{script} measures on a CUDA GPU and torch sees none; --smoke checks the script on a CPU",
+              file=sys.stderr)
+        raise SystemExit(1)
+    keys = [k.strip() for k in models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in DENOISERS]
+    if unknown:
+        print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}", file=sys.stderr)
+        raise SystemExit(2)
+    return keys, [2] if smoke else [int(b) for b in batches.split(",")]

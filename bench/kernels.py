@@ -64,7 +64,7 @@ from graphopt.autotune.lower import FusedRegion
 from graphopt.autotune.model_tuning import batch_inputs, record_calls, tune_model
 
 import graphopt
-from _inputs import DENOISERS, DTYPES, denoiser, example_inputs  # bench/, beside this script
+from _inputs import DTYPES, denoiser, example_inputs, selection  # bench/, beside this script
 from graphopt.verify import compare
 
 def wall_timer(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3, flush_l2: bool = False) -> float:
@@ -251,16 +251,7 @@ def bench_denoiser(key: str, batch: int, args: argparse.Namespace) -> tuple:
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.smoke and not torch.cuda.is_available():
-        print("bench/kernels.py measures on a CUDA GPU and torch sees none; --smoke checks the script on a CPU",
-              file=sys.stderr)
-        return 1
-    keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in DENOISERS]
-    if unknown:
-        print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}", file=sys.stderr)
-        return 2
-    batches = [2] if args.smoke else [int(b) for b in args.batches.split(",")]
+    keys, batches = selection("kernels.py", args.models, args.batches, args.smoke)
     sections = [f"Conditions: {conditions(args)}"]
     print(sections[0], flush=True)
 

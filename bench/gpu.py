@@ -1,0 +1,355 @@
+"""graphopt on a GPU against eager and torch.compile: per denoiser call, per whole sampling loop, warm start.
+
+    python bench/gpu.py                                  # DiT-S/2, DiT-XL/2, EDM UNet; batch 1, 16, 64; bf16; 480 s
+    python bench/gpu.py --models dit-s --batches 16 --budget-s 120 --out /tmp/gpu.md
+    python bench/gpu.py --smoke                          # tiny shapes on the CPU under TRITON_INTERPRET=1
+
+In one process, with every ratio taken from the same run:
+
+1. **Per call**, for each model and batch: eager; ``torch.compile`` in each ``--compile-modes`` mode
+   (default and reduce-overhead; max-autotune when asked for, it takes minutes per model), each with
+   its compile seconds; graphopt ``optimize(target="cuda")`` tuned for ``--tune-s`` seconds (the
+   tunings are cached for the GPU), launching directly and with CUDA graphs (the default), with its
+   optimize and tune seconds and its largest error against eager. Ratios: eager / graphopt and best
+   torch.compile mode / graphopt (the issue's targets: at least 1.3x at batch 1 and 16, 1.1x for
+   DiT-XL/2 at batch 64).
+2. **Whole sampler**, for each model at ``--sampler-batch``: an ``--sampler-steps``-step Euler loop
+   (flow times for the DiTs, EDM sigmas for the UNet): eager, torch.compile reduce-overhead, graphopt
+   with per-call CUDA graphs, and graphopt's :class:`graphopt.SamplerGraph` (the whole loop as one graph).
+3. **Warm start**: the first model saved, then loaded in a fresh process with ``target="cuda"``
+   (tunings and Triton's compiled kernels cached on this machine): seconds from ``import graphopt`` to
+   the first call's result (target: under 2 s).
+
+Times are medians of CUDA-event-bracketed calls, back to back with a warm L2 as in a sampling loop
+(the events include the host's launch time wherever the GPU waits for it). Phases run in order until
+``--budget-s`` is spent (torch.compile cannot be interrupted, so a phase that starts finishes); what
+was skipped is listed. Writes the tables, conditions included, to ``--out`` and the raw figures to the
+same name with ``.json``. Weights are random: speed does not depend on them.
+
+``--smoke`` runs the same code on tiny shapes on the CPU under Triton's interpreter, with wall-clock
+timing and without torch.compile or CUDA graphs: it checks that the script runs; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="dit-s,dit-xl,unet", help="comma-separated: dit-s, dit-b, dit-xl, unet")
+    p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes (default 1,16,64)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--compile-modes", default="default,reduce-overhead",
+                   help="torch.compile modes to compare with (default: default,reduce-overhead; add max-autotune "
+                        "when the budget allows minutes per model)")
+    p.add_argument("--tune-s", type=float, default=15.0, help="graphopt's tuning budget per model and batch (s)")
+    p.add_argument("--sampler-steps", type=int, default=8, help="steps of the whole-sampler loop (default 8)")
+    p.add_argument("--sampler-batch", type=int, default=16, help="images per whole-sampler loop (default 16)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (default 20)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="wall seconds for the whole run; phases that would start later are skipped (default 480)")
+    p.add_argument("--out", default=None, help="markdown file for the tables (default bench/RESULTS-gpu.md; "
+                                               "with --smoke, bench-out/gpu-smoke.md)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.smoke:  # triton reads this when kernels are decorated, and torch imports triton early
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from _inputs import DTYPES, denoiser, example_inputs, selection  # noqa: E402 - bench/, beside this script
+
+import graphopt  # noqa: E402
+from graphopt.autotune.model_tuning import tune_model  # noqa: E402
+from graphopt.models.samplers import Sampler, edm_sigmas, flow_times  # noqa: E402
+from graphopt.verify import compare  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+class Clock:
+    """The run's budget: phases ask before they start."""
+
+    def __init__(self, budget_s: float):
+        self.start, self.budget_s = time.perf_counter(), budget_s
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.start)
+
+    def allows(self, phase: str) -> bool:
+        if self.left() > 0:
+            return True
+        self.skipped.append(phase)
+        print(f"skipped (budget spent): {phase}", flush=True)
+        return False
+
+
+def timed_ms(fn: Callable[[], object], repeats: int, smoke: bool) -> float:
+    """Median milliseconds per call after a warm-up: CUDA events on a GPU, wall clock in the smoke run."""
+    with torch.no_grad():
+        for _ in range(3 if not smoke else 1):
+            fn()
+        if smoke:
+            times = []
+            for _ in range(max(repeats // 10, 2)):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+        torch.cuda.synchronize()
+        events = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def seconds(fn: Callable[[], object], smoke: bool) -> tuple[object, float]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = fn()
+    if not smoke:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def sampler_for(key: str, model: torch.nn.Module, steps: int) -> Sampler:
+    c = model.config
+    shape = (c.in_channels, c.resolution, c.resolution)
+    if key.startswith("dit"):
+        return Sampler("flow", "euler", flow_times(steps), shape, null_class=1000)
+    return Sampler("edm", "euler", edm_sigmas(steps), shape)
+
+
+class ModelRun:
+    """One model on the device: eager, its torch.compile objects and graphopt's modules, built once."""
+
+    def __init__(self, key: str, args: argparse.Namespace):
+        self.key, self.args, self.smoke = key, args, args.smoke
+        model, self.label = denoiser(key, "smoke" if args.smoke else "full")
+        self.device = "cpu" if args.smoke else "cuda"
+        self.dtype = torch.float32 if args.smoke else DTYPES[args.dtype]
+        self.model = model.to(self.device, self.dtype)
+        self.compiled: dict[str, Callable] = {}
+        self.compile_s: dict[str, float] = {}
+        self.direct = self.graphed = None
+        self.optimize_s = math.nan
+
+    def inputs(self, batch: int) -> tuple:
+        torch.manual_seed(batch)
+        return example_inputs(self.key, self.model, batch, self.device, self.dtype)
+
+    def graphopt_modules(self, inputs: tuple) -> None:
+        if self.direct is not None:
+            return
+        start = time.perf_counter()
+        self.direct = graphopt.optimize(self.model, inputs, target="cuda", cuda_graphs=False)
+        self.optimize_s = time.perf_counter() - start
+        if not self.smoke:  # the same lowering and (cached) tunings, replayed as a CUDA graph per layout
+            self.graphed = graphopt.optimize(self.model, inputs, target="cuda")
+
+    def compile_mode(self, mode: str, inputs: tuple) -> tuple[Callable, float]:
+        """torch.compile(model, mode) and the seconds its first call at these inputs took (a new batch
+        size recompiles: dynamic=False, as a deployment at fixed shapes would use it)."""
+        if mode not in self.compiled:
+            self.compiled[mode] = torch.compile(self.model, mode=mode, dynamic=False)
+        _, s = seconds(lambda: self.compiled[mode](*inputs), self.smoke)
+        return self.compiled[mode], s
+
+
+def per_call(run: ModelRun, batch: int, args: argparse.Namespace, clock: Clock) -> dict:
+    inputs = run.inputs(batch)
+    row: dict = {"model": run.label, "batch": batch, "compile": {}}
+    row["eager_ms"] = timed_ms(lambda: run.model(*inputs), args.repeats, run.smoke)
+    for mode in [m for m in args.compile_modes.split(",") if m] if not run.smoke else []:
+        if not clock.allows(f"{run.label} batch {batch}: torch.compile {mode}"):
+            continue
+        fn, s = run.compile_mode(mode, inputs)
+        row["compile"][mode] = {"ms": timed_ms(lambda: fn(*inputs), args.repeats, run.smoke), "compile_s": s}
+    run.graphopt_modules(inputs)
+    start = time.perf_counter()
+    if run.smoke:  # the wall clock stands in for CUDA events
+        tune_model(run.direct, [batch], timer=lambda fn, **_: timed_ms(fn, 2, True), cache=None,
+                   budget_s=args.tune_s, progress=False)
+    else:
+        tune_model(run.direct, [batch], budget_s=args.tune_s, progress=False)
+    row["tune_s"], row["optimize_s"] = time.perf_counter() - start, run.optimize_s
+    row["graphopt_ms"] = timed_ms(lambda: run.direct(*inputs), args.repeats, run.smoke)
+    row["graphs_ms"] = (timed_ms(lambda: run.graphed(*inputs), args.repeats, run.smoke)
+                        if run.graphed is not None else math.nan)
+    with torch.no_grad():
+        want = run.model(*inputs)
+        row["max_rel_err"] = compare((run.direct(*inputs),), (want,)).max_rel_error
+        if run.graphed is not None:
+            row["max_rel_err"] = max(row["max_rel_err"], compare((run.graphed(*inputs),), (want,)).max_rel_error)
+    best = min((c["ms"] for c in row["compile"].values()), default=math.nan)
+    ours = min(row["graphopt_ms"], row["graphs_ms"]) if math.isfinite(row["graphs_ms"]) else row["graphopt_ms"]
+    row["vs_eager"], row["vs_best_compile"] = row["eager_ms"] / ours, best / ours
+    print(f"{run.label} batch {batch}: eager {row['eager_ms']:.3f} ms, "
+          + "".join(f"compile {m} {c['ms']:.3f} ms ({c['compile_s']:.0f} s), " for m, c in row["compile"].items())
+          + f"graphopt {row['graphopt_ms']:.3f} ms, + CUDA graphs {_n(row['graphs_ms'])} ms "
+          f"(optimize {row['optimize_s']:.1f} s, tune {row['tune_s']:.1f} s): {row['vs_eager']:.2f}x eager, "
+          f"{_n(row['vs_best_compile'], '.2f', 'x')} best torch.compile, max rel err {row['max_rel_err']:.1e}",
+          flush=True)
+    return row
+
+
+def whole_sampler(run: ModelRun, args: argparse.Namespace, clock: Clock) -> dict:
+    batch = 2 if run.smoke else args.sampler_batch
+    inputs = run.inputs(batch)
+    run.graphopt_modules(inputs)
+    sampler = sampler_for(run.key, run.model, args.sampler_steps)
+    noise = sampler.noise(batch, 0, run.device).to(run.dtype)
+    labels = torch.randint(0, 1000, (batch,), device=run.device) if run.key.startswith("dit") else None
+    loops: dict[str, Callable[[], object]] = {"eager": lambda: sampler.sample(run.model, noise, labels)}
+    if not run.smoke and "reduce-overhead" in args.compile_modes.split(",") \
+            and clock.allows(f"{run.label} sampler: torch.compile reduce-overhead"):
+        fn, _ = run.compile_mode("reduce-overhead", inputs)
+        loops["torch.compile reduce-overhead"] = lambda: sampler.sample(fn, noise, labels)
+    loops["graphopt"] = lambda: sampler.sample(run.direct, noise, labels)
+    if run.graphed is not None:
+        loops["graphopt, per-call CUDA graphs"] = lambda: sampler.sample(run.graphed, noise, labels)
+        whole = graphopt.SamplerGraph(run.graphed, sampler)
+        loops["graphopt SamplerGraph (one graph)"] = lambda: whole(noise, labels)
+    ms = {name: timed_ms(fn, max(args.repeats // 4, 3), run.smoke) for name, fn in loops.items()}
+    row = {"model": run.label, "batch": batch, "steps": args.sampler_steps, "ms": ms}
+    print(f"{run.label} {args.sampler_steps}-step loop at batch {batch}: "
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
+    return row
+
+
+WARM_START = """
+import sys, time
+start = time.perf_counter()
+import torch, graphopt
+module = graphopt.load(sys.argv[1], target="cuda")
+inputs = torch.load(sys.argv[2])
+with torch.no_grad():
+    module(*inputs)
+if torch.cuda.is_available():
+    torch.cuda.synchronize()
+print(time.perf_counter() - start)
+"""
+
+
+def warm_start(run: ModelRun) -> dict:
+    """Seconds from a fresh interpreter's ``import graphopt`` to the first call of the saved module."""
+    inputs = run.inputs(1)
+    run.graphopt_modules(inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        run.direct.save(Path(tmp) / "model")
+        torch.save(inputs, Path(tmp) / "inputs.pt")
+        env = dict(os.environ)
+        times = []
+        for _ in range(2):  # the first fills what a cold machine lacks; the second is the warm start
+            out = subprocess.run([sys.executable, "-c", WARM_START, str(Path(tmp) / "model"),
+                                  str(Path(tmp) / "inputs.pt")], capture_output=True, text=True, env=env, check=False)
+            if out.returncode != 0:
+                return {"model": run.label, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+            times.append(float(out.stdout.strip().splitlines()[-1]))
+    print(f"{run.label} warm start: first load {times[0]:.2f} s, warm {times[1]:.2f} s", flush=True)
+    return {"model": run.label, "first_s": times[0], "warm_s": times[1]}
+
+
+def conditions(args: argparse.Namespace) -> str:
+    import triton
+
+    where = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if not args.smoke
+             else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter: SMOKE RUN, numbers "
+                  "meaningless")
+    return (f"{where}; torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}; "
+            f"{'fp32' if args.smoke else args.dtype}; medians of "
+            + ("wall-clock-timed calls" if args.smoke else f"{args.repeats} CUDA-event-timed calls after warm-up"))
+
+
+def _n(value: float, fmt: str = ".3f", suffix: str = "") -> str:
+    return f"{value:{fmt}}{suffix}" if math.isfinite(value) else "-"
+
+
+def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], skipped: list[str],
+           minutes: float, args: argparse.Namespace) -> str:
+    modes = [m for m in args.compile_modes.split(",") if m]
+    head = ["model", "batch", "eager ms", *(f"compile {m} ms (s)" for m in modes), "graphopt ms",
+            "graphopt + CUDA graphs ms", "optimize + tune s", "vs eager", "vs best compile", "max rel err"]
+    lines = ["# graphopt on a GPU", "", f"`python bench/gpu.py {' '.join(sys.argv[1:])}`, {minutes:.1f} min. "
+             f"Conditions: {conds}.", "", "## Per denoiser call", "", "| " + " | ".join(head) + " |",
+             "| --- | ---: |" + " ---: |" * (len(head) - 2)]
+    for r in rows:
+        comp = [f"{r['compile'][m]['ms']:.3f} ({r['compile'][m]['compile_s']:.0f})" if m in r["compile"] else "-"
+                for m in modes]
+        lines.append(f"| {r['model']} | {r['batch']} | {r['eager_ms']:.3f} | " + " | ".join(comp)
+                     + f" | {r['graphopt_ms']:.3f} | {_n(r['graphs_ms'])} | {r['optimize_s']:.1f} + {r['tune_s']:.1f}"
+                     f" | {_n(r['vs_eager'], '.2f', 'x')} | {_n(r['vs_best_compile'], '.2f', 'x')} | "
+                     f"{r['max_rel_err']:.1e} |")
+    if loops:
+        names = list(dict.fromkeys(k for r in loops for k in r["ms"]))
+        lines += ["", f"## Whole sampler: {args.sampler_steps}-step Euler loop, ms per loop", "",
+                  "| model | batch | " + " | ".join(names) + " | SamplerGraph vs eager |",
+                  "| --- | ---: |" + " ---: |" * (len(names) + 1)]
+        for r in loops:
+            ms = r["ms"]
+            one = ms.get("graphopt SamplerGraph (one graph)")
+            cells = " | ".join(f"{ms[n]:.2f}" if n in ms else "-" for n in names)
+            lines.append(f"| {r['model']} | {r['batch']} | {cells} | " + (f"{ms['eager'] / one:.2f}x |" if one else "- |"))
+    if warm:
+        lines += ["", "## Warm start (fresh process: import, load with target='cuda', first call)", ""]
+        lines += [f"- {w['model']}: " + (f"{w['warm_s']:.2f} s (first load on this machine {w['first_s']:.2f} s)"
+                                         if "warm_s" in w else f"failed: {w['error']}") for w in warm]
+    if skipped:
+        lines += ["", "Skipped when the budget was spent: " + "; ".join(skipped) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> int:
+    keys, batches = selection("gpu.py", args.models, args.batches, args.smoke)
+    out = Path(args.out or (HERE.parent / "bench-out" / "gpu-smoke.md" if args.smoke else HERE / "RESULTS-gpu.md"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    conds = conditions(args)
+    print(conds, flush=True)
+    clock = Clock(args.budget_s)
+    rows, loops, warm = [], [], []
+    runs = {}
+    for key in keys:
+        runs[key] = ModelRun(key, args)
+        for batch in batches:
+            if clock.allows(f"{runs[key].label} batch {batch}"):
+                rows.append(per_call(runs[key], batch, args, clock))
+        if clock.allows(f"{runs[key].label} whole sampler"):
+            loops.append(whole_sampler(runs[key], args, clock))
+        if key != keys[0]:
+            runs.pop(key)  # free the GPU for the next model
+            if not args.smoke:
+                torch.cuda.empty_cache()
+    if clock.allows(f"{runs[keys[0]].label} warm start"):
+        warm.append(warm_start(runs[keys[0]]))
+    minutes = (time.perf_counter() - clock.start) / 60
+    text = render(conds, rows, loops, warm, clock.skipped, minutes, args)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"conditions": conds, "per_call": rows, "sampler": loops,
+                                                    "warm_start": warm, "skipped": clock.skipped}, indent=2))
+    print("\n" + text + f"\nwrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))
