@@ -98,6 +98,15 @@ class CudaGraphRunner:
         return _Recorded(graph, static, outputs)
 
 
+def resolve(cuda_graphs: bool | None, target: str) -> bool:
+    """Whether a module for ``target`` replays CUDA graphs: ``None`` means on for "cuda" on a GPU;
+    ``True`` anywhere else is a :class:`~graphopt.errors.UsageError`."""
+    available = target == "cuda" and torch.cuda.is_available()
+    if cuda_graphs and not available:
+        raise UsageError("cuda_graphs=True needs target='cuda' and a CUDA GPU")
+    return available and cuda_graphs is not False
+
+
 class SamplerGraph:
     """A whole sampling loop as one CUDA graph: ``sampler.sample(model, noise, labels)`` recorded per
     input layout on its first call and replayed with one launch after it.

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from . import structure
+from . import cudagraphs, structure
 from .capture import _batch_size, capture, kept_state, training_modules
 from .emit import OptimizedModule, _checked_batch_one
 from .errors import UsageError
@@ -72,10 +72,7 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     if approximate and approx is None:
         raise UsageError(f"approximate pass(es) {', '.join(p.name for p in approximate)} need a sampler and a "
                          "quality evaluator: pass approx=graphopt.ApproxContext(...)")
-    if cuda_graphs and (target != "cuda" or not torch.cuda.is_available()):
-        raise UsageError("cuda_graphs=True needs target='cuda' and a CUDA GPU")
-    if cuda_graphs is None:
-        cuda_graphs = target == "cuda" and torch.cuda.is_available()
+    cuda_graphs = cudagraphs.resolve(cuda_graphs, target)
     if compile and target != "cpu":
         raise UsageError("compile=True builds the CPU program with Inductor; target='cuda' lowers onto Triton "
                          "kernels instead")

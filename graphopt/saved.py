@@ -38,7 +38,7 @@ from typing import Any, Iterable
 import safetensors.torch
 import torch
 
-from . import structure
+from . import cudagraphs, structure
 from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards
 from .errors import LoadError, OutputPathError, SaveError, UsageError, first_line, no_folder
 from .variants import Routing
@@ -172,9 +172,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "cuda":
         check_cuda_target()
-    if cuda_graphs and (target != "cuda" or not torch.cuda.is_available()):
-        raise UsageError("cuda_graphs=True needs target='cuda' and a CUDA GPU")
-    cuda_graphs = target == "cuda" and torch.cuda.is_available() and cuda_graphs is not False
+    cuda_graphs = cudagraphs.resolve(cuda_graphs, target)
     path = Path(directory)
     if not path.is_dir():
         left = _interrupted(path)

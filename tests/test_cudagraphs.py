@@ -93,3 +93,16 @@ def test_without_a_gpu_the_cuda_target_launches_directly_and_says_so():
     opt = graphopt.optimize(model, (torch.randn(2, 8),), target="cuda")
     assert not opt.report.cuda_graphs and opt._graph_runners is None
     assert "lower: kernels launched directly, no CUDA graphs" in opt.report.table()
+
+
+def test_cuda_graphs_on_request_without_a_gpu_are_refused_by_optimize_and_load(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    model = torch.nn.Linear(4, 4).eval()
+    opt = graphopt.optimize(model, (torch.randn(2, 4),))
+    opt.save(tmp_path / "model")
+    with pytest.raises(UsageError, match="cuda_graphs=True needs target='cuda' and a CUDA GPU"):
+        graphopt.optimize(model, (torch.randn(2, 4),), cuda_graphs=True)
+    with pytest.raises(UsageError, match="cuda_graphs=True needs target='cuda' and a CUDA GPU"):
+        graphopt.load(tmp_path / "model", cuda_graphs=True)
+    assert graphopt.load(tmp_path / "model", cuda_graphs=False)._graph_runners is None  # off: a plain load
