@@ -63,6 +63,16 @@ def example_inputs(name: str, model: nn.Module, batch: int, device: str, dtype: 
     return x, torch.rand(batch, device=device, dtype=dtype) * 10 + 0.1
 
 
+def model_keys(models: str) -> list[str]:
+    """The keys of a comma-separated ``--models``; exits 2 for an unknown one, with the reason on stderr."""
+    keys = [k.strip() for k in models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in DENOISERS]
+    if unknown:
+        print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}", file=sys.stderr)
+        raise SystemExit(2)
+    return keys
+
+
 def selection(script: str, models: str, batches: str, smoke: bool) -> tuple[list[str], list[int]]:
     """A GPU benchmark's ``--models`` and ``--batches`` (batch 2 in a smoke run); exits 1 without a GPU
     (unless ``smoke``) and 2 for an unknown model, with the reason on stderr."""
@@ -70,9 +80,4 @@ def selection(script: str, models: str, batches: str, smoke: bool) -> tuple[list
         print(f"bench/{script} measures on a CUDA GPU and torch sees none; --smoke checks the script on a CPU",
               file=sys.stderr)
         raise SystemExit(1)
-    keys = [k.strip() for k in models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in DENOISERS]
-    if unknown:
-        print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}", file=sys.stderr)
-        raise SystemExit(2)
-    return keys, [2] if smoke else [int(b) for b in batches.split(",")]
+    return model_keys(models), [2] if smoke else [int(b) for b in batches.split(",")]

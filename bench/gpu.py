@@ -124,13 +124,13 @@ def timed_ms(fn: Callable[[], object], repeats: int, smoke: bool) -> float:
         return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def seconds(fn: Callable[[], object], smoke: bool) -> tuple[object, float]:
+def seconds(fn: Callable[[], object], smoke: bool) -> float:
     start = time.perf_counter()
     with torch.no_grad():
-        out = fn()
+        fn()
     if not smoke:
         torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 def sampler_for(key: str, model: torch.nn.Module, steps: int) -> Sampler:
@@ -145,13 +145,12 @@ class ModelRun:
     """One model on the device: eager, its torch.compile objects and graphopt's modules, built once."""
 
     def __init__(self, key: str, args: argparse.Namespace):
-        self.key, self.args, self.smoke = key, args, args.smoke
+        self.key, self.smoke = key, args.smoke
         model, self.label = denoiser(key, "smoke" if args.smoke else "full")
         self.device = "cpu" if args.smoke else "cuda"
         self.dtype = torch.float32 if args.smoke else DTYPES[args.dtype]
         self.model = model.to(self.device, self.dtype)
         self.compiled: dict[str, Callable] = {}
-        self.compile_s: dict[str, float] = {}
         self.direct = self.graphed = None
         self.optimize_s = math.nan
 
@@ -173,8 +172,7 @@ class ModelRun:
         size recompiles: dynamic=False, as a deployment at fixed shapes would use it)."""
         if mode not in self.compiled:
             self.compiled[mode] = torch.compile(self.model, mode=mode, dynamic=False)
-        _, s = seconds(lambda: self.compiled[mode](*inputs), self.smoke)
-        return self.compiled[mode], s
+        return self.compiled[mode], seconds(lambda: self.compiled[mode](*inputs), self.smoke)
 
 
 def per_call(run: ModelRun, batch: int, args: argparse.Namespace, clock: Clock) -> dict:

@@ -44,7 +44,7 @@ if __name__ == "__main__" and "--help" not in sys.argv and "-h" not in sys.argv:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from _inputs import DENOISERS, DTYPES, denoiser, example_inputs  # noqa: E402 - bench/, beside this script
+from _inputs import DENOISERS, DTYPES, denoiser, example_inputs, model_keys  # noqa: E402 - bench/, beside this script
 
 
 @contextlib.contextmanager
@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
-    keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in DENOISERS]
-    if unknown:
-        p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}")
+    keys = model_keys(args.models)
 
     print(conditions(args))
     print("host overhead per call: Triton's kernel launch (its run(): binding, cache lookup, launch) skipped in "
