@@ -96,13 +96,15 @@ def run_variant(key: str, ns: argparse.Namespace, contexts: dict) -> dict:
     print(f"{key}: {sites} sites, FD before distillation {before.line()}", flush=True)
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
+        common = dict(schedule=ns.schedule, ema=ns.ema)
         if ns.new_minutes > 0:
-            reports.append(distill(student, ctx.source, config=DistillConfig(steps=100_000, max_minutes=ns.new_minutes),
-                                   context=ctx, checkpoint_dir=Path(tmp) / "new", progress=False))
+            reports.append(distill(student, ctx.source, config=DistillConfig(
+                steps=ns.new_steps or 100_000, max_minutes=ns.new_minutes, **common),
+                context=ctx, checkpoint_dir=Path(tmp) / "new", progress=False))
         if ns.all_minutes > 0:
             reports.append(distill(student, ctx.source, config=DistillConfig(
-                steps=0, all_steps=100_000, max_minutes=ns.all_minutes, lr=2e-4), context=ctx,
-                checkpoint_dir=Path(tmp) / "all", progress=False))
+                steps=0, all_steps=ns.all_steps or 100_000, max_minutes=ns.all_minutes, lr=2e-4, **common),
+                context=ctx, checkpoint_dir=Path(tmp) / "all", progress=False))
         after = ctx.evaluator.measure(ctx.generator(student), ("teacher", teacher_gen))
         onnx = graphopt.export_onnx(student, Path(tmp) / f"{key}.onnx")
     minutes = sum(r.minutes for r in reports)
@@ -125,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--new-minutes", type=float, default=6.0)
     parser.add_argument("--all-minutes", type=float, default=4.0)
+    parser.add_argument("--new-steps", type=int, default=0,
+                        help="steps on the new parameters (0: as many as --new-minutes allows); a cosine "
+                             "schedule decays over this many")
+    parser.add_argument("--all-steps", type=int, default=0, help="steps on every parameter (0: --all-minutes)")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                        help="learning rate after warm-up")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="decay of the moving average of the trained weights that is scored and kept (0: off)")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tokens", default="256,1024,4096")
@@ -153,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_variant(k, ns, contexts) for k in keys]
     minutes = (time.perf_counter() - started) / 60
     conditions = {"command": f"python bench/attention.py --variants {ns.variants} --new-minutes {ns.new_minutes} "
-                             f"--all-minutes {ns.all_minutes} --samples {ns.samples} --seeds {ns.seeds} "
+                             f"--all-minutes {ns.all_minutes} "
+                             + (f"--new-steps {ns.new_steps} " if ns.new_steps else "")
+                             + (f"--all-steps {ns.all_steps} " if ns.all_steps else "")
+                             + (f"--schedule {ns.schedule} " if ns.schedule != "constant" else "")
+                             + (f"--ema {ns.ema} " if ns.ema else "")
+                             + f"--samples {ns.samples} --seeds {ns.seeds} "
                              f"--tokens {shlex.quote(ns.tokens)} --repeats {ns.repeats}",
                   "samples": ns.samples, "seeds": ns.seeds,
                   "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",

@@ -28,13 +28,14 @@ the report gets a ``distill`` row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -48,13 +49,18 @@ if TYPE_CHECKING:
 FRESH = "graphopt_fresh"
 CHECKPOINT = "distill.safetensors"
 RECORD = "distill.json"
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """``steps`` on the new parameters, then ``all_steps`` on every parameter; batch, AdamW learning
-    rate (linear warm-up over ``warmup`` steps), ``lambda1`` (LiT's 0.5) on the teacher term and
-    ``task_weight`` on the model's own objective (0: distillation only)."""
+    rate (linear warm-up over each phase's first ``warmup`` steps, then ``schedule``: ``"constant"``,
+    or ``"cosine"`` decay to zero at the phase's last step), ``lambda1`` (LiT's 0.5) on the teacher
+    term and ``task_weight`` on the model's own objective (0: distillation only). ``ema`` > 0 keeps an
+    exponential moving average of the trained tensors (decay ``ema``, ramped up as ``(1 + s) / (10 + s)``
+    over a phase's first steps): the average, not the last iterate, is what is scored, kept and
+    carried into the next phase."""
 
     steps: int = 400
     all_steps: int = 0
@@ -68,6 +74,8 @@ class DistillConfig:
     max_minutes: float | None = None  # stop after the step that crosses it (checkpointed), fewer steps done
     keep_best: bool = True  # with a context: score every select_every steps, end on the best state
     select_every: int | None = None  # default: checkpoint_every
+    schedule: str = "constant"
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.all_steps < 0 or self.steps + self.all_steps < 1:
@@ -80,6 +88,10 @@ class DistillConfig:
             raise UsageError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.select_every is not None and self.select_every < 1:
             raise UsageError(f"select_every must be a positive number of steps, got {self.select_every}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown learning-rate schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if not 0 <= self.ema < 1:
+            raise UsageError(f"ema must be a decay in [0, 1), got {self.ema}")
 
     @property
     def total(self) -> int:
@@ -88,6 +100,18 @@ class DistillConfig:
     @property
     def selection_interval(self) -> int:
         return self.select_every or self.checkpoint_every
+
+    def phase_step(self, step: int) -> tuple[int, int]:
+        """``step`` (1-based, over both phases) as (step within its phase, that phase's length)."""
+        return (step, self.steps) if step <= self.steps else (step - self.steps, self.all_steps)
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of ``step``: warm-up, then the schedule, within the step's phase."""
+        s, n = self.phase_step(step)
+        lr = self.lr * min(1.0, s / max(1, self.warmup))
+        if self.schedule == "cosine" and s > self.warmup:
+            lr *= 0.5 * (1 + math.cos(math.pi * (s - self.warmup) / max(1, n - self.warmup)))
+        return lr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,8 +285,9 @@ def distill(student: "OptimizedModule", teacher: nn.Module, example_inputs: Sequ
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
             for group in state.optimizer.param_groups:
-                group["lr"] = config.lr * min(1.0, step / max(1, config.warmup))
+                group["lr"] = config.learning_rate(step)
             state.optimizer.step()
+            state.update_average(step)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise UsageError(f"the distillation loss diverged at step {step} (lower the learning rate)")
@@ -286,6 +311,7 @@ def distill(student: "OptimizedModule", teacher: nn.Module, example_inputs: Sequ
             p.requires_grad_(False)
         teacher.train(teacher_was_training)
     minutes = (time.perf_counter() - started) / 60
+    state.use_average()
     if selector is not None:
         selector.restore_best()
     _apply(student, ApproxOutcome(graph=gm))  # trained weights: new reference outputs, caches dropped
@@ -341,6 +367,7 @@ class _State:
         self.seconds = 0.0
         self.scores: list[tuple[int, float]] = []  # the selection scores so far
         self.best: dict[str, torch.Tensor] = {}  # the best-scoring state's tensors (keep_best)
+        self.average: dict[str, torch.Tensor] = {}  # the current phase's moving average (ema > 0)
 
     def _tensors(self, phase: str) -> dict[str, torch.Tensor]:
         return self.fresh if phase == "new" else self.everything
@@ -352,6 +379,7 @@ class _State:
         return list(self._tensors(name).values())
 
     def _start(self, name: str) -> None:
+        self.use_average()  # a phase starts from the previous phase's average
         for p in self.gm.parameters():
             p.requires_grad_(False)
         tensors = self._tensors(name)
@@ -360,6 +388,39 @@ class _State:
         self.current = name
         self.optimizer = torch.optim.AdamW(list(tensors.values()), lr=self.config.lr, weight_decay=0.0)
         self.trained = list({id(t): t for t in self.trained + list(tensors.values())}.values())
+        if self.config.ema:
+            self.average = {n: p.detach().clone() for n, p in tensors.items()}
+
+    def update_average(self, step: int) -> None:
+        """Move the average towards the tensors after ``step``'s update."""
+        if not self.average:
+            return
+        s, _ = self.config.phase_step(step)
+        decay = min(self.config.ema, (1 + s) / (10 + s))
+        with torch.no_grad():
+            for n, p in self._tensors(self.current or "new").items():
+                self.average[n].lerp_(p.detach(), 1 - decay)
+
+    def use_average(self) -> None:
+        """Copy the average into the tensors (the state that is scored, kept and carried on)."""
+        with torch.no_grad():
+            for n, t in self.average.items():
+                self.everything[n].copy_(t)
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The average in the tensors for the block's duration, the training iterate afterwards."""
+        if not self.average:
+            yield
+            return
+        iterate = {n: self.everything[n].detach().clone() for n in self.average}
+        self.use_average()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, t in iterate.items():
+                    self.everything[n].copy_(t)
 
     def save(self, folder: Path, step: int, losses: list[tuple[int, float]], smoothed: float | None,
              seconds: float) -> None:
@@ -374,6 +435,7 @@ class _State:
                     tensors[f"adam.{n}.{key}"] = torch.as_tensor(slot[key]).detach().clone().contiguous()
         tensors["generator"] = self.g.get_state()
         tensors.update({f"best.{n}": t.contiguous() for n, t in self.best.items()})
+        tensors.update({f"average.{n}": t.contiguous() for n, t in self.average.items()})
         record = {"step": step, "phase": self.current, "losses": losses, "smoothed": smoothed, "seconds": seconds,
                   "scores": self.scores, "config": dataclasses.asdict(self.config)}
         _atomic(folder / CHECKPOINT, lambda p: save_file(tensors, str(p)))
@@ -401,6 +463,7 @@ class _State:
                         if f"adam.{n}.{k}" in tensors}
                 if slot:
                     self.optimizer.state[p] = slot
+        self.average = {n.removeprefix("average."): t for n, t in tensors.items() if n.startswith("average.")}
         self.g.set_state(tensors["generator"])
         self.losses = tuple((int(s), float(v)) for s, v in record["losses"])
         self.smoothed = record["smoothed"]
@@ -433,16 +496,16 @@ class _Selector:
 
         evaluator = self.context.evaluator
         generate = self.context.generator(self.student)
-        with torch.no_grad():
+        with torch.no_grad(), self.state.averaged():
             if isinstance(evaluator, OutputFidelity):
                 value = evaluator.measure(generate, ("teacher", self.context.generator(self.teacher)),
                                           seeds=evaluator.seeds[:1]).mean
             else:
                 value = evaluator.proxy(generate)
-        improved = not self.state.scores or value < self.best_score
-        self.state.scores.append((step, float(value)))
-        if improved:
-            self.state.best = {n: p.detach().clone() for n, p in self.tensors.items()}
+            improved = not self.state.scores or value < self.best_score
+            self.state.scores.append((step, float(value)))
+            if improved:
+                self.state.best = {n: p.detach().clone() for n, p in self.tensors.items()}
         return value
 
     def restore_best(self) -> None:

@@ -60,9 +60,11 @@ def test_the_same_seed_gives_the_same_student():
         assert torch.equal(x, y), name
 
 
-def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"ema": 0.8, "schedule": "cosine", "all_steps": 4}], ids=["plain", "ema-cosine"])
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, extra):
+    config = DistillConfig(**SMALL, **extra)
     whole, model, _ = _student()
-    distill(whole, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path / "whole", progress=False)
+    distill(whole, model, config=config, checkpoint_dir=tmp_path / "whole", progress=False)
 
     cut, model, _ = _student()
     from graphopt.distill import _SyntheticTask
@@ -78,15 +80,46 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_SyntheticTask, "draw", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        distill(cut, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path / "cut", progress=False)
+        distill(cut, model, config=config, checkpoint_dir=tmp_path / "cut", progress=False)
     assert (tmp_path / "cut" / CHECKPOINT).is_file() and (tmp_path / "cut" / RECORD).is_file()
     monkeypatch.setattr(_SyntheticTask, "draw", draw)
     resumed, model, _ = _student()  # a fresh process: the student rebuilt, its state from the checkpoint
-    report = distill(resumed, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path / "cut", resume=True,
-                     progress=False)
-    assert report.steps == 12
+    report = distill(resumed, model, config=config, checkpoint_dir=tmp_path / "cut", resume=True, progress=False)
+    assert report.steps == config.total
     for (name, x), y in zip(_fresh_values(whole).items(), _fresh_values(resumed).values()):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+    again, model, _ = _student()  # resuming a finished run ends on the same state (the average, with ema)
+    distill(again, model, config=config, checkpoint_dir=tmp_path / "whole", resume=True, progress=False)
+    for (name, x), y in zip(_fresh_values(whole).items(), _fresh_values(again).values()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_schedule_warms_up_and_decays_within_each_phase():
+    config = DistillConfig(steps=10, all_steps=20, lr=1e-3, warmup=2, schedule="cosine")
+    lrs = [config.learning_rate(s) for s in range(1, 31)]
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)  # warm-up
+    assert all(a >= b for a, b in zip(lrs[1:9], lrs[2:10])) and lrs[9] == pytest.approx(0, abs=1e-12)
+    assert lrs[10] == pytest.approx(5e-4) and lrs[29] == pytest.approx(0, abs=1e-12)  # the second phase anew
+    constant = DistillConfig(steps=10, lr=1e-3, warmup=2)
+    assert [constant.learning_rate(s) for s in (1, 2, 10)] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_with_ema_the_moving_average_is_what_is_kept():
+    plain, model, args = _student()
+    distill(plain, model, config=DistillConfig(**SMALL), progress=False)
+    # a decay of ~0 makes the average the iterate itself: the same student as without it
+    tiny, model, _ = _student()
+    distill(tiny, model, config=DistillConfig(**SMALL, ema=1e-12), progress=False)
+    for (name, x), y in zip(_fresh_values(plain).items(), _fresh_values(tiny).values()):
+        assert torch.equal(x, y), name
+    # a long average lags the iterate: the student ends between its start and the plain run's end
+    start, model, _ = _student()
+    start_values = _fresh_values(start)
+    averaged, model, _ = _student()
+    distill(averaged, model, config=DistillConfig(**SMALL, ema=0.9), progress=False)
+    moved = sum(float((a - s).norm()) for a, s in zip(_fresh_values(averaged).values(), start_values.values()))
+    full = sum(float((p - s).norm()) for p, s in zip(_fresh_values(plain).values(), start_values.values()))
+    assert 0 < moved < full
 
 
 def test_bad_requests_are_clear_errors_and_write_nothing(tmp_path):
@@ -95,6 +128,10 @@ def test_bad_requests_are_clear_errors_and_write_nothing(tmp_path):
         DistillConfig(steps=0)
     with pytest.raises(UsageError, match="not both zero"):
         DistillConfig(lambda1=0, task_weight=0)
+    with pytest.raises(UsageError, match="unknown learning-rate schedule 'linear'; choose from constant, cosine"):
+        DistillConfig(schedule="linear")
+    with pytest.raises(UsageError, match=r"ema must be a decay in \[0, 1\), got 1.0"):
+        DistillConfig(ema=1.0)
     with pytest.raises(UsageError, match="no distillation checkpoint"):
         distill(opt, model, config=DistillConfig(**SMALL), checkpoint_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(OutputPathError, match="does not exist"):
