@@ -47,19 +47,29 @@ class KernelCall:
 
 
 @dataclasses.dataclass(frozen=True)
+class AtenCall:
+    """One ATen op in a plan (a cuBLAS matmul before an epilogue kernel): ``result = op(*args)``, tensor
+    arguments as :class:`Ref` values, ``None`` passed as it is."""
+
+    op: Any
+    args: tuple[Any, ...]
+    result: str
+
+
+@dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     """What a launcher does for one set of input layouts and one config, as values.
 
     ``inputs``: the names of the tensors the caller hands to :meth:`run`; ``casts``: (name, input,
     dtype), a contiguous copy of an input in another dtype (e.g. VAR's levels as int32); ``buffers``:
-    the allocations; ``calls``: the launches, in order; ``outputs``: the names returned. Valid only
+    the allocations; ``calls``: the launches (and ATen ops), in order; ``outputs``: the names returned. Valid only
     for inputs with the shapes, strides, dtypes and device the plan was made for: strides and sizes
     are baked into the arguments.
     """
 
     inputs: tuple[str, ...]
     buffers: tuple[Buffer, ...]
-    calls: tuple[KernelCall, ...]
+    calls: tuple[KernelCall | AtenCall, ...]
     outputs: tuple[str, ...]
     casts: tuple[tuple[str, str, torch.dtype], ...] = ()
 
@@ -74,7 +84,10 @@ class LaunchPlan:
             env[b.name] = t.zero_() if b.zero else t
         for call in self.calls:
             args = [env[a.name] if isinstance(a, Ref) else a for a in call.args]
-            call.kernel[call.grid](*args, **dict(call.constexprs))
+            if isinstance(call, AtenCall):
+                env[call.result] = call.op(*args)
+            else:
+                call.kernel[call.grid](*args, **dict(call.constexprs))
         return tuple(env[name] for name in self.outputs)
 
 

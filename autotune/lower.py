@@ -2,7 +2,8 @@
 
 Where it belongs: the last step of ``optimize(..., target="cuda")``, after the rewrite passes. It
 partitions the graph (:mod:`.regions`), generates a kernel per pointwise or norm region
-(:mod:`.codegen`), and rebuilds the graph with one ``call_module`` per region, each a call site of
+(:mod:`.codegen`; a pointwise region fed by a linear that nothing else reads takes the linear in, as a
+GEMM-epilogue site of :mod:`.gemm`), and rebuilds the graph with one ``call_module`` per region, each a call site of
 :mod:`.sites`. Regions whose kernel cannot be built stay on ATen, named in the :class:`LoweringReport`
 with the reason. :mod:`.check` runs the result site by site against the ATen ops; :mod:`.runtime`
 calls it through generated forwards. With ``GRAPHOPT_DUMP_KERNELS=dir``, ``regions.txt`` in ``dir``
@@ -23,6 +24,7 @@ from graphopt.errors import first_line
 
 from .check import call_sites, check_regions  # noqa: F401 - lowering's check, importable from here as before
 from .codegen import generate
+from .gemm import GemmRegion, absorbed_linear
 from .regions import Partition, Region, partition
 # the call sites lowering builds, importable from here as before
 from .sites import (DUMP_ENV, ChoiceEpoch, FamilyRegion, FusedRegion, KernelLibrary, SitePlan,  # noqa: F401
@@ -51,6 +53,8 @@ class LoweringReport:
     max_rel_error: float
     time_s: float
     dump_dir: str | None
+    unfused: tuple[tuple[str, str], ...] = ()
+    """Linears that could have joined their epilogue region but did not, with the reason."""
 
     def text(self) -> str:
         """The report's ``lower:`` lines: calls by kind, kernels, error, what stayed on ATen and why."""
@@ -67,6 +71,11 @@ class LoweringReport:
             by_reason.setdefault(reason, []).append(node)
         lines += [f"lower: {len(nodes)} region(s) left on ATen ({', '.join(nodes)}): {reason}"
                   for reason, nodes in by_reason.items()]
+        unfused: dict[str, list[str]] = {}
+        for node, reason in self.unfused:
+            unfused.setdefault(reason, []).append(node)
+        lines += [f"lower: {len(nodes)} linear(s) on cuBLAS apart from their epilogue kernel ({', '.join(nodes)}): "
+                  f"{reason}" for reason, nodes in unfused.items()]
         if self.dump_dir:
             lines.append(f"lower: kernel sources in {self.dump_dir}")
         return "\n".join(lines)
@@ -81,6 +90,7 @@ class LoweringReport:
                                 for r in data["regions"])
         data["left_on_aten"] = tuple(tuple(x) for x in data["left_on_aten"])
         data["declined"] = tuple(tuple(x) for x in data["declined"])
+        data["unfused"] = tuple(tuple(x) for x in data.get("unfused", ()))
         return LoweringReport(**data)
 
 
@@ -91,6 +101,10 @@ class Lowered:
     regions: tuple[LoweredRegion, ...]
     declined: tuple[tuple[str, str], ...]
     library: KernelLibrary
+    left_on_aten: tuple[tuple[str, int], ...]
+    """The partition's ops left on ATen, less the linears fused with their epilogues."""
+    unfused: tuple[tuple[str, str], ...]
+    """Linears a pointwise region could have absorbed but did not, with the reason."""
 
 
 def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
@@ -106,12 +120,15 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
     placed: dict[fx.Node, tuple[str, Region]] = {}
     lowered: list[LoweredRegion] = []
     declined: list[tuple[str, str]] = []
+    unfused: list[tuple[str, str]] = []
     epoch = ChoiceEpoch()  # shared by the sites: a tune() of any of them retires generated forwards
     for region in part.regions:
         name = f"r{len(kernels)}"
         try:
             if region.kind == "attention":
                 module: _Tuned = FamilyRegion(region, options, epoch)
+            elif (gemm := _gemm(region, library, options, epoch, unfused)) is not None:
+                module, region = gemm, gemm.region
             else:
                 module = FusedRegion(generate(region), library, region_graph(region), options, epoch)
         except _Decline as e:
@@ -137,7 +154,26 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
     root.add_module("graphopt_kernels", nn.ModuleDict(kernels))
     out = fx.GraphModule(root, graph, class_name="LoweredGraph")
     library.write_index(_index(lowered))
-    return Lowered(out, part, tuple(lowered), tuple(declined), library)
+    left = dict(part.left_on_aten)
+    left["linear"] = left.get("linear", 0) - sum(1 for r in lowered if r.kind == "gemm")
+    left_on_aten = tuple((op, n) for op, n in part.left_on_aten if left[op] > 0)
+    return Lowered(out, part, tuple(lowered), tuple(declined), library,
+                   tuple((op, left[op]) for op, _ in left_on_aten), tuple(unfused))
+
+
+def _gemm(region: Region, library: KernelLibrary, options: TuningOptions, epoch: ChoiceEpoch,
+          unfused: list[tuple[str, str]]) -> GemmRegion | None:
+    """The GEMM-epilogue call site of a pointwise region that can absorb its producing linear, else None
+    (a fusion declined here leaves the region a plain pointwise kernel; the reason is reported)."""
+    if (linear := absorbed_linear(region)) is None:
+        return None
+    try:
+        return GemmRegion(linear, region, library, options, epoch)
+    except _Decline as e:
+        unfused.append((linear.name, str(e)))
+    except (SyntaxError, ValueError, TypeError, AttributeError, NotImplementedError) as e:
+        unfused.append((linear.name, f"kernel generation failed: {type(e).__name__}: {first_line(e)}"))
+    return None
 
 
 def _rebuild(old: fx.Graph, placed: dict[fx.Node, tuple[str, Region]]) -> fx.Graph:

@@ -27,6 +27,7 @@ from graphopt.errors import UsageError
 
 from .cache import Config, shape_bucket
 from .configs import is_aten
+from .gemm import GemmRegion
 from .sites import FamilyRegion, FusedRegion, _Tuned
 from .tuner import DEFAULT_CACHE, CacheArg, Timer, cuda_event_timer
 
@@ -111,6 +112,8 @@ def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_event
 def _kind(site: nn.Module) -> str:
     if isinstance(site, FamilyRegion):
         return "attention"
+    if isinstance(site, GemmRegion):
+        return "gemm"
     assert isinstance(site, FusedRegion)
     return "pointwise" if site.generated.row is None else "norm"
 

@@ -21,7 +21,9 @@ Three kinds of region:
   own ops (:mod:`graphopt.ops`): ``block_causal_attention`` (VAR; the same flash kernel with levels),
   ``linear_attention`` (LiT) and ``dynamic_dwconv`` (ATConv), which passes substitute into graphs.
 
-Matmuls and convolutions are not regions: they stay on ATen (cuBLAS / cuDNN).
+Matmuls and convolutions are not regions: they stay on ATen (cuBLAS / cuDNN). Lowering then gives a
+linear layer whose output only one pointwise region reads to that region, as one GEMM-epilogue call
+site (:mod:`.gemm`, region kind ``gemm``).
 
 A group must stay *convex*: no path may leave it and come back, or the group could not run as one
 call (it would need its own output before it starts). Groups grow greedily in topological order and a
@@ -118,7 +120,7 @@ class Operand:
 class Region:
     """Nodes that run as one kernel: in topological order, with what they read and write."""
 
-    kind: Literal["pointwise", "norm", "attention"]
+    kind: Literal["pointwise", "norm", "attention", "gemm"]
     nodes: tuple[fx.Node, ...]
     domain: tuple[sympy.Expr, ...]
     inputs: tuple[fx.Node, ...]

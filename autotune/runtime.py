@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .launches import Ref
+from .launches import AtenCall, Ref
 from .sites import SitePlan, _Tuned
 
 Layout = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device], ...]
@@ -415,6 +415,13 @@ class _Writer:
             self.lines.append(f"{names[b.name]} = torch.empty_strided({b.shape!r}, {b.strides!r}, "
                               f"dtype={self.expr(b.dtype, {})}, device={device}){zero}")
         for call in plan.calls:
+            if isinstance(call, AtenCall):
+                if call.result not in names:
+                    names[call.result] = self.local(f"{prefix}_{call.result}")
+                    scratch.append(names[call.result])
+                call_args = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in call.args]
+                self.lines.append(f"{names[call.result]} = {self.function(call.op)}({', '.join(call_args)})")
+                continue
             kernel = self.const(call.kernel, getattr(call.kernel, "__name__", "kernel"))
             call_args = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in call.args]
             constexprs = [f"{k}={self.expr(v, {})}" for k, v in call.constexprs]

@@ -3,7 +3,8 @@
 Where it belongs: built by :func:`.lower.lower`, one per region, and called by the lowered graph (the
 general path) or written out by :mod:`.runtime`. A :class:`FusedRegion` launches a generated pointwise
 or norm kernel (:mod:`.codegen`), a :class:`FamilyRegion` a hand-written attention-family kernel
-(:mod:`.kernels`, whose ``lowering()`` rows say which op each runs). Each region keeps its original ATen
+(:mod:`.kernels`, whose ``lowering()`` rows say which op each runs); :class:`~.gemm.GemmRegion` (in
+its own module) a linear with its pointwise epilogue. Each region keeps its original ATen
 nodes as an eager fallback, which is also the reference its kernel is checked against.
 
 Identical regions (the same ops on the same layouts: one per transformer block) share one source and
@@ -170,7 +171,7 @@ class _Tuned(nn.Module):
         key = (self.cache_name(*inputs), shape_bucket(shape))
         if (cfg := self._chosen.get(key)) is None:
             o = self.options
-            cfg = choose(key[0], self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
+            cfg = choose(key[0], self.source_hash, shape, self.configs, self._runner(inputs),
                          autotune=o.autotune, prune=self.prune, timer=o.timer, cache=o.cache,
                          budget_s=o.budget_s).config
             self._chosen[key] = cfg
@@ -178,18 +179,39 @@ class _Tuned(nn.Module):
 
     def tune(self, *inputs: torch.Tensor, timer: Timer = cuda_event_timer, cache: CacheArg = DEFAULT_CACHE,
              budget_s: float | None = None, force: bool = False) -> TuneResult:
-        """Time every candidate config on ``inputs``; the winner is stored and used from now on."""
+        """Time every candidate config on ``inputs``; the winner is stored and used from now on.
+
+        Each candidate is timed as a generated forward runs it (:meth:`_runner`): its launch plan made
+        once, then its allocations and launches, host work included, not the general path's planning.
+        """
         shape = self.tuning_shape(*inputs)
         name = self.cache_name(*inputs)
-        result = tune(name, self.source_hash, shape, self.configs, lambda c: self.launch(c, *inputs),
+        result = tune(name, self.source_hash, shape, self.configs, self._runner(inputs),
                       prune=self.prune, timer=timer, cache=cache, budget_s=budget_s, force=force)
         self._chosen[(name, shape_bucket(shape))] = result.config
         self.epoch.value += 1
         return result
 
+    def _runner(self, inputs: Sequence[torch.Tensor]) -> Callable[[Config], tuple[torch.Tensor, ...]]:
+        """Runs a config on ``inputs`` as a generated forward does: its plan made on first use, then only
+        the plan's allocations and launches (what the tuner times, host work included)."""
+        plans: dict[tuple, SitePlan] = {}
+
+        def run(config: Config) -> tuple[torch.Tensor, ...]:
+            key = tuple(sorted(config.items()))
+            if (planned := plans.get(key)) is None:
+                planned = plans[key] = self.config_plan(config, inputs)
+            return planned.run(self, inputs)
+
+        return run
+
     def plan_for(self, *inputs: torch.Tensor) -> SitePlan:
         """The config this site uses on ``inputs`` (chosen once per shape bucket, as a call would) and
         its launch plan for their layouts."""
+        raise NotImplementedError
+
+    def config_plan(self, config: Config, inputs: Sequence[torch.Tensor]) -> SitePlan:
+        """``config``'s launch plan for inputs laid out like ``inputs`` (no plan: the eager ops)."""
         raise NotImplementedError
 
     def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -282,11 +304,16 @@ class FusedRegion(_Tuned):
             return self.reference(*inputs)
         return self.plan(config, inputs).run(inputs)
 
+    def output_buffers(self, inputs: Sequence[torch.Tensor]) -> tuple[Buffer, ...]:
+        """The region's outputs for inputs laid out like ``inputs``, with the strides eager gives them."""
+        out_geometry = self._required_layout(inputs)[1]
+        return tuple(Buffer(f"out{j}", tuple(int(d) for d in shape), tuple(int(d) for d in strides), dtype)
+                     for j, ((shape, strides), dtype) in enumerate(zip(out_geometry, self._dtypes)))
+
     def plan(self, config: Config, inputs: Sequence[torch.Tensor]) -> LaunchPlan:
         """The kernel's allocations and launches with ``config`` for inputs laid out like ``inputs``."""
-        values, out_geometry, numel = self._required_layout(inputs)
-        outs = tuple(Buffer(f"out{j}", tuple(int(d) for d in shape), tuple(int(d) for d in strides), dtype)
-                     for j, ((shape, strides), dtype) in enumerate(zip(out_geometry, self._dtypes)))
+        values, _, numel = self._required_layout(inputs)
+        outs = self.output_buffers(inputs)
         out_names = tuple(b.name for b in outs)
         if numel == 0:
             return LaunchPlan(self._names, outs, (), out_names)
@@ -315,7 +342,9 @@ class FusedRegion(_Tuned):
         layout = self._layout(inputs)
         if layout is None:
             return SitePlan(None, None)
-        config = self._config(self._shape(layout[2]), inputs)
+        return self.config_plan(self._config(self._shape(layout[2]), inputs), inputs)
+
+    def config_plan(self, config: Config, inputs: Sequence[torch.Tensor]) -> SitePlan:
         if is_aten(config):
             return SitePlan(config, None)
         return SitePlan(config, self.plan(config, inputs), tuple(range(self._n_in)))
@@ -404,7 +433,9 @@ class FamilyRegion(_Tuned):
         return (self.op.reference(*self._tensors(inputs), **self.options_kw, **self._optional(inputs)),)
 
     def plan_for(self, *inputs: torch.Tensor) -> SitePlan:
-        config = self._config(self.tuning_shape(*inputs), inputs)
+        return self.config_plan(self._config(self.tuning_shape(*inputs), inputs), inputs)
+
+    def config_plan(self, config: Config, inputs: Sequence[torch.Tensor]) -> SitePlan:
         if is_aten(config):
             return SitePlan(config, None)
         options = {**self.options_kw, **self._optional(inputs)}

@@ -60,6 +60,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from graphopt.autotune import cuda_event_timer
+from graphopt.autotune.gemm import GemmRegion
 from graphopt.autotune.lower import FusedRegion
 from graphopt.autotune.model_tuning import batch_inputs, record_calls, tune_model
 
@@ -160,7 +161,8 @@ def bench_regions(name: str, opt: graphopt.OptimizedModule, batch: int, args: ar
         with torch.no_grad():
             # the eager ops the kernel replaces: the region's ATen nodes, or the attention-family op
             eager: Callable = site.reference
-            ops = " ".join(site.generated.region.ops()) if isinstance(site, FusedRegion) else site.kernel_name
+            ops = (" ".join(site.generated.region.ops()) if isinstance(site, FusedRegion)
+                   else " ".join(site.region.ops()) if isinstance(site, GemmRegion) else site.kernel_name)
             ours = site(*inputs)
             err = compare(ours, eager(*inputs))
             ms = time_call(t, site, *inputs)

@@ -56,7 +56,7 @@ def lower_captured(captured: CapturedGraph) -> tuple[fx.GraphModule, dict[str, A
     if not cmp.within:
         raise VerificationError(f"the lowered graph differs from the original model: {cmp.line()}")
     nodes = sum(len(r.ops) for r in result.regions)
-    report = LoweringReport(result.regions, len(result.library), nodes, result.partition.left_on_aten,
+    report = LoweringReport(result.regions, len(result.library), nodes, result.left_on_aten,
                             result.declined, cmp.max_abs_error, cmp.max_rel_error, time.perf_counter() - start,
-                            str(result.library.directory) if result.library.dumped else None)
+                            str(result.library.directory) if result.library.dumped else None, result.unfused)
     return result.graph_module, report.to_json()

@@ -305,6 +305,18 @@ def test_a_tuned_config_is_stored_and_used_by_the_next_lowering(tmp_path):
     assert list(fresh._chosen.values()) == [result.config] and fresh.cache_name(*inputs).endswith(":float32")
 
 
+def test_tuning_times_each_config_as_a_generated_forward_runs_it(monkeypatch):
+    site, inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * x), torch.randn(3, 700))
+    planned = []
+    plan = FusedRegion.plan
+    monkeypatch.setattr(FusedRegion, "plan", lambda self, config, tensors: planned.append(dict(config))
+                        or plan(self, config, tensors))
+    timer = FakeTimer()
+    result = site.tune(*inputs, timer=lambda fn, **kw: [fn() for _ in range(3)] and timer(fn, **kw), cache=None)
+    timed = [dict(t.config) for t in result.timings if not is_aten(t.config)]
+    assert len(timed) >= 2 and sorted(map(str, planned)) == sorted(map(str, timed))  # one plan per config, reused
+
+
 def test_self_attention_on_one_tensor_passes_it_three_times():
     result, _ = lowered(Fn(lambda x: F.scaled_dot_product_attention(x, x, x)), torch.randn(2, 2, 9, 16))
     assert [(r.kind, r.kernel) for r in result.regions] == [("attention", "attention")]

@@ -81,6 +81,8 @@ def calls(dtype: torch.dtype):
 
 def generated_calls(dtype: torch.dtype):
     """(kernel name, call taking a config) for every distinct generated kernel of the reference models."""
+    from graphopt.autotune.gemm import GemmRegion, template_configs
+    from graphopt.autotune.kernels import _launch
     from graphopt.autotune.lower import FusedRegion, TuningOptions, call_sites, lower
     from graphopt.capture import capture
     from graphopt.models import load
@@ -90,14 +92,21 @@ def generated_calls(dtype: torch.dtype):
         model = ref.model.to(dtype)
         inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in ref.example_inputs)
         captured = capture(model, inputs)
-        lowered = lower(captured.graph_module, options=TuningOptions(cache=None)).graph_module
+        # lowered as for a GPU (the interpreter's bf16 limits do not apply to what is compiled here)
+        with mock.patch.object(_launch, "is_compiled", lambda kernel: True):
+            lowered = lower(captured.graph_module, options=TuningOptions(cache=None)).graph_module
         sites: dict[str, tuple] = {}
         # the regions' real inputs; compiled kernels cannot run here, so downstream gets the eager values
         for module, args in call_sites(lowered, captured.example_inputs, run_kernels=False):
-            if isinstance(module, FusedRegion):
+            if isinstance(module, (FusedRegion, GemmRegion)):
                 sites.setdefault(module.kernel_name, (module, args))
         for kernel, (module, args) in sites.items():
-            yield kernel, module.configs, (lambda m, a: lambda c: m.launch(c, *a))(module, args)
+            launch = (lambda m, a: lambda c: m.launch(c, *a))(module, args)
+            if isinstance(module, GemmRegion):  # the matmul template, and cuBLAS + the epilogue kernel
+                yield kernel, template_configs, launch
+                yield module.epilogue.kernel_name, module.epilogue.configs, launch
+            else:
+                yield kernel, module.configs, launch
 
 
 def signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
@@ -120,7 +129,7 @@ def signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, d
     return sig, constexprs, options
 
 
-def record(dtypes: list[str], default_only: bool, generated: bool) -> dict[str, Any]:
+def record(dtypes: list[str], default_only: bool, generated: bool, match: str = "") -> dict[str, Any]:
     """The manifest of every distinct launch: kernel module sources and, per launch, what Triton compiles.
 
     Launchers run on CPU tensors with ``JITFunction.run`` replaced by a recorder, so nothing is launched.
@@ -145,6 +154,8 @@ def record(dtypes: list[str], default_only: bool, generated: bool) -> dict[str, 
             if generated:
                 work += list(generated_calls(dtype))
             for op, configs, call in work:
+                if match not in op:
+                    continue
                 family = [c for c in configs() if not is_aten(c)]
                 for config in family[:1] if default_only else family:
                     launches.clear()
@@ -234,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "fp16", "bf16"])
     parser.add_argument("--default-only", action="store_true", help="only each family's first config")
     parser.add_argument("--no-generated", action="store_true", help="skip the kernels lowering generates")
+    parser.add_argument("--match", default="", metavar="TEXT",
+                        help="only kernels whose name contains TEXT (e.g. gemm_ for the matmul templates)")
     parser.add_argument("--triton", nargs="+", default=["installed"], metavar="VERSION",
                         help="Triton releases to compile with: 'installed' (this one) or a version, e.g. "
                              f"{' '.join(sorted(set(PINNED_TRITON.values())))} (pinned by torch "
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: the kernels must be decorated for the GPU")
 
     start = time.perf_counter()
-    manifest = record(ns.dtypes, ns.default_only, not ns.no_generated)
+    manifest = record(ns.dtypes, ns.default_only, not ns.no_generated, ns.match)
     tables, failures = {}, 0
     for requested in ns.triton:
         version, results = compile_with(requested, manifest, ns.arch, ns.venv_root)
