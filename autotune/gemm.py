@@ -244,7 +244,8 @@ class GemmRegion(_Tuned):
         self._names = tuple(f"g{i}" for i in range(len(inputs)))
 
     def extra_repr(self) -> str:
-        return f"{self.kernel_name}: linear {self._k} -> {self._n_out}, then {' '.join(self.epilogue.generated.region.ops())}"
+        then = " ".join(self.epilogue.generated.region.ops())
+        return f"{self.kernel_name}: linear {self._k} -> {self._n_out}, then {then}"
 
     def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.fallback(*inputs))

@@ -98,3 +98,26 @@ def test_a_sampler_graph_replays_the_whole_loop_as_the_loop_computes_it():
         torch.testing.assert_close(whole(noise, labels), want, atol=1e-3, rtol=1e-3)
     assert len(whole._runner) == 1 and not whole.fallbacks
     assert len(opt._graph_runners) == 0  # the module's per-call graphs were bypassed inside the loop's graph
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gemm_epilogue_candidates_on_the_gpu(dtype):
+    from graphopt.autotune.cache import Config
+    from graphopt.autotune.check import call_sites
+    from graphopt.autotune.gemm import GemmRegion, is_template
+    from tests.autotune.test_gemm import MLP
+
+    torch.manual_seed(0)
+    model = MLP(width=384, hidden=1536).to("cuda", dtype).eval()
+    args = (torch.randn(16, 256, 384, device="cuda", dtype=dtype), torch.randn(16, 1, 384, device="cuda", dtype=dtype))
+    opt = graphopt.optimize(model, args, target="cuda", cuda_graphs=False)
+    (lowered,) = opt.lowered
+    sites = [(s, a) for s, a in call_sites(lowered, opt.captured.example_inputs) if isinstance(s, GemmRegion)]
+    assert len(sites) == 2
+    for site, inputs in sites:
+        want = site.reference(*inputs)[0].float()
+        for config in site.prune([Config(c) for c in site.configs()], site.tuning_shape(*inputs)):
+            got = site.launch(config, *inputs)[0].float()
+            assert ((got - want).abs().max() / want.abs().max()) < TOLERANCE[dtype], dict(config)
+        result = site.tune(*inputs, cache=None)
+        assert result.time_ms > 0 and any(is_template(t.config) and not t.failed for t in result.timings)
