@@ -36,11 +36,15 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     ``passes`` are names from :mod:`graphopt.passes` or :class:`Pass` objects. Each exact pass is
     verified against the original model's outputs; the report records FLOPs, errors and times.
 
-    ``target="cuda"`` captures on the GPU (a copy of the model when it is elsewhere) and lowers the graph:
-    pointwise chains and norms with their epilogues run as generated Triton kernels, attention on the
-    flash kernel, matmuls and convolutions stay on ATen (see :mod:`graphopt.autotune.lower`). Each
-    kernel is checked against the ATen ops it replaces on the example inputs, within the dtype's
-    tolerance. Kernels use the tuned configs ``graphopt autotune`` stored for this GPU, else defaults.
+    ``target="cuda"`` captures on the GPU (a copy of the model when it is elsewhere) and lowers the graph
+    (see :mod:`graphopt.autotune.lower`): pointwise chains and norms with their epilogues run as
+    generated Triton kernels; graphopt's own attention-family ops on their hand-written kernels;
+    softmax attention on PyTorch's SDPA until tuning finds the flash kernel faster; a linear whose
+    output only a pointwise chain reads joins it as one call site (cuBLAS then the chain's kernel until
+    tuning finds the fused Triton matmul template faster); other matmuls and convolutions stay on
+    ATen. Each kernel is checked against the ATen ops it replaces on the example inputs, within the
+    dtype's tolerance. Call sites use the configs ``graphopt autotune`` stored for this GPU, else
+    their untuned defaults.
     Under ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on the CPU instead (slow;
     for testing). With ``target="cuda"`` on a GPU each call is replayed as a CUDA graph recorded per
     input layout (:mod:`graphopt.cudagraphs`), which removes the launch overhead that dominates at
