@@ -62,9 +62,9 @@ class LaunchPlan:
 
     ``inputs``: the names of the tensors the caller hands to :meth:`run`; ``casts``: (name, input,
     dtype), a contiguous copy of an input in another dtype (e.g. VAR's levels as int32); ``buffers``:
-    the allocations; ``calls``: the launches (and ATen ops), in order; ``outputs``: the names returned. Valid only
-    for inputs with the shapes, strides, dtypes and device the plan was made for: strides and sizes
-    are baked into the arguments.
+    the allocations; ``calls``: the launches (and ATen ops), in order; ``outputs``: the names
+    returned. Valid only for inputs with the shapes, strides, dtypes and device the plan was made for:
+    strides and sizes are baked into the arguments.
     """
 
     inputs: tuple[str, ...]

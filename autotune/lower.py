@@ -2,9 +2,9 @@
 
 Where it belongs: the last step of ``optimize(..., target="cuda")``, after the rewrite passes. It
 partitions the graph (:mod:`.regions`), generates a kernel per pointwise or norm region
-(:mod:`.codegen`; a pointwise region fed by a linear that nothing else reads takes the linear in, as a
-GEMM-epilogue site of :mod:`.gemm`), and rebuilds the graph with one ``call_module`` per region, each a call site of
-:mod:`.sites`. Regions whose kernel cannot be built stay on ATen, named in the :class:`LoweringReport`
+(:mod:`.codegen`; a pointwise region fed by a linear that nothing else reads takes the linear in, as
+a GEMM-epilogue site of :mod:`.gemm`), and rebuilds the graph with one ``call_module`` per region,
+each a call site of :mod:`.sites`. Regions whose kernel cannot be built stay on ATen, named in the :class:`LoweringReport`
 with the reason. :mod:`.check` runs the result site by site against the ATen ops; :mod:`.runtime`
 calls it through generated forwards. With ``GRAPHOPT_DUMP_KERNELS=dir``, ``regions.txt`` in ``dir``
 says which graph nodes and modules each region came from.
