@@ -3,9 +3,10 @@
 Where it belongs: the last step of ``optimize(..., target="cuda")``, after the rewrite passes. It
 partitions the graph (:mod:`.regions`), generates a kernel per pointwise or norm region
 (:mod:`.codegen`; a pointwise region fed by a linear that nothing else reads takes the linear in, as
-a GEMM-epilogue site of :mod:`.gemm`), and rebuilds the graph with one ``call_module`` per region,
-each a call site of :mod:`.sites`. Regions whose kernel cannot be built stay on ATen, named in the :class:`LoweringReport`
-with the reason. :mod:`.check` runs the result site by site against the ATen ops; :mod:`.runtime`
+a GEMM-epilogue site of :mod:`.gemm`; ATConv's kernel generation joins its convolution, :mod:`.atconv`),
+and rebuilds the graph with one ``call_module`` per region, each a call site of :mod:`.sites`.
+Regions whose kernel cannot be built stay on ATen, named in the :class:`LoweringReport` with the
+reason. :mod:`.check` runs the result site by site against the ATen ops; :mod:`.runtime`
 calls it through generated forwards. With ``GRAPHOPT_DUMP_KERNELS=dir``, ``regions.txt`` in ``dir``
 says which graph nodes and modules each region came from.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections import Counter
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -23,9 +25,11 @@ from torch import fx, nn
 from graphopt.errors import first_line
 
 from .check import call_sites, check_regions  # noqa: F401 - lowering's check, importable from here as before
+from .atconv import ATConvRegion
+from .atconv import fuse as fuse_atconv
 from .codegen import generate
 from .gemm import GemmRegion, absorbed_linear
-from .regions import Partition, Region, partition
+from .regions import Partition, Region, classify, op_name, partition
 # the call sites lowering builds, importable from here as before
 from .sites import (DUMP_ENV, ChoiceEpoch, FamilyRegion, FusedRegion, KernelLibrary, SitePlan,  # noqa: F401
                     TuningOptions, _Decline, _Tuned, family_ops, region_graph)
@@ -102,7 +106,7 @@ class Lowered:
     declined: tuple[tuple[str, str], ...]
     library: KernelLibrary
     left_on_aten: tuple[tuple[str, int], ...]
-    """The partition's ops left on ATen, less the linears fused with their epilogues."""
+    """The partition's ops left on ATen, less those a call site took in (a gemm's linear, ATConv's generator)."""
     unfused: tuple[tuple[str, str], ...]
     """Linears a pointwise region could have absorbed but did not, with the reason."""
 
@@ -122,11 +126,14 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
     declined: list[tuple[str, str]] = []
     unfused: list[tuple[str, str]] = []
     epoch = ChoiceEpoch()  # shared by the sites: a tune() of any of them retires generated forwards
-    for region in part.regions:
+    regions, chains = fuse_atconv(part.regions)
+    for i, region in enumerate(regions):
         name = f"r{len(kernels)}"
         try:
-            if region.kind == "attention":
-                module: _Tuned = FamilyRegion(region, options, epoch)
+            if i in chains:
+                module: _Tuned = ATConvRegion(region, options, epoch)
+            elif region.kind == "attention":
+                module = FamilyRegion(region, options, epoch)
             elif (gemm := _gemm(region, library, options, epoch, unfused)) is not None:
                 module, region = gemm, gemm.region
             else:
@@ -154,11 +161,10 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
     root.add_module("graphopt_kernels", nn.ModuleDict(kernels))
     out = fx.GraphModule(root, graph, class_name="LoweredGraph")
     library.write_index(_index(lowered))
-    left = dict(part.left_on_aten)
-    left["linear"] = left.get("linear", 0) - sum(1 for r in lowered if r.kind == "gemm")
-    left_on_aten = tuple((op, n) for op, n in part.left_on_aten if left[op] > 0)
-    return Lowered(out, part, tuple(lowered), tuple(declined), library,
-                   tuple((op, left[op]) for op, _ in left_on_aten), tuple(unfused))
+    # ops the partition left on ATen that a call site took in (a gemm's linear, ATConv's generator)
+    taken = Counter(op_name(n) for n in placed if classify(n) is None)
+    left_on_aten = tuple((op, n - taken[op]) for op, n in part.left_on_aten if n > taken[op])
+    return Lowered(out, part, tuple(lowered), tuple(declined), library, left_on_aten, tuple(unfused))
 
 
 def _gemm(region: Region, library: KernelLibrary, options: TuningOptions, epoch: ChoiceEpoch,

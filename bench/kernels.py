@@ -188,6 +188,11 @@ def bench_attention_family(args: argparse.Namespace) -> list[tuple]:
         linear_attention_reference,
     )
 
+    from graphopt.autotune.kernels.dynamic_dwconv import generated_dwconv_plan, generated_dwconv_reference
+
+    def generated(*tensors: torch.Tensor) -> torch.Tensor:
+        return generated_dwconv_plan(*tensors).run(tensors)[0]
+
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else DTYPES[args.dtype]
     t = timer(args.smoke)
@@ -207,6 +212,11 @@ def bench_attention_family(args: argparse.Namespace) -> list[tuple]:
              "eager reference"),
             ("dynamic depthwise 3x3 (ATConv)", dynamic_dwconv, dynamic_dwconv_reference, conv, conv_shape,
              "eager reference"),
+            ("ATConv kernel generation + depthwise 3x3", generated, generated_dwconv_reference, conv[:1] + (
+                torch.randn(batch, 9, channels, device=device, dtype=dtype).transpose(1, 2),
+                torch.randn(9, 9, device=device, dtype=dtype), torch.randn(9, device=device, dtype=dtype),
+                torch.rand(1, channels, 1, 1, device=device, dtype=dtype)), conv_shape,
+             "the pass's eager ops"),
         ]
         for label, ours, theirs, inputs, shape, what in cases:
             with torch.no_grad():

@@ -59,6 +59,7 @@ def calls(dtype: torch.dtype):
     """(op, launcher call taking a config): every flag combination the kernels specialise on."""
     from graphopt.autotune import kernels as k
 
+    dwconv = importlib.import_module("graphopt.autotune.kernels.dynamic_dwconv")
     x, w, ada = torch.randn(2, 5, 72, dtype=dtype), torch.randn(72), torch.randn(2, 144, dtype=dtype)
     xg, wg = torch.randn(2, 8, 5, 7, dtype=dtype), torch.randn(8)
     q = torch.randn(2, 3, 40, 72, dtype=dtype)  # D = 72 (DiT-XL) pads to 128
@@ -77,6 +78,11 @@ def calls(dtype: torch.dtype):
     yield "linear_attention", lambda c: k.linear_attention(grid, grid, grid, dwc_weight=dwc_w, dwc_bias=dwc_b, config=c)
     yield "linear_attention", lambda c: k.linear_attention(grid, grid, grid, dwc_weight=dwc_w, config=c)
     yield "dynamic_dwconv", lambda c: k.dynamic_dwconv(v, kern, config=c)
+    # ATConv's kernel generation fused into the convolution: routed values read through a transpose
+    routed, gen = torch.randn(2, 9, 8, dtype=dtype).transpose(1, 2), torch.randn(9, 9, dtype=dtype)
+    yield "dynamic_dwconv", lambda c: dwconv.generated_dwconv_plan(
+        v, routed, gen, gen[0], torch.rand(1, 8, 1, 1, dtype=dtype), config=c).run(
+        (v, routed, gen, gen[0], torch.rand(1, 8, 1, 1, dtype=dtype)))
 
 
 def generated_calls(dtype: torch.dtype):
