@@ -28,6 +28,7 @@ Under ``TRITON_INTERPRET=1`` bf16 regions are not fused (the interpreter's bf16 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import sympy
@@ -38,7 +39,7 @@ from .cache import Config
 from .codegen import GeneratedKernel, _Body, generate, merged_dims, offset, operands, pyexpr
 from .configs import ATEN, is_aten, pointwise_configs, prune_blocks
 from .launches import AtenCall, KernelCall, LaunchPlan, Ref
-from .regions import Region, node_arg, shape_of, strides_of
+from .regions import Region, _same, node_arg, shape_of, strides_of
 from .sites import (ChoiceEpoch, FusedRegion, KernelLibrary, SitePlan, TuningOptions, _binders, _Decline, _Tuned,
                     hash_source, region_graph, triton_cdiv)
 
@@ -102,18 +103,22 @@ def absorbed_linear(region: Region) -> fx.Node | None:
             continue
         if any(s.free_symbols for s in shape_of(x)[-1:]) or not _rows_mergeable(x):
             continue
-        out = shape_of(node)
-        if len(out) != len(region.domain) or any(sympy.simplify(a - b_) != 0 for a, b_ in zip(out, region.domain)):
+        if not _same(shape_of(node), region.domain):
             continue
         return node
     return None
 
 
-def _rows_mergeable(x: fx.Node) -> bool:
-    """The leading dimensions of ``x`` index as one row (a matrix of rows x K with one row stride)."""
-    shape, strides = shape_of(x), strides_of(x)
+def _row_stride_gaps(shape: Sequence, strides: Sequence) -> list:
+    """For each pair of adjacent leading (non-1) dimensions, ``stride_i - stride_j * size_j``: all zero
+    when the leading dimensions index as one row (a matrix of rows x K with one row stride). Sizes and
+    strides may be ints (a tensor) or sympy expressions (a captured node)."""
     lead = [(s, t) for s, t in zip(shape[:-1], strides[:-1]) if s != 1]
-    return all(sympy.simplify(lead[i][1] - lead[i + 1][1] * lead[i + 1][0]) == 0 for i in range(len(lead) - 1))
+    return [lead[i][1] - lead[i + 1][1] * lead[i + 1][0] for i in range(len(lead) - 1)]
+
+
+def _rows_mergeable(x: fx.Node) -> bool:
+    return all(sympy.simplify(gap) == 0 for gap in _row_stride_gaps(shape_of(x), strides_of(x)))
 
 
 def gemm_region(linear: fx.Node, epilogue: Region) -> Region:
@@ -322,10 +327,7 @@ class GemmRegion(_Tuned):
 def _matrix_rows(x: torch.Tensor) -> tuple[int, int] | None:
     """(rows, row stride) of ``x`` read as a matrix over its last dimension, or None when its leading
     dimensions do not merge into one row index."""
-    lead = [(s, t) for s, t in zip(x.shape[:-1], x.stride()[:-1]) if s != 1]
-    if any(lead[i][1] != lead[i + 1][1] * lead[i + 1][0] for i in range(len(lead) - 1)):
+    if any(_row_stride_gaps(x.shape, x.stride())):
         return None
-    rows = 1
-    for s, _ in lead:
-        rows *= s
-    return rows, (lead[-1][1] if lead else x.shape[-1])
+    lead = [(s, t) for s, t in zip(x.shape[:-1], x.stride()[:-1]) if s != 1]
+    return math.prod(s for s, _ in lead), (lead[-1][1] if lead else x.shape[-1])

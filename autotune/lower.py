@@ -35,6 +35,11 @@ from .sites import (DUMP_ENV, ChoiceEpoch, FamilyRegion, FusedRegion, KernelLibr
                     TuningOptions, _Decline, _Tuned, family_ops, region_graph)
 
 
+GENERATION_ERRORS = (SyntaxError, ValueError, TypeError, AttributeError, NotImplementedError)
+"""What a kernel generator raises on a region it gets wrong: the region stays as it was, with the reason
+reported, instead of failing the whole model."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LoweredRegion:
     name: str
@@ -141,7 +146,7 @@ def lower(gm: fx.GraphModule, *, library: KernelLibrary | None = None,
         except _Decline as e:
             declined.append((region.nodes[0].name, str(e)))
             continue
-        except (SyntaxError, ValueError, TypeError, AttributeError, NotImplementedError) as e:
+        except GENERATION_ERRORS as e:
             # a region this generator gets wrong stays on ATen, named in the report, instead of failing
             # the whole model (a Triton compile error only surfaces at the first launch, in the check)
             declined.append((region.nodes[0].name, f"kernel generation failed: {type(e).__name__}: {first_line(e)}"))
@@ -177,7 +182,7 @@ def _gemm(region: Region, library: KernelLibrary, options: TuningOptions, epoch:
         return GemmRegion(linear, region, library, options, epoch)
     except _Decline as e:
         unfused.append((linear.name, str(e)))
-    except (SyntaxError, ValueError, TypeError, AttributeError, NotImplementedError) as e:
+    except GENERATION_ERRORS as e:
         unfused.append((linear.name, f"kernel generation failed: {type(e).__name__}: {first_line(e)}"))
     return None
 

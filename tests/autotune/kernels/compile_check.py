@@ -79,10 +79,9 @@ def calls(dtype: torch.dtype):
     yield "linear_attention", lambda c: k.linear_attention(grid, grid, grid, dwc_weight=dwc_w, config=c)
     yield "dynamic_dwconv", lambda c: k.dynamic_dwconv(v, kern, config=c)
     # ATConv's kernel generation fused into the convolution: routed values read through a transpose
-    routed, gen = torch.randn(2, 9, 8, dtype=dtype).transpose(1, 2), torch.randn(9, 9, dtype=dtype)
-    yield "dynamic_dwconv", lambda c: dwconv.generated_dwconv_plan(
-        v, routed, gen, gen[0], torch.rand(1, 8, 1, 1, dtype=dtype), config=c).run(
-        (v, routed, gen, gen[0], torch.rand(1, 8, 1, 1, dtype=dtype)))
+    generated = (v, torch.randn(2, 9, 8, dtype=dtype).transpose(1, 2), torch.randn(9, 9, dtype=dtype),
+                 torch.randn(9, dtype=dtype), torch.rand(1, 8, 1, 1, dtype=dtype))
+    yield "dynamic_dwconv", lambda c: dwconv.generated_dwconv_plan(*generated, config=c).run(generated)
 
 
 def generated_calls(dtype: torch.dtype):
