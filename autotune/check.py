@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from graphopt.verify import Comparison, compare_precise, precise_run
+
 from .sites import _Tuned
 
 
@@ -49,19 +51,18 @@ def call_sites(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], *,
     return calls
 
 
-def check_regions(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], dict[str, tuple[float, float, bool]]]:
+def check_regions(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], dict[str, Comparison]]:
     """Run ``lowered`` on ``inputs`` comparing every kernel with its region's eager ops on the same inputs.
 
-    Returns the outputs and, per region, (max abs error, max rel error, within tolerance).
+    Returns the outputs and, per region, the comparison (errors, verdict, the bound applied): the
+    dtype's bound, or in fp16/bf16 beyond it, the region's ATen ops run in fp32 as the referee
+    (:func:`graphopt.verify.compare_precise`).
     """
-    from graphopt.verify import compare
-
-    errors: dict[str, tuple[float, float, bool]] = {}
+    errors: dict[str, Comparison] = {}
 
     def visit(name: str, site: _Tuned, args: tuple) -> Any:
         got = site(*args)
-        cmp = compare(got, site.reference(*args))
-        errors[name] = (cmp.max_abs_error, cmp.max_rel_error, cmp.within)
+        errors[name] = compare_precise(got, site.reference(*args), lambda: precise_run(site.fallback, args))
         return got
 
     with torch.no_grad():

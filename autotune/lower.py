@@ -64,6 +64,8 @@ class LoweringReport:
     dump_dir: str | None
     unfused: tuple[tuple[str, str], ...] = ()
     """Linears that could have joined their epilogue region but did not, with the reason."""
+    tolerance: str = ""
+    """The bound the whole lowered graph was held to (:attr:`graphopt.verify.Comparison.tolerance`)."""
 
     def text(self) -> str:
         """The report's ``lower:`` lines: calls by kind, kernels, error, what stayed on ATen and why."""
@@ -75,6 +77,8 @@ class LoweringReport:
         lines = [f"lower: {self.nodes_lowered} nodes -> {len(self.regions)} kernel calls ({kind_text}), "
                  f"{self.kernels} distinct generated kernels, max abs err {self.max_abs_error:.2e}, "
                  f"max rel err {self.max_rel_error:.2e}, {self.time_s:.2f}s; left on ATen: {aten}"]
+        if self.tolerance:
+            lines.append(f"lower: verified against the original model, {self.tolerance}")
         by_reason: dict[str, list[str]] = {}
         for node, reason in self.declined:
             by_reason.setdefault(reason, []).append(node)

@@ -4,7 +4,8 @@ graphopt writes no CPU code generator of its own. ``optimize(..., compile=True)`
 :meth:`OptimizedModule.compile`, ``graphopt optimize --compile``) re-exports the canonical optimized
 graph with its dynamic batch range and hands it to ``torch._inductor.aoti_compile_and_package``:
 Inductor's C++/OpenMP code for the CPU, in one package file. The compiled program is checked against
-the original model's outputs on the example inputs (the dtype's tolerance, as every exact pass is),
+the original model's outputs on the example inputs (the dtype's bound, as every exact pass is; fp16/bf16
+beyond it judged against an fp32 run, :func:`graphopt.verify.compare_precise`),
 then serves every call that the main variant serves; calls that re-capture, and graphs with skipped
 blocks, run their graphs uncompiled. It is for inference: it computes no gradients.
 
@@ -48,11 +49,14 @@ class CompiledReport:
     package_bytes: int
     warm: bool = False
     note: str = ""
+    tolerance: str = ""
+    """The bound the program was verified against (:attr:`graphopt.verify.Comparison.tolerance`)."""
 
     def line(self) -> str:
         how = "loaded warm from the save" if self.warm else f"compiled in {self.compile_s:.1f}s"
+        bound = f" ({self.tolerance})" if self.tolerance else ""
         return (f"compile: {self.backend}, {how}, {self.package_bytes / 1e6:.1f} MB package, max abs err "
-                f"{self.max_abs_error:.2e}, max rel err {self.max_rel_error:.2e} vs the original outputs")
+                f"{self.max_abs_error:.2e}, max rel err {self.max_rel_error:.2e} vs the original outputs{bound}")
 
 
 class CompiledProgram:
@@ -109,11 +113,12 @@ def _load_runner(path: Path) -> Any:
 
 
 def _checked(compiled: CompiledProgram, captured: Any, seconds: float, warm: bool) -> CompiledReport:
-    from .verify import compare
+    from .verify import compare_precise, precise_run
 
     with torch.no_grad():
-        cmp = compare(compiled(captured.example_inputs), captured.reference_outputs)
+        cmp = compare_precise(compiled(captured.example_inputs), captured.reference_outputs,
+                              lambda: precise_run(captured.graph_module, captured.example_inputs))
     if not cmp.within:
         raise VerificationError(f"the program Inductor compiled differs from the original model: {cmp.line()}")
     return CompiledReport(BACKEND, round(seconds, 2), cmp.max_abs_error, cmp.max_rel_error,
-                          compiled.package.stat().st_size, warm=warm)
+                          compiled.package.stat().st_size, warm=warm, tolerance=cmp.tolerance)

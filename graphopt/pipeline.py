@@ -29,7 +29,8 @@ from torch import fx
 
 from .capture import CapturedGraph
 from .errors import PassError, VerificationError
-from .verify import compare
+from .fxgraph import copy_sharing_weights
+from .verify import HALF_DTYPES, compare, compare_precise, precise_run
 
 log = logging.getLogger("graphopt")
 
@@ -185,6 +186,8 @@ class PassReport:
     notes: tuple[str, ...] = ()
     quality: dict[str, Any] | None = None
     """Approximate passes: the measured :class:`graphopt.quality.QualityCost` as JSON."""
+    tolerance: str = ""
+    """The bound the outputs were verified against (:attr:`graphopt.verify.Comparison.tolerance`)."""
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -235,6 +238,9 @@ def run_pipeline(captured: CapturedGraph, passes: Iterable[Pass], *,
     gm = captured.graph_module
     count_flops = flops or (lambda _gm: float("nan"))
     reports = []
+    # fp16/bf16: the graph as captured, to run in fp32 if a pass's outputs leave the dtype's plain bound
+    original = copy_sharing_weights(gm) if any(t.dtype in HALF_DTYPES for t in captured.reference_outputs) else None
+    original_inputs = captured.example_inputs  # passes may append inputs; the original graph takes these
     for index, p in enumerate(passes):
         n_nodes = len(gm.graph.nodes)
         flops_now = count_flops(gm)
@@ -265,7 +271,11 @@ def run_pipeline(captured: CapturedGraph, passes: Iterable[Pass], *,
                 outputs = captured.run(captured.example_inputs)
         except Exception as e:
             raise PassError(f"pass '{p.name}' left a graph that does not run: {type(e).__name__}: {e}") from e
-        cmp = compare(outputs, captured.reference_outputs)
+        if p.exact and original is not None:
+            cmp = compare_precise(outputs, captured.reference_outputs,
+                                  lambda: precise_run(original, original_inputs))
+        else:
+            cmp = compare(outputs, captured.reference_outputs)
         if p.exact and not cmp.within:
             raise VerificationError(f"exact pass '{p.name}' changed the outputs: {cmp.line()} "
                                     f"(output {cmp.worst_output}); disable it with GRAPHOPT_DISABLE_PASSES={p.name}")
@@ -275,7 +285,7 @@ def run_pipeline(captured: CapturedGraph, passes: Iterable[Pass], *,
             nodes_before=len(before), nodes_after=len(after), nodes_added=len(after - before),
             nodes_removed=len(before - after), flops_before=flops_now, flops_after=count_flops(gm),
             max_abs_error=cmp.max_abs_error, max_rel_error=cmp.max_rel_error, verified=cmp.within,
-            time_s=elapsed, notes=tuple(ctx.notes))
+            time_s=elapsed, notes=tuple(ctx.notes), tolerance=cmp.tolerance)
         if debug:
             log.warning("pass %s: %d hits %s, %d near-misses, %d -> %d nodes, %.3fs, %s", p.name, report.hits,
                         dict(report.rule_hits), len(report.near_misses), report.nodes_before,

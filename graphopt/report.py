@@ -6,6 +6,7 @@ Plain data (JSON in a saved folder's report.json); reading it needs neither Trit
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import Any
 
 from .pipeline import PassReport
@@ -61,6 +62,11 @@ class OptimizationReport:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        bounds = [(p.name, p.tolerance) for p in self.passes if p.exact and not p.skipped and p.tolerance]
+        if bounds:  # one line for the dtype's bound, one per pass an fp32 run had to judge
+            common = Counter(b for _, b in bounds).most_common(1)[0][0]
+            lines.append(f"exact passes verified against the original model, {common}")
+            lines.extend(f"{name}: verified {bound}" for name, bound in bounds if bound != common)
         if self.lowering is not None:
             from graphopt.autotune.lower import LoweringReport  # plain Python: no Triton needed to read it
 

@@ -112,3 +112,57 @@ def test_unknown_pass_names_suggest_the_closest():
         resolve(["fodl"])
     with pytest.raises(UnknownPassError, match="available: noop, fold, dce"):
         resolve("noop,nope")
+
+
+# ------------------------------------------------------------------ fp16/bf16: what "exact" is held to
+
+
+class Rounds(nn.Module):
+    """bf16 eager rounds after the multiply and again after the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.lin(x) * 1.37 + 0.11
+
+
+def _in_fp32(factor):
+    """A pass computing the multiply-add in fp32 (rounded once, not twice), scaled by ``factor``."""
+    def transform(gm, ctx):
+        for node in list(gm.graph.nodes):
+            if node.target == aten.add.Tensor and node.args[0].target == aten.mul.Tensor:
+                mul = node.args[0]
+                with gm.graph.inserting_before(node):
+                    up = gm.graph.call_function(aten._to_copy.default, (mul.args[0],), {"dtype": torch.float32})
+                    y = gm.graph.call_function(aten.mul.Tensor, (up, mul.args[1] * factor))
+                    y = gm.graph.call_function(aten.add.Tensor, (y, node.args[1]))
+                    down = gm.graph.call_function(aten._to_copy.default, (y,), {"dtype": torch.bfloat16})
+                node.replace_all_uses_with(down)
+                gm.graph.erase_node(node)
+                gm.graph.erase_node(mul)
+                ctx.hit("fp32 multiply-add")
+    return transform
+
+
+def _bf16_captured():
+    torch.manual_seed(0)
+    return graphopt.capture(Rounds().eval().to(torch.bfloat16), (torch.randn(256, 64, dtype=torch.bfloat16),))
+
+
+def test_bf16_passes_state_the_dtypes_bound_in_the_report():
+    captured = graphopt.capture(Small().eval().to(torch.bfloat16), (torch.randn(2, 4, dtype=torch.bfloat16),))
+    [report] = run_passes(captured, [graphopt.passes.resolve(["noop"])[0]])
+    assert report.tolerance == "bfloat16: max|err| <= 0.01 + 0.02 x max|ref|"
+
+
+def test_a_bf16_pass_that_rounds_differently_is_judged_by_an_fp32_run(monkeypatch):
+    # a bound too tight for two bf16 roundings: the rewrite is no further from the exact result than
+    # the original, so it passes, and the report says by which rule
+    monkeypatch.setitem(graphopt.verify.TOLERANCES, torch.bfloat16, (1e-6, 0.0))
+    [report] = run_passes(_bf16_captured(), [Pass("fp32-madd", True, _in_fp32(1.0))])
+    assert report.verified and report.max_abs_error > 1e-3
+    assert "against an fp32 run of the same graph" in report.tolerance
+    with pytest.raises(VerificationError, match="fp32 run of the same graph"):
+        run_passes(_bf16_captured(), [Pass("fp32-madd", True, _in_fp32(1.02))])

@@ -38,7 +38,7 @@ def lowered(model, *args, library=None, options=TuningOptions(cache=None)):
     captured = capture(model.eval(), args)
     result = lower(captured.graph_module, library=library, options=options)
     outputs, errors = check_regions(result.graph_module, captured.example_inputs)
-    bad = {k: v for k, v in errors.items() if not v[2]}
+    bad = {k: v.line() for k, v in errors.items() if not v.within}
     assert not bad, f"kernels differ from their ATen ops: {bad}"
     for got, want in zip(outputs, captured.reference_outputs):
         close(got, want)

@@ -1,0 +1,63 @@
+"""The lowering check (graphopt.lowering): what a lowered graph is held to, stated in the report.
+
+Under TRITON_INTERPRET=1 (the suite's default) the kernels run in Triton's interpreter on the CPU.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt import VerificationError
+from graphopt.lowering import lower_captured
+
+pytest.importorskip("triton")
+
+
+class Residuals(nn.Module):
+    """UNet-style residual blocks: GroupNorm, SiLU, a 3x3 convolution, the skip add."""
+
+    def __init__(self, channels=16, depth=4):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.GroupNorm(4, channels) for _ in range(depth))
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(depth))
+
+    def forward(self, x):
+        for norm, conv in zip(self.norms, self.convs):
+            x = x + conv(nn.functional.silu(norm(x)))
+        return x
+
+
+def _residuals(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return graphopt.capture(Residuals().eval().to(dtype), (torch.randn(2, 16, 8, 8, dtype=dtype),))
+
+
+def test_the_report_states_the_bound_the_lowered_graph_was_held_to():
+    _, report = lower_captured(_residuals())
+    assert report["tolerance"] == "bfloat16: max|err| <= 0.01 + 0.02 x max|ref|"
+    text = graphopt.autotune.lower.LoweringReport.from_json(report).text()
+    assert "lower: verified against the original model, bfloat16: max|err| <= 0.01" in text
+
+
+def test_half_kernels_that_round_differently_are_judged_by_an_fp32_run(monkeypatch):
+    # a bound too tight for two fp16 evaluations (the kernels keep in fp32 what eager rounds after every
+    # op): each region and the whole graph are held to the fp32 run of their ATen ops instead. fp16, as
+    # Triton's interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even.
+    monkeypatch.setitem(graphopt.verify.TOLERANCES, torch.float16, (1e-7, 0.0))
+    _, report = lower_captured(_residuals(torch.float16))
+    assert report["max_abs_error"] > 1e-4
+    assert "not met; against an fp32 run of the same graph max|err|" in report["tolerance"]
+
+
+def test_a_lowered_graph_further_from_the_fp32_run_than_twice_the_original_is_refused(monkeypatch):
+    from graphopt.autotune import check
+
+    def skewed(lowered, inputs):
+        outputs, errors = check_regions(lowered, inputs)
+        return tuple(o * 1.05 for o in outputs), errors
+
+    check_regions = check.check_regions
+    monkeypatch.setattr(graphopt.autotune.lower, "check_regions", skewed)
+    with pytest.raises(VerificationError, match="lowered graph differs.*against an fp32 run of the same graph"):
+        lower_captured(_residuals())
