@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from graphopt.errors import UsageError
 
+from .atconv import ATConvRegion
 from .cache import Config, shape_bucket
 from .configs import is_aten
 from .gemm import GemmRegion
@@ -97,7 +98,7 @@ def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_event
         spent += time.perf_counter() - t0
         default = site.default_config(*inputs)
         default_ms = next((t.time_ms for t in result.timings if t.config == default), math.nan)
-        row = KernelTuning(name, _kind(site), batch, site.tuning_shape(*inputs), result.config,
+        row = KernelTuning(name, site_kind(site), batch, site.tuning_shape(*inputs), result.config,
                            float(result.time_ms or math.nan), default_ms, result.source,
                            sum(1 for t in result.timings if not t.failed))
         results.append(row)
@@ -109,8 +110,10 @@ def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_event
     return results
 
 
-def _kind(site: nn.Module) -> str:
-    if isinstance(site, FamilyRegion):
+def site_kind(site: nn.Module) -> str:
+    """A call site's kind as the lowering report names it: attention (ATConv's fused generation
+    included), gemm, pointwise or norm."""
+    if isinstance(site, (FamilyRegion, ATConvRegion)):
         return "attention"
     if isinstance(site, GemmRegion):
         return "gemm"

@@ -34,7 +34,8 @@ import sympy
 import torch
 from torch import fx, nn
 
-from graphopt.errors import UsageError
+from graphopt.errors import UsageError, VerificationError
+from graphopt.verify import compare_precise, precise_run
 
 from .cache import Config, shape_bucket
 from .codegen import GeneratedKernel
@@ -173,7 +174,7 @@ class _Tuned(nn.Module):
             o = self.options
             cfg = choose(key[0], self.source_hash, shape, self.configs, self._runner(inputs),
                          autotune=o.autotune, prune=self.prune, timer=o.timer, cache=o.cache,
-                         budget_s=o.budget_s).config
+                         budget_s=o.budget_s, required=is_aten).config
             self._chosen[key] = cfg
         return cfg
 
@@ -187,21 +188,37 @@ class _Tuned(nn.Module):
         shape = self.tuning_shape(*inputs)
         name = self.cache_name(*inputs)
         result = tune(name, self.source_hash, shape, self.configs, self._runner(inputs),
-                      prune=self.prune, timer=timer, cache=cache, budget_s=budget_s, force=force)
+                      prune=self.prune, timer=timer, cache=cache, budget_s=budget_s, force=force, required=is_aten)
         self._chosen[(name, shape_bucket(shape))] = result.config
         self.epoch.value += 1
         return result
 
     def _runner(self, inputs: Sequence[torch.Tensor]) -> Callable[[Config], tuple[torch.Tensor, ...]]:
         """Runs a config on ``inputs`` as a generated forward does: its plan made on first use, then only
-        the plan's allocations and launches (what the tuner times, host work included)."""
+        the plan's allocations and launches (what the tuner times, host work included).
+
+        The first run of each config is checked against the site's eager ops on the same inputs, as
+        lowering checks its default (:func:`graphopt.verify.compare_precise`); a config that differs
+        raises :class:`~graphopt.errors.VerificationError`, which the tuner records as that config's
+        failure, so tuning can only choose configs whose outputs were checked.
+        """
         plans: dict[tuple, SitePlan] = {}
+        reference: list[tuple[torch.Tensor, ...]] = []  # the eager outputs, computed at the first check
 
         def run(config: Config) -> tuple[torch.Tensor, ...]:
             key = tuple(sorted(config.items()))
-            if (planned := plans.get(key)) is None:
-                planned = plans[key] = self.config_plan(config, inputs)
-            return planned.run(self, inputs)
+            if (planned := plans.get(key)) is not None:
+                return planned.run(self, inputs)
+            planned = self.config_plan(config, inputs)
+            outputs = planned.run(self, inputs)
+            if not reference:
+                reference.append(tuple(self.reference(*inputs)))
+            cmp = compare_precise(outputs, reference[0], lambda: precise_run(self.fallback, inputs))
+            if not cmp.within:
+                raise VerificationError(f"{self.kernel_name} with {dict(config)} differs from the ATen ops it "
+                                        f"replaces: {cmp.line()}")
+            plans[key] = planned
+            return outputs
 
         return run
 

@@ -136,14 +136,17 @@ def cuda_event_timer(fn: Callable[[], object], *, warmup: int = 5, repeats: int 
 def tune(kernel_name: str, source_hash: str, shape: Sequence[int], configs: Configs,
          run_config: Callable[[Config], object], *, prune: Prune | None = None, timer: Timer = cuda_event_timer,
          cache: CacheArg = DEFAULT_CACHE, budget_s: float | None = None, warmup: int = 5, repeats: int = 25,
-         force: bool = False, clock: Callable[[], float] = time.perf_counter) -> TuneResult:
+         force: bool = False, clock: Callable[[], float] = time.perf_counter,
+         required: Callable[[Config], bool] | None = None) -> TuneResult:
     """Time every candidate config of ``kernel_name`` at ``shape`` and return the fastest.
 
     ``run_config(config)`` launches the kernel once with ``config``; it is what the timer times.
     A cache entry for the same kernel, source hash, shape bucket and config family is returned without
     timing anything, unless ``force`` (e.g. to finish an entry a budget cut short). ``budget_s`` bounds
     the wall time of the run, compilation included: once it is spent no new config is started and the
-    rest are recorded as skipped (the first candidate is always timed, so a run always has a result).
+    rest are recorded as skipped (the first candidate is always timed, so a run always has a result,
+    and so is every candidate ``required`` marks: a call site's ATen ops, so that a kernel is never
+    chosen without having been timed against them).
     The result is stored in ``cache``; failing to write it warns and does not fail the run.
 
     Raises :class:`AutotuneError` if every timed config failed (nothing is stored: the failure may be
@@ -161,15 +164,18 @@ def tune(kernel_name: str, source_hash: str, shape: Sequence[int], configs: Conf
         return hit
 
     timings: list[Timing] = []
-    skipped: tuple[Config, ...] = ()
     start = clock()
+    skipped_list: list[Config] = []
     for i, config in enumerate(candidates):
-        if budget_s is not None and i > 0 and clock() - start >= budget_s:
-            skipped = candidates[i:]
-            log.debug("%s %s: budget of %.3g s spent, %d configs skipped", kernel_name, bucket, budget_s,
-                      len(skipped))
-            break
+        spent = budget_s is not None and i > 0 and clock() - start >= budget_s
+        if spent and not (required is not None and required(config)):
+            skipped_list.append(config)
+            continue
         timings.append(_time_config(kernel_name, config, run_config, timer, warmup, repeats))
+    skipped = tuple(skipped_list)
+    if skipped:
+        log.debug("%s %s: budget of %.3g s spent, %d configs skipped", kernel_name, bucket, budget_s,
+                  len(skipped))
 
     entry = CacheEntry.from_timings(kernel_name, source_hash, bucket, family_hash, timings, skipped, time.time())
     if entry.best is None:
@@ -189,7 +195,8 @@ def choose(kernel_name: str, source_hash: str, shape: Sequence[int], configs: Co
            run_config: Callable[[Config], object] | None = None, *, autotune: bool = False,
            prune: Prune | None = None, timer: Timer = cuda_event_timer, cache: CacheArg = DEFAULT_CACHE,
            budget_s: float | None = None, warmup: int = 5, repeats: int = 25,
-           clock: Callable[[], float] = time.perf_counter) -> TuneResult:
+           clock: Callable[[], float] = time.perf_counter,
+           required: Callable[[Config], bool] | None = None) -> TuneResult:
     """The config a launcher should use now: cached, else tuned if ``autotune``, else the default.
 
     The default is the family's first config after ``prune`` (the cost model knows the shape, so its
@@ -204,7 +211,7 @@ def choose(kernel_name: str, source_hash: str, shape: Sequence[int], configs: Co
         if run_config is None:
             raise ValueError(f"choose('{kernel_name}', autotune=True) needs run_config to time configs")
         return tune(kernel_name, source_hash, shape, family, run_config, prune=prune, timer=timer, cache=store,
-                    budget_s=budget_s, warmup=warmup, repeats=repeats, clock=clock)
+                    budget_s=budget_s, warmup=warmup, repeats=repeats, clock=clock, required=required)
     bucket = shape_bucket(shape)
     if (hit := _cached(store, kernel_name, source_hash, bucket, configs_hash(family))) is not None:
         return hit

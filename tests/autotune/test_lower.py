@@ -206,19 +206,38 @@ def test_linear_attention_with_its_dwc_branch_is_one_call_site_passing_the_branc
         close(site.launch(config, *inputs)[0], site.reference(*inputs)[0])
 
 
+def test_tuning_checks_each_candidate_and_one_that_differs_cannot_win():
+    site, inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * x + 1), torch.randn(3, 700))
+    bad = site.prune([Config(c) for c in site.configs()], site.tuning_shape(*inputs))[1]
+    planner = site.config_plan
+
+    class Off:  # a launch plan whose kernel computes something else
+        def __init__(self, planned):
+            self.planned = planned
+
+        def run(self, site, inputs):
+            return tuple(o + 0.5 for o in self.planned.run(site, inputs))
+
+    site.config_plan = lambda config, inputs: Off(planner(config, inputs)) if config == bad else planner(config, inputs)
+
+    def timer(fn, *, warmup, repeats):
+        fn()
+        return 0.1 if fn.args[0] == bad else 1.0  # the wrong one would be the fastest
+
+    result = site.tune(*inputs, timer=timer, cache=None)
+    (failed,) = [t for t in result.timings if t.config == bad]
+    assert result.config != bad and failed.failed and "differs from the ATen ops it replaces" in failed.error
+
+
 def test_every_site_can_fall_back_on_aten_and_a_kernel_must_beat_it():
     site, inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * x + 1), torch.randn(3, 700))
     candidates = site.prune([Config(c) for c in site.configs()], site.tuning_shape(*inputs))
     assert not is_aten(candidates[0]) and is_aten(candidates[-1])  # a generated kernel by default
     close(site.launch(Config(ATEN), *inputs)[0], site.fallback(*inputs)[0])
 
-    calls = []
-    site.fallback.register_forward_hook(lambda module, args, out: calls.append(1))
-
     def timer(fn, *, warmup, repeats):  # a GPU on which the eager ops happen to win
-        before = len(calls)
         fn()
-        return 0.5 if len(calls) > before else 1.0
+        return 0.5 if is_aten(fn.args[0]) else 1.0  # fn is the tuner's partial(run_config, config)
 
     result = site.tune(*inputs, timer=timer, cache=None)
     assert is_aten(result.config)

@@ -7,6 +7,7 @@ pytest.importorskip("triton")
 
 import graphopt  # noqa: E402
 from graphopt.autotune import TuningCache, shape_bucket  # noqa: E402
+from graphopt.autotune.configs import is_aten  # noqa: E402
 from graphopt.autotune.model_tuning import format_table, tune_model  # noqa: E402
 from graphopt.errors import UsageError  # noqa: E402
 from tests.autotune.test_lower import FAKE_GPU, AdaLN, FakeTimer  # noqa: E402
@@ -42,16 +43,33 @@ def _forbidden(fn, *, warmup, repeats):
     raise AssertionError("a cached kernel was timed again")
 
 
-def test_a_budget_times_only_the_first_config_of_each_kernel(lowered_adaln, tmp_path):
+def test_a_budget_times_only_the_first_config_and_the_aten_ops_of_each_kernel(lowered_adaln, tmp_path):
+    timed = []
+
     def timer(fn, *, warmup, repeats):
+        timed.append(fn.args[0])  # the tuner's partial(run_config, config)
         return 1.0
 
     rows = tune_model(lowered_adaln, [2], timer=timer, cache=TuningCache(FAKE_GPU, tmp_path), budget_s=1e-9,
                       progress=False)
-    assert rows and all(r.configs_timed == 1 and r.speedup == 1.0 for r in rows)
+    assert rows and all(r.configs_timed == 2 and r.speedup == 1.0 for r in rows)
+    assert sum(map(is_aten, timed)) == len(rows)  # the eager ops, however late the cost model ranks them
 
 
 def test_a_model_not_lowered_for_cuda_has_nothing_to_tune():
     plain = graphopt.optimize(AdaLN().eval(), (torch.randn(2, 5, 40), torch.randn(2, 40)))
     with pytest.raises(UsageError, match="target='cuda'"):
         tune_model(plain, [2], timer=FakeTimer(), cache=None, progress=False)
+
+
+def test_every_kind_of_site_lowering_makes_has_a_tuning_kind():
+    from graphopt.autotune.atconv import ATConvRegion
+    from graphopt.autotune.lower import TuningOptions, lower
+    from graphopt.autotune.model_tuning import site_kind
+    from tests.autotune.test_atconv import atconv_graph
+
+    gm, _ = atconv_graph()
+    sites = [m for m in lower(gm, options=TuningOptions(cache=None)).graph_module.modules() if hasattr(m, "tune")]
+    kinds = {type(m).__name__: site_kind(m) for m in sites}
+    assert kinds[ATConvRegion.__name__] == "attention" and set(kinds.values()) <= {"attention", "gemm", "pointwise",
+                                                                                    "norm"}

@@ -116,6 +116,13 @@ def test_a_zero_budget_still_times_the_first_config():
     assert len(timer.calls) == 1 and result.config["BLOCK"] == 64 and len(result.skipped) == 4
 
 
+def test_a_spent_budget_still_times_the_required_configs():
+    timer = FakeTimer()
+    result = tune("fake", "src0", (8,), family, run_config, timer=timer, cache=None, budget_s=0,
+                  required=lambda c: c["BLOCK"] == 256)  # e.g. the eager ops a kernel has to beat
+    assert [t.config["BLOCK"] for t in result.timings] == [64, 256] and len(result.skipped) == 3
+
+
 def test_prune_limits_what_is_timed(tmp_path):
     def prune(configs, shape):
         assert shape == (3, 100)  # the cost model sees the concrete shape
