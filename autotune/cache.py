@@ -4,7 +4,7 @@ Where it belongs: under :mod:`graphopt.autotune.tuner`, which times kernel confi
 results here so that no process times the same thing twice. This module knows nothing about GPUs or
 timers; it stores values.
 
-What a timing depends on, and so what the key says (STYLE 10):
+What a timing depends on, and so what the key says:
 
 - the device and software stack, a :class:`DeviceKey` (GPU name, compute capability, SM count, CUDA,
   torch, triton and graphopt versions). It names the *file*: ``<slug>-<hash12>.json``, where the slug

@@ -1,8 +1,9 @@
 """The launch configs lowering's call sites choose from, and the cost model that orders them.
 
 Each family (generated pointwise and norm kernels) lists its candidates with the heuristic default
-first; :data:`ATEN`, the eager ATen ops a kernel replaces, is a candidate of every call site, so a
-tuned site is never slower than eager. :func:`prune_blocks` orders a family's configs for a shape
+first; :data:`ATEN`, the eager ATen ops a kernel replaces, is a candidate of every call site and is
+always timed, so a tuned site is never slower than eager as timed (an untuned site runs its family's
+default, checked but not timed). :func:`prune_blocks` orders a family's configs for a shape
 (blocks that fit the work first, split rows for few long rows) before the tuner times them.
 """
 
@@ -15,7 +16,8 @@ from .cache import Config
 
 ATEN = {"ATEN": 1}
 """The candidate config that runs the eager ATen ops a kernel replaces. Every call site can fall back on
-them, so a tuned site is never slower than eager: the kernel has to measurably beat ATen to be used."""
+them, and tuning times them even when a budget cuts the other candidates short, so after tuning a
+kernel is used only where it measured faster. Untuned, a site runs its default without timing."""
 
 
 def is_aten(config: Mapping[str, int]) -> bool:

@@ -8,7 +8,8 @@ cache, where every later ``optimize(..., target="cuda")`` on this GPU finds them
 
 The report gives, per kernel and shape, the best config, its time and its speedup over the heuristic
 default config (the config an untuned run uses). Every call site also has the eager ATen ops it
-replaces as a candidate, so a kernel that does not beat them on this GPU is not used.
+replaces as a candidate, timed even when the budget skips others, so a kernel that does not beat them
+on this GPU is not used; each candidate is checked against them before it can be chosen.
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ so one compiled kernel: a :class:`KernelLibrary` loads each distinct source once
 
 Each site picks its launch config per shape bucket from the tuning cache the first time it sees the
 bucket (:func:`graphopt.autotune.choose`): the tuned config if ``graphopt autotune`` stored one for this
-GPU, else the family's heuristic default. ``tune()`` on a site times every candidate. One candidate
-of every call site is :data:`~.configs.ATEN`, the eager ops it replaces, so tuning never makes a site
-slower than eager. It is the untuned default only for softmax attention, where PyTorch's SDPA backends
-(FlashAttention, cuDNN) are the bar the flash kernel must clear on each GPU.
+GPU, else the family's heuristic default, checked against the eager ops but not timed. ``tune()`` on
+a site times the candidates the cost model keeps for the shape, each checked against the eager ops on
+its first run. One candidate of every call site is :data:`~.configs.ATEN`, the eager ops it replaces,
+timed even when a budget skips others, so tuning never chooses a kernel slower than eager as timed.
+It is the untuned default only for softmax attention, where PyTorch's SDPA backends (FlashAttention,
+cuDNN) are the bar the flash kernel must clear on each GPU.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ DUMP_ENV = "GRAPHOPT_DUMP_KERNELS"
 @dataclasses.dataclass(frozen=True)
 class TuningOptions:
     """How lowered kernels pick configs: ``cache`` to read (and write when tuning), ``autotune`` to time
-    candidates the first time a shape bucket is met rather than use the cached or default config."""
+    candidates the first time a shape bucket without a cache entry is met rather than use the default."""
 
     cache: CacheArg = DEFAULT_CACHE
     autotune: bool = False

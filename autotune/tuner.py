@@ -7,7 +7,7 @@ instead::
     cfg = choose("rmsnorm", RMSNORM_SRC, (rows, cols), rmsnorm_configs,
                  lambda c: _launch(x, w, out, **c), autotune=True).config
 
-Tuning is explicit data (STYLE 10):
+Tuning is explicit data:
 
 - a kernel family's configs are values returned by one ``configs()`` function, optionally pruned for
   the shape by a cost-model callback ``prune(configs, shape)``;

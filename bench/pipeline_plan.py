@@ -15,7 +15,7 @@ ODE, the method the plan was searched for; order 2 is the pipeline's usual 2M). 
 - the scheduler's own spacing at the plan's step count (linspace, and Karras sigmas);
 - the plan, given to the scheduler by ``graphopt.plan_scheduler`` (nearest training time steps;
   the rounding's largest relative sigma error is printed);
-- the same plan through graphopt's own sampler, and the model's default 33-NFE Heun sampling;
+- the same plan through graphopt's own sampler, and the default schedule with Heun at 17 steps (NFE 33);
 - the plan in the pipeline with the denoiser optimized by ``graphopt.optimize_pipeline`` (exact
   passes): the images' largest difference from the unoptimized pipeline's, and the time per image of
   both, medians of ``--repeats`` interleaved runs.

@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most block-steps a plan may skip, once the bound has opened (default 0.1)")
     p.add_argument("--batch", type=_positive, default=256, help="images per denoiser call while sampling (256)")
     p.add_argument("--workers", type=_positive, default=None,
-                   help="local worker processes (default: one per CPU core; 1: in this process)")
+                   help="local worker processes (default: one per CPU core, at most 8; 1: in this process)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="evaluate on a Ray cluster: 'auto' or an address (needs graphopt[ray])")
     p.add_argument("--skip-scale-schedule", choices=("constant", "per-step"), default="constant",
@@ -618,8 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_search)
 
     p = sub.add_parser("autotune", help="tune a model's kernels for this GPU; manage the tuning cache",
-                       description="With MODEL: optimize it for CUDA, run it at each --batch size, time every "
-                                   "candidate config of each kernel it runs (CUDA events, median of repeats) and "
+                       description="With MODEL: optimize it for CUDA, run it at each --batch size, time the "
+                                   "configs the cost model keeps for each kernel it runs, each checked against the "
+                                   "ATen ops it replaces (CUDA events, median of repeats), and "
                                    "store the fastest in this GPU's cache, which later runs on this GPU use; prints "
                                    "kernel, shape, best config, time and speedup over the default config. Without "
                                    "MODEL: list, export, import or clear the cache (one JSON file per GPU under the "

@@ -2,7 +2,7 @@
 
 After an approximate pass replaced part of a model (attention by linear attention, say), the new
 parameters are untrained. :func:`distill` trains them (and optionally every parameter afterwards)
-on the hybrid loss of LiT (../METHODS.md)::
+on the hybrid loss of LiT (arXiv 2501.12976)::
 
     L = w_task * L_task + lambda1 * ||teacher(x) - student(x)||^2
 

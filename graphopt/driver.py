@@ -1,6 +1,6 @@
 """The optimize driver: ``graphopt.optimize(model, args)`` from a model to an :class:`~graphopt.emit.OptimizedModule`.
 
-Where it belongs: the entry point of the flow (DESIGN's data flow, top to bottom): check the model
+Where it belongs: the entry point of the flow, top to bottom: check the model
 is in inference mode, capture (:mod:`graphopt.capture`), run the exact passes (:mod:`graphopt.pipeline`),
 then the approximate ones (:mod:`graphopt.approx`), and emit; target="cuda" lowers the result
 (:mod:`graphopt.lowering`), ``compile=True`` compiles it for the CPU (:mod:`graphopt.compiled`).
@@ -43,7 +43,8 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     output only a pointwise chain reads joins it as one call site (cuBLAS then the chain's kernel until
     tuning finds the fused Triton matmul template faster); other matmuls and convolutions stay on
     ATen. Each kernel is checked against the ATen ops it replaces on the example inputs, within the
-    dtype's tolerance. Call sites use the configs ``graphopt autotune`` stored for this GPU, else
+    dtype's bound (in fp16/bf16, or no further than twice eager's own error from an fp32 run; see
+    :func:`graphopt.verify.compare_precise`). Call sites use the configs ``graphopt autotune`` stored for this GPU, else
     their untuned defaults.
     Under ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on the CPU instead (slow;
     for testing). With ``target="cuda"`` on a GPU each call is replayed as a CUDA graph recorded per

@@ -36,10 +36,10 @@ def lower_captured(captured: CapturedGraph) -> tuple[fx.GraphModule, dict[str, A
     """Lower a captured graph onto kernels and check it on the example inputs; (module, report JSON).
 
     Every kernel is compared with the ATen ops it replaces on the same inputs, then the whole graph
-    with the original model's outputs; either beyond the dtype's tolerance raises
-    :class:`VerificationError` naming the kernel and where it came from. In fp16/bf16 a whole graph
-    beyond that bound is judged against an fp32 run of the unlowered graph instead
-    (:func:`graphopt.verify.compare_precise`); the report states the bound applied.
+    with the original model's outputs, each held to the dtype's bound, or in fp16/bf16 beyond it to
+    the rule of :func:`graphopt.verify.compare_precise` (an fp32 run of the ATen ops as referee);
+    failing either raises :class:`VerificationError` naming the kernel and where it came from. The
+    report states the bound applied.
     """
     from graphopt.autotune.lower import LoweringReport, check_regions, lower
 

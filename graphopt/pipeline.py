@@ -11,7 +11,7 @@ and checks the outputs against the original model on the example inputs. Observa
 
 - ``GRAPHOPT_DEBUG=1``: log per-rule hits, near-misses and time (logger ``graphopt``).
 - ``GRAPHOPT_DUMP_GRAPHS=dir``: write each pass's graph before and after as Python code.
-- ``GRAPHOPT_DISABLE_PASSES=a,b``: skip passes by name (for bisection); the report says so.
+- ``GRAPHOPT_DISABLE_PASSES=a,b``: skip exact passes by name (for bisection); the report says so.
 """
 
 from __future__ import annotations
@@ -209,8 +209,8 @@ def run_passes(captured: CapturedGraph, passes: Iterable[Pass], *,
                flops: Callable[[fx.GraphModule], float] | None = None) -> tuple[PassReport, ...]:
     """Run ``passes`` in order on ``captured.graph_module`` (in place), verifying after each one.
 
-    An exact pass whose outputs leave the dtype's tolerance raises :class:`VerificationError`
-    naming it; a pass that raises or leaves an invalid graph raises :class:`PassError`. A pass that
+    An exact pass whose outputs leave the dtype's bound (in fp16/bf16, the rule of
+    :func:`graphopt.verify.compare_precise`) raises :class:`VerificationError` naming it; a pass that raises or leaves an invalid graph raises :class:`PassError`. A pass that
     adds graph inputs needs :func:`run_pipeline`, which also returns the updated capture.
     """
     return run_pipeline(captured, passes, flops=flops)[1]

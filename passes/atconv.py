@@ -1,6 +1,6 @@
 """atconv: ATConv, an attentive 3x3 convolution, in place of self-attention in transformer blocks.
 
-Approximate (arXiv 2510.20092; ../METHODS.md). At a self-attention site over ``[B, N, C]`` tokens
+Approximate (arXiv 2510.20092). At a self-attention site over ``[B, N, C]`` tokens
 on a square grid (N = s^2), whose q/k/v come from linear projections of one input ``x`` and whose
 output projection is a linear, the attention from the q/k/v projections to the output projection
 becomes::
@@ -11,7 +11,7 @@ becomes::
     out = Linear_out(Y as [B, N, C])
 
 ``pool`` is the adaptive average pool over the raster token axis to k^2 bins. It runs before the
-kernel generator's C x C linear rather than after it (METHODS' order): each bin is an average, and an
+kernel generator's C x C linear rather than after it (the paper's order): each bin is an average, and an
 average of affine maps is the affine map of the average, so the result is the same up to rounding and
 the linear costs k^2 C^2 per sample instead of N C^2 (a third of the three linears' work when N is
 well above k^2). The value and output projections are inherited (the value rows of a fused qkv weight are
@@ -45,7 +45,7 @@ aten = torch.ops.aten
 
 @dataclasses.dataclass(frozen=True)
 class ATConvOptions:
-    """``kernel``: the dynamic kernel's size (odd, METHODS: 3); ``hybrid``: every second site only;
+    """``kernel``: the dynamic kernel's size (odd, the paper's 3); ``hybrid``: every second site only;
     ``drop_pos_embed``: remove a learned position embedding; ``seed``: the initialisation's seed."""
 
     kernel: int = 3
@@ -139,7 +139,7 @@ def _value(build: Builder, x: fx.Node, projections: list[fx.Node], site: Attenti
 
 
 def _zeros(gm: fx.GraphModule, fresh: nn.Module, name: str, size: int, build: Builder) -> fx.Node:
-    """lambda, initialised to 0 (METHODS: sigmoid(0) = 1/2 of the mean is inhibited at the start)."""
+    """lambda, initialised to 0 (as in the paper: sigmoid(0) = 1/2 of the mean is inhibited at the start)."""
     node = fresh_parameter(gm, fresh, name, (size,), torch.Generator(), build, fan_in=1)
     with torch.no_grad():
         attribute(gm, node.target).zero_()

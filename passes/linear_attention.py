@@ -6,7 +6,7 @@ either the ``P @ V`` or the channels-first ``V @ P^T`` layout, or with two einsu
 q/k/v projections, heads split or folded into the batch)
 the softmax core becomes ``graphopt::linear_attention(q, k, v, eps, dwc_weight, dwc_bias)``: the
 linear attention plus a depthwise convolution (kernel 5 by default) on V in its H x W token layout,
-added before the output projection (arXiv 2501.12976; ../METHODS.md), both in the one op. The branch
+added before the output projection (arXiv 2501.12976), both in the one op. The branch
 used to be separate ATen nodes (V permuted and reshaped, conv2d, permuted back, add); in the op it is
 the epilogue of the op's Triton kernel on the GPU (one launch, no V copies; not yet measured), the
 same ATen ops on the CPU. The scores' rescale is dropped: ReLU linear attention is

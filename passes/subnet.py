@@ -11,7 +11,7 @@ every weight with the full graph (no copies).
 
 Where the layers grow a cache (VAR's per-scale call, whose keys and values are inputs and grown
 outputs), the subnet routes per scale, as VARiant does: while the cache holds fewer tokens than the
-bridge zone (the first ``bridge`` scales; default 60% of them, METHODS' 6 of 10, here round(0.6 K))
+bridge zone (the first ``bridge`` scales; default 60% of them, VARiant's 6 of VAR's 10, here round(0.6 K))
 every layer runs; later scales run only the kept layers, which attend to the bridge-zone keys and
 values the full path produced. The caches of dropped layers stop growing after the bridge zone and,
 with ``free_caches`` (default), are returned empty so the caller holds nothing for them. Without
@@ -34,7 +34,7 @@ from graphopt.errors import PassError, UsageError
 from graphopt.pipeline import PassContext
 from graphopt.variants import Routing, without_blocks
 
-BRIDGE_FRACTION = 0.6  # METHODS: the first 6 of VAR's 10 scales run every layer
+BRIDGE_FRACTION = 0.6  # VARiant: the first 6 of VAR's 10 scales run every layer
 
 
 def equidistant(depth: int, keep: int) -> tuple[int, ...]:

@@ -15,9 +15,9 @@ so it needs Nq = Nk = s*s (self-attention on a square token grid); cross-attenti
 ``dwc_weight``: (H*Dv, 1, k, k), ``dwc_bias``: (H*Dv,), the layout of
 ``conv2d(..., groups=H*Dv)``.
 
-What fusing the branch into the op buys: on the GPU one kernel launch
-(:func:`graphopt.autotune.kernels.linear_attention`, the conv in the output tile's epilogue) instead
-of the attention kernel plus V's permute/reshape copies, a depthwise conv2d, the permute back and an
+What fusing the branch into the op buys: on the GPU the branch adds no launch
+(:func:`graphopt.autotune.kernels.linear_attention`: its state and apply kernels, the conv in the
+apply kernel's output-tile epilogue) instead of V's permute/reshape copies, a depthwise conv2d, the permute back and an
 add. On the CPU the op runs its reference, the same ATen ops as before, at the same cost. The GPU
 speed-up has not been measured. In ONNX the op is :func:`linear_attention_onnx`, the same formula in
 standard ONNX ops (the branch as a grouped Conv).
