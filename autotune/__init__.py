@@ -13,12 +13,12 @@ from .cache_admin import CacheBundleError, DeviceCache, clear, export_bundle, fo
 from .lower import KernelLibrary, LoweringReport, TuningOptions
 from .model_tuning import KernelTuning, tune_model
 from .tuner import (DEFAULT_CACHE, NoGpuError, Timer, TuneResult, choose, configs_hash, cuda_event_timer,
-                    default_cache, gpu_device_key, hash_source, tune)
+                    cuda_graph_timer, default_cache, gpu_device_key, hash_source, tune)
 
 __all__ = [
     "AutotuneError", "CacheBundleError", "CacheEntry", "CacheWarning", "Config", "DEFAULT_CACHE", "DeviceCache",
     "DeviceKey", "EntryKey", "KernelLibrary", "KernelTuning", "LoweringReport", "NoGpuError", "Timer", "Timing",
     "TuneResult", "TuningCache", "TuningOptions", "cache_dir", "choose", "clear", "configs_hash", "cuda_event_timer",
-    "default_cache", "export_bundle", "format_listing", "gpu_device_key", "hash_source", "import_bundle",
+    "cuda_graph_timer", "default_cache", "export_bundle", "format_listing", "gpu_device_key", "hash_source", "import_bundle",
     "list_caches", "shape_bucket", "tune", "tune_model",
 ]

@@ -31,7 +31,7 @@ from .cache import Config, shape_bucket
 from .configs import is_aten
 from .gemm import GemmRegion
 from .sites import FamilyRegion, FusedRegion, _Tuned
-from .tuner import DEFAULT_CACHE, CacheArg, Timer, cuda_event_timer
+from .tuner import DEFAULT_CACHE, CacheArg, Timer, cuda_graph_timer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ def record_calls(module: Any, args: tuple, kwargs: dict) -> list[tuple[_Tuned, t
         return module.kernel_calls(*args, **kwargs)
 
 
-def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_event_timer, cache: CacheArg = DEFAULT_CACHE,
+def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_graph_timer, cache: CacheArg = DEFAULT_CACHE,
                budget_s: float | None = None, force: bool = False, progress: bool = True,
                on_result: Callable[[KernelTuning], None] | None = None) -> list[KernelTuning]:
     """Tune every kernel of an :class:`~graphopt.OptimizedModule` lowered with ``target="cuda"``.

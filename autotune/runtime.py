@@ -115,11 +115,14 @@ class Runtime:
         """The forwards written so far, oldest first."""
         return tuple(self._forwards.values())
 
+    def retuned(self) -> bool:
+        """Whether a site was tuned since the forwards were written: the configs they (and any CUDA
+        graph recorded through them) launch with are stale. The next call writes new ones."""
+        return any(epoch.value != seen for epoch, seen in zip(self._epochs, self._epoch_values))
+
     def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        for epoch, seen in zip(self._epochs, self._epoch_values):
-            if epoch.value != seen:  # a site was re-tuned: the configs baked into the forwards are stale
-                self.clear()
-                break
+        if self.retuned():
+            self.clear()
         if self._last is not None and (out := self._last(*tensors)) is not None:
             self.stats.hits += 1
             return out

@@ -45,7 +45,7 @@ from .configs import ATEN, is_aten, norm_configs, pointwise_configs, prune_block
 from .family import FamilyOp
 from .launches import Buffer, KernelCall, LaunchPlan, Ref
 from .regions import Region, node_arg, shape_of, strides_of
-from .tuner import DEFAULT_CACHE, CacheArg, Timer, TuneResult, choose, cuda_event_timer, hash_source, tune
+from .tuner import DEFAULT_CACHE, CacheArg, Timer, TuneResult, choose, cuda_graph_timer, hash_source, tune
 
 aten = torch.ops.aten
 
@@ -59,7 +59,7 @@ class TuningOptions:
 
     cache: CacheArg = DEFAULT_CACHE
     autotune: bool = False
-    timer: Timer = cuda_event_timer
+    timer: Timer = cuda_graph_timer
     budget_s: float | None = None
 
 
@@ -180,12 +180,13 @@ class _Tuned(nn.Module):
             self._chosen[key] = cfg
         return cfg
 
-    def tune(self, *inputs: torch.Tensor, timer: Timer = cuda_event_timer, cache: CacheArg = DEFAULT_CACHE,
+    def tune(self, *inputs: torch.Tensor, timer: Timer = cuda_graph_timer, cache: CacheArg = DEFAULT_CACHE,
              budget_s: float | None = None, force: bool = False) -> TuneResult:
         """Time every candidate config on ``inputs``; the winner is stored and used from now on.
 
-        Each candidate is timed as a generated forward runs it (:meth:`_runner`): its launch plan made
-        once, then its allocations and launches, host work included, not the general path's planning.
+        Each candidate runs as a generated forward runs it (:meth:`_runner`): its launch plan made once,
+        then its allocations and launches, not the general path's planning. The default ``timer``
+        replays them inside a CUDA graph, as the module's own graph does (:func:`.tuner.cuda_graph_timer`).
         """
         shape = self.tuning_shape(*inputs)
         name = self.cache_name(*inputs)
@@ -197,7 +198,7 @@ class _Tuned(nn.Module):
 
     def _runner(self, inputs: Sequence[torch.Tensor]) -> Callable[[Config], tuple[torch.Tensor, ...]]:
         """Runs a config on ``inputs`` as a generated forward does: its plan made on first use, then only
-        the plan's allocations and launches (what the tuner times, host work included).
+        the plan's allocations and launches (what the tuner times).
 
         The first run of each config is checked against the site's eager ops on the same inputs, as
         lowering checks its default (:func:`graphopt.verify.compare_precise`); a config that differs

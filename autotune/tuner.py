@@ -12,7 +12,8 @@ Tuning is explicit data:
 - a kernel family's configs are values returned by one ``configs()`` function, optionally pruned for
   the shape by a cost-model callback ``prune(configs, shape)``;
 - each config is timed by a pluggable timer (default :func:`cuda_event_timer`: CUDA events after
-  warm-up, the median of the repeats); a config whose launch raises (a compile error, too much shared
+  warm-up, the median of the repeats; lowered models' call sites use :func:`cuda_graph_timer`, which
+  times them as they run inside the module's CUDA graph); a config whose launch raises (a compile error, too much shared
   memory, a runtime fault) scores infinity and the error text is kept, instead of aborting the run;
 - the result is stored under everything the timing depends on: the :class:`DeviceKey` (which file),
   the kernel name, its source hash and the bucketed shape (which entry), and the hash of the config
@@ -131,6 +132,44 @@ def cuda_event_timer(fn: Callable[[], object], *, warmup: int = 5, repeats: int 
         events.append((start, end))
     torch.cuda.synchronize()  # also surfaces asynchronous launch failures here, inside the tuner's guard
     return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def cuda_graph_timer(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 25, launches: int = 10) -> float:
+    """Median milliseconds per launch of ``fn`` replayed inside a CUDA graph, as a call site runs in the
+    CUDA graph a lowered module replays (the default on a GPU).
+
+    So the time is the GPU's: no host overhead (a replayed graph has none), and no L2 flush (inside a
+    model a site reads what the previous kernel just wrote; back-to-back launches read warm inputs as
+    well). ``warmup`` calls (at least one) run outside the capture: they compile the kernel and do a
+    tuning run's first-call work, such as the output check, which synchronises and so cannot be
+    captured. Then ``launches`` calls are recorded as one graph and each of ``repeats`` replays is
+    bracketed by CUDA events. A call that cannot be captured raises, and the tuner scores its config
+    infinity: it could not run inside the module's graph either.
+    """
+    if not torch.cuda.is_available():
+        raise NoGpuError("the default autotune timer measures with CUDA events and needs a CUDA GPU "
+                         "(torch.cuda.is_available() is False); pass timer= to tune without one")
+    for _ in range(max(warmup, 1)):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(launches):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        events = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events) / launches
+    finally:
+        graph.reset()  # its memory pool holds every launch's outputs
 
 
 def tune(kernel_name: str, source_hash: str, shape: Sequence[int], configs: Configs,

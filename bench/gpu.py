@@ -194,6 +194,8 @@ def per_call(run: ModelRun, batch: int, args: argparse.Namespace, clock: Clock) 
     else:
         tuned = tune_model(run.direct, [batch], budget_s=args.tune_s, progress=False)
     row["tune_s"], row["optimize_s"] = time.perf_counter() - start, run.optimize_s
+    if run.graphed is not None:  # its sites chose configs when it was lowered: take the tuned ones (cache hits)
+        tune_model(run.graphed, [batch], progress=False)
     # GEMM-epilogue sites: the untuned default is cuBLAS + the epilogue kernel; which candidate won, by how much
     row["gemm"] = [{"kernel": t.kernel, "shape": list(t.shape), "won": gemm_choice(t.config),
                     "vs_cublas_epilogue": t.speedup} for t in tuned if t.kind == "gemm"]

@@ -620,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("autotune", help="tune a model's kernels for this GPU; manage the tuning cache",
                        description="With MODEL: optimize it for CUDA, run it at each --batch size, time the "
                                    "configs the cost model keeps for each kernel it runs, each checked against the "
-                                   "ATen ops it replaces (CUDA events, median of repeats), and "
+                                   "ATen ops it replaces and timed replayed in a CUDA graph (median of repeats), and "
                                    "store the fastest in this GPU's cache, which later runs on this GPU use; prints "
                                    "kernel, shape, best config, time and speedup over the default config. Without "
                                    "MODEL: list, export, import or clear the cache (one JSON file per GPU under the "

@@ -43,10 +43,16 @@ class _Recorded:
 
 
 class CudaGraphRunner:
-    """Calls ``fn(*tensors) -> tuple of tensors`` through a CUDA graph recorded per input layout."""
+    """Calls ``fn(*tensors) -> tuple of tensors`` through a CUDA graph recorded per input layout.
 
-    def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], *, warmup: int = 2, max_graphs: int = 8):
-        self.fn, self.warmup, self.max_graphs = fn, warmup, max_graphs
+    ``stale()``, when given, is asked before each call whether what the graphs recorded has changed
+    (a call site tuned since: the graphs replay the old configs); then every graph is dropped and each
+    layout is recorded again on its next call.
+    """
+
+    def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], *, warmup: int = 2, max_graphs: int = 8,
+                 stale: Callable[[], bool] | None = None):
+        self.fn, self.warmup, self.max_graphs, self.stale = fn, warmup, max_graphs, stale
         self._recorded: dict[tuple, _Recorded | None] = {}
         self.fallbacks: dict[tuple, str] = {}
         """Layouts (shapes, strides, dtypes, devices) without a graph, with the reason: they run directly."""
@@ -55,6 +61,9 @@ class CudaGraphRunner:
         return sum(rec is not None for rec in self._recorded.values())
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self._recorded and self.stale is not None and self.stale():
+            self._recorded.clear()
+            self.fallbacks.clear()
         key = tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
         if key not in self._recorded:
             self._recorded[key] = self._record_or_fall_back(key, tensors)
@@ -123,7 +132,9 @@ class SamplerGraph:
         if not callable(getattr(sampler, "sample", None)):
             raise UsageError(f"expected a sampler with sample(model, noise, labels), got {type(sampler).__name__}")
         self.model, self.sampler = model, sampler
-        self._runner = CudaGraphRunner(self._loop, warmup=warmup)
+        runtimes = getattr(model, "_runtimes", ())  # an optimized module's sites, tuned after recording
+        self._runner = CudaGraphRunner(self._loop, warmup=warmup,
+                                       stale=lambda: any(r.retuned() for r in runtimes))
 
     @property
     def fallbacks(self) -> dict[tuple, str]:

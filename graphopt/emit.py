@@ -225,10 +225,13 @@ class OptimizedModule(nn.Module):
         return report
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        # .to() / .half() / .cuda() may replace the parameters a generated forward holds: write new ones
+        # .to() / .half() / .cuda() may replace the parameters a generated forward or a recorded CUDA graph
+        # holds: write and record new ones
         result = super()._apply(fn, *args, **kwargs)
         for runtime in self._runtimes:
             runtime.clear()
+        if self._graph_runners is not None:
+            self._graph_runners = []
         self._skip_graphs.clear()
         return result
 
@@ -300,7 +303,8 @@ class OptimizedModule(nn.Module):
 
                 while len(self._graph_runners) <= i:
                     runtime = self._runtimes[len(self._graph_runners)]
-                    self._graph_runners.append(CudaGraphRunner(lambda *t, runtime=runtime: runtime(t)))
+                    self._graph_runners.append(CudaGraphRunner(lambda *t, runtime=runtime: runtime(t),
+                                                               stale=runtime.retuned))
                 return self._graph_runners[i](tensors)
             return self._runtimes[i](tensors)
         return self._captured[i].run(tensors)

@@ -106,3 +106,38 @@ def test_cuda_graphs_on_request_without_a_gpu_are_refused_by_optimize_and_load(t
     with pytest.raises(UsageError, match="cuda_graphs=True needs target='cuda' and a CUDA GPU"):
         graphopt.load(tmp_path / "model", cuda_graphs=True)
     assert graphopt.load(tmp_path / "model", cuda_graphs=False)._graph_runners is None  # off: a plain load
+
+
+def test_a_runner_records_again_when_what_it_recorded_went_stale(monkeypatch):
+    class Replayable:
+        def replay(self):
+            pass
+
+    tuned = [False]
+    recordings = []
+    runner = CudaGraphRunner(lambda x: (x + 1,), stale=lambda: tuned[0])
+
+    def record(tensors):
+        recordings.append(1)
+        tuned[0] = False  # recording runs the function, which picks up the new configs
+        return _Recorded(Replayable(), [t.clone() for t in tensors], (tensors[0] + 1,))
+
+    monkeypatch.setattr(runner, "_record", record)
+    for _ in range(2):
+        runner([torch.zeros(2)])
+    assert len(recordings) == 1
+    tuned[0] = True  # a call site was tuned: the graph replays the old configs
+    runner([torch.zeros(2)])
+    runner([torch.zeros(2)])
+    assert len(recordings) == 2 and len(runner) == 1
+
+
+def test_moving_an_optimized_module_drops_its_recorded_graphs():
+    model, sampler, (x, t, labels) = load("dit-digits")
+    opt = graphopt.optimize(model, (x[:2], t[:2], labels[:2]))
+    opt._graph_runners = ["a runner holding the old parameters"]
+    opt.to(torch.float64)
+    assert opt._graph_runners == []
+    opt._graph_runners = None  # off stays off
+    opt.to(torch.float32)
+    assert opt._graph_runners is None

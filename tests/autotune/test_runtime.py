@@ -96,10 +96,11 @@ def test_softmax_attention_runs_sdpa_inline_until_the_flash_kernel_is_tuned_in()
     (site,) = [m for m in gm.modules() if isinstance(m, FamilyRegion)]
     (_, inputs), = call_sites(gm, tensors)
     result = site.tune(*inputs, timer=FakeTimer(), cache=None)  # the last candidate timed wins: a kernel config
-    assert not is_aten(result.config)
+    assert not is_aten(result.config) and runtime.retuned()  # what a recorded CUDA graph asks
     with torch.no_grad():
         got = runtime(tensors)  # the re-tune retired the forward: a new one is written with the kernel
     assert runtime.stats.generated == 2 and "attention_kernel[(" in runtime.forwards[0].source
+    assert not runtime.retuned()
     assert_same(got, general(gm, tensors))
 
 

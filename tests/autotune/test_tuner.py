@@ -209,3 +209,27 @@ def test_on_a_gpu_the_default_timer_and_device_key_work(tmp_path):
 
     result = tune("gpu-smoke", "src0", (1 << 20,), family, run, cache=TuningCache(key, tmp_path), warmup=1, repeats=3)
     assert result.source == "tuned" and any(t.failed for t in result.timings)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_without_cuda_the_graph_timer_raises_clearly():
+    with pytest.raises(NoGpuError, match="needs a CUDA GPU"):
+        tuner.cuda_graph_timer(lambda: None, warmup=1, repeats=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_graph_timer_times_replays_and_runs_first_calls_outside_the_capture():
+    x = torch.randn(1 << 20, device="cuda")
+    calls = []
+
+    def fn():
+        if not calls:
+            assert x.sum().item() == x.sum().item()  # a host sync: cannot be captured
+        calls.append(1)
+        return x * 2.0
+
+    ms = tuner.cuda_graph_timer(fn, warmup=0, repeats=5, launches=4)
+    assert 0 < ms < 1000 and len(calls) == 1 + 4  # one call outside, four recorded, replays add none
+    with pytest.raises(RuntimeError):  # what cannot run inside a graph fails the config
+        tuner.cuda_graph_timer(lambda: x.sum().item(), warmup=1, repeats=1)
