@@ -1,8 +1,9 @@
 """The GPU benchmarks' denoisers and inputs (shared by kernels.py, runtime.py and gpu.py).
 
 ``denoiser(key, scale)``: DiT-S/2, DiT-B/2, DiT-XL/2 (SiT blocks, 32x32x4 latents, patch 2, 1000
-classes) and the EDM UNet 128ch (1,2,2)x2 at 32x32x4, random weights (normal, std 0.02: speed does
-not depend on them). ``scale="full"`` is the real size; ``"cpu"`` keeps the depth at a CPU-friendly
+classes), the EDM UNet 128ch (1,2,2)x2 at 32x32x4, and a third-party one, diffusers' ``UNet2DModel``
+with channels 128/256/256 and attention at the two lower levels (``diffusers-unet``, needs diffusers),
+random weights (normal, std 0.02: speed does not depend on them). ``scale="full"`` is the real size; ``"cpu"`` keeps the depth at a CPU-friendly
 width on 8x8 latents (host-overhead measurements, where the number of sites is what counts);
 ``"smoke"`` is tiny, to check a script under Triton's interpreter.
 """
@@ -19,7 +20,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DITS = {"dit-s": (384, 12, 6, "DiT-S/2"), "dit-b": (768, 12, 12, "DiT-B/2"), "dit-xl": (1152, 28, 16, "DiT-XL/2")}
 """key: (width, depth, heads, label), DiT's sizes."""
 
-DENOISERS = (*DITS, "unet")
+DENOISERS = (*DITS, "unet", "diffusers-unet")
 SCALES = ("full", "cpu", "smoke")
 
 
@@ -46,6 +47,8 @@ def denoiser(key: str, scale: str = "full") -> tuple[nn.Module, str]:
                                    emb_dim=512 if full else {"cpu": 32, "smoke": 16}[scale],
                                    groups=32 if full else 4))
         label = f"EDM UNet {channels}ch (1,2,2)x{model.config.blocks_per_level}" + ("" if full else ", 8x8")
+    elif key == "diffusers-unet":
+        model, label = _diffusers_unet(full)
     else:
         raise ValueError(f"unknown denoiser {key!r}; choose from {', '.join(DENOISERS)}")
     with torch.no_grad():
@@ -54,12 +57,42 @@ def denoiser(key: str, scale: str = "full") -> tuple[nn.Module, str]:
     return model.eval(), label
 
 
+class DiffusersUNet(nn.Module):
+    """diffusers' ``UNet2DModel`` called as ``(x, timestep) -> tensor``, with the ``config`` fields the
+    benchmarks read (``resolution``, ``in_channels``)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.config = type("Config", (), {"resolution": unet.config.sample_size,
+                                          "in_channels": unet.config.in_channels})()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, return_dict=False)[0]
+
+
+def _diffusers_unet(full: bool) -> tuple[nn.Module, str]:
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise SystemExit("diffusers-unet needs diffusers (pip install 'graphopt[test]')") from None
+    channels = (128, 256, 256) if full else (8, 16, 16)
+    unet = UNet2DModel(sample_size=32 if full else 8, in_channels=4, out_channels=4, layers_per_block=2,
+                       block_out_channels=channels, norm_num_groups=32 if full else 4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    size = "32x32" if full else "8x8"
+    return DiffusersUNet(unet), f"diffusers UNet2DModel {'/'.join(map(str, channels))}, {size}"
+
+
 def example_inputs(name: str, model: nn.Module, batch: int, device: str, dtype: torch.dtype) -> tuple:
     """A noisy batch for model ``name`` (a "dit..." takes times and ImageNet labels, a UNet sigmas)."""
     res, ch = model.config.resolution, model.config.in_channels
     x = torch.randn(batch, ch, res, res, device=device, dtype=dtype)
     if name.startswith("dit"):
         return x, torch.rand(batch, device=device), torch.randint(0, 1000, (batch,), device=device)
+    if name == "diffusers-unet":  # a DDPM time step
+        return x, torch.randint(0, 1000, (batch,), device=device).to(dtype)
     return x, torch.rand(batch, device=device, dtype=dtype) * 10 + 0.1
 
 

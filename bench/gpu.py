@@ -39,7 +39,8 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="dit-s,dit-xl,unet", help="comma-separated: dit-s, dit-b, dit-xl, unet")
+    p.add_argument("--models", default="dit-s,dit-xl,unet", help="comma-separated: dit-s, dit-b, dit-xl, unet, diffusers-unet "
+                                                   "(diffusers' UNet2DModel 128/256/256; needs diffusers)")
     p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes (default 1,16,64)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--compile-modes", default="default,reduce-overhead",

@@ -13,7 +13,7 @@ from graphopt.autotune.configs import is_aten  # noqa: E402
 from graphopt.autotune.gemm import GemmRegion, is_template, template_configs  # noqa: E402
 from graphopt.autotune.launches import AtenCall  # noqa: E402
 from graphopt.autotune.lower import FusedRegion, TuningOptions, lower  # noqa: E402
-from graphopt.autotune.model_tuning import _kind  # noqa: E402
+from graphopt.autotune.model_tuning import site_kind  # noqa: E402
 from graphopt.autotune.runtime import Runtime  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from tests.autotune.kernels.helpers import close  # noqa: E402
@@ -44,7 +44,7 @@ def test_a_linear_and_its_pointwise_consumers_are_one_call_site():
     assert [(r.kind, r.ops) for r in result.regions] == [("gemm", ("linear", "gelu")),
                                                          ("gemm", ("linear", "mul", "add"))]
     assert dict(result.left_on_aten).get("linear") is None  # both linears run inside their call sites
-    assert len(sites) == 2 and all(_kind(s) == "gemm" for s, _ in sites)
+    assert len(sites) == 2 and all(site_kind(s) == "gemm" for s, _ in sites)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
