@@ -66,6 +66,9 @@ class LoweringReport:
     """Linears that could have joined their epilogue region but did not, with the reason."""
     tolerance: str = ""
     """The bound the whole lowered graph was held to (:attr:`graphopt.verify.Comparison.tolerance`)."""
+    on_aten: tuple[str, ...] = ()
+    """Call sites that run their ATen ops at the example inputs' shape: untuned softmax attention (SDPA)
+    and lone pointwise ops (nothing to fuse), or sites where tuning timed ATen faster."""
 
     def text(self) -> str:
         """The report's ``lower:`` lines: calls by kind, kernels, error, what stayed on ATen and why."""
@@ -79,6 +82,10 @@ class LoweringReport:
                  f"max rel err {self.max_rel_error:.2e}, {self.time_s:.2f}s; left on ATen: {aten}"]
         if self.tolerance:
             lines.append(f"lower: verified against the original model, {self.tolerance}")
+        if self.on_aten:
+            lines.append(f"lower: {len(self.on_aten)} of these call sites run their ATen ops (softmax attention "
+                         f"and lone pointwise ops until tuning times their kernels faster, or ATen timed "
+                         f"faster): {', '.join(self.on_aten)}")
         by_reason: dict[str, list[str]] = {}
         for node, reason in self.declined:
             by_reason.setdefault(reason, []).append(node)
@@ -104,6 +111,7 @@ class LoweringReport:
         data["left_on_aten"] = tuple(tuple(x) for x in data["left_on_aten"])
         data["declined"] = tuple(tuple(x) for x in data["declined"])
         data["unfused"] = tuple(tuple(x) for x in data.get("unfused", ()))
+        data["on_aten"] = tuple(data.get("on_aten", ()))
         return LoweringReport(**data)
 
 

@@ -17,8 +17,9 @@ GPU, else the family's heuristic default, checked against the eager ops but not 
 a site times the candidates the cost model keeps for the shape, each checked against the eager ops on
 its first run. One candidate of every call site is :data:`~.configs.ATEN`, the eager ops it replaces,
 timed even when a budget skips others, so tuning never chooses a kernel slower than eager as timed.
-It is the untuned default only for softmax attention, where PyTorch's SDPA backends (FlashAttention,
-cuDNN) are the bar the flash kernel must clear on each GPU.
+It is the untuned default for softmax attention, where PyTorch's SDPA backends (FlashAttention,
+cuDNN) are the bar the flash kernel must clear on each GPU, and for a lone pointwise op, whose kernel
+would move the same bytes as the op (:attr:`FusedRegion.fuses_nothing`).
 """
 
 from __future__ import annotations
@@ -242,6 +243,11 @@ class _Tuned(nn.Module):
         """The untuned heuristic choice at these inputs' shape."""
         return Config(self.prune([Config(c) for c in self.configs()], self.tuning_shape(*inputs))[0])
 
+    def runs_aten(self) -> bool:
+        """Whether every shape this site has met runs its ATen ops (as the untuned default or because
+        tuning found them faster)."""
+        return bool(self._chosen) and all(is_aten(c) for c in self._chosen.values())
+
 
 class FusedRegion(_Tuned):
     """A generated pointwise or norm kernel in place of the region's ATen nodes.
@@ -286,8 +292,18 @@ class FusedRegion(_Tuned):
     def configs(self) -> list[dict[str, int]]:
         return pointwise_configs() if self.generated.row is None else norm_configs()
 
+    @property
+    def fuses_nothing(self) -> bool:
+        """One pointwise op: its kernel reads and writes what the ATen op does, so it can at best tie,
+        and it costs a Triton launch where ATen's is cheaper. Such a site keeps its ATen op until
+        tuning times the kernel faster."""
+        return self.generated.row is None and len(self.generated.region.nodes) == 1
+
     def prune(self, configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
-        return prune_blocks(self.generated.block_key)(configs, shape)
+        kept = prune_blocks(self.generated.block_key)(configs, shape)
+        if self.fuses_nothing:  # the untuned default is the first: the ATen op
+            kept = [c for c in kept if is_aten(c)] + [c for c in kept if not is_aten(c)]
+        return kept
 
     def _layout(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int] | None:
         # per call this is a dict lookup: the sympy-derived geometry is evaluated once per input layout

@@ -38,7 +38,8 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
 
     ``target="cuda"`` captures on the GPU (a copy of the model when it is elsewhere) and lowers the graph
     (see :mod:`graphopt.autotune.lower`): pointwise chains and norms with their epilogues run as
-    generated Triton kernels; graphopt's own attention-family ops on their hand-written kernels;
+    generated Triton kernels (a lone pointwise op keeps its ATen op until tuning finds its kernel
+    faster: nothing to fuse); graphopt's own attention-family ops on their hand-written kernels;
     softmax attention on PyTorch's SDPA until tuning finds the flash kernel faster; a linear whose
     output only a pointwise chain reads joins it as one call site (cuBLAS then the chain's kernel until
     tuning finds the fused Triton matmul template faster); other matmuls and convolutions stay on

@@ -58,8 +58,10 @@ def lower_captured(captured: CapturedGraph) -> tuple[fx.GraphModule, dict[str, A
     if not cmp.within:
         raise VerificationError(f"the lowered graph differs from the original model: {cmp.line()}")
     nodes = sum(len(r.ops) for r in result.regions)
+    on_aten = tuple(r.name for r in result.regions
+                    if result.graph_module.get_submodule(f"graphopt_kernels.{r.name}").runs_aten())
     report = LoweringReport(result.regions, len(result.library), nodes, result.left_on_aten,
                             result.declined, cmp.max_abs_error, cmp.max_rel_error, time.perf_counter() - start,
                             str(result.library.directory) if result.library.dumped else None, result.unfused,
-                            cmp.tolerance)
+                            cmp.tolerance, on_aten)
     return result.graph_module, report.to_json()

@@ -42,6 +42,12 @@ def lowered(model, *args, library=None, options=TuningOptions(cache=None)):
     assert not bad, f"kernels differ from their ATen ops: {bad}"
     for got, want in zip(outputs, captured.reference_outputs):
         close(got, want)
+    for site, inputs in call_sites(result.graph_module, captured.example_inputs):
+        # a site whose untuned default is its ATen op (one op, nothing fused) still has its kernel checked
+        kernel = next(c for c in site.prune([Config(c) for c in site.configs()], site.tuning_shape(*inputs))
+                      if not is_aten(c))
+        for got, want in zip(site.launch(kernel, *inputs), site.reference(*inputs)):
+            close(got, want)
     return result, captured
 
 
@@ -204,6 +210,22 @@ def test_linear_attention_with_its_dwc_branch_is_one_call_site_passing_the_branc
     assert site.tuning_shape(*inputs)[-1] == 5  # the branch's kernel size is part of the tuning key
     for config in site.configs():
         close(site.launch(config, *inputs)[0], site.reference(*inputs)[0])
+
+
+def test_a_lone_pointwise_op_keeps_its_aten_op_until_its_kernel_is_timed_faster():
+    site, inputs = _single_region(Fn(torch.sigmoid), torch.randn(3, 700))
+    assert site.fuses_nothing and is_aten(site.default_config(*inputs))
+    with torch.no_grad():
+        site(*inputs)
+    assert site.runs_aten()
+
+    def timer(fn, *, warmup, repeats):  # a GPU on which the kernel happens to win
+        fn()
+        return 1.0 if is_aten(fn.args[0]) else 0.5
+
+    assert not is_aten(site.tune(*inputs, timer=timer, cache=None).config) and not site.runs_aten()
+    chain, chain_inputs = _single_region(Fn(lambda x: torch.sigmoid(x) * 2), torch.randn(3, 700))
+    assert not chain.fuses_nothing and not is_aten(chain.default_config(*chain_inputs))
 
 
 def test_tuning_checks_each_candidate_and_one_that_differs_cannot_win():

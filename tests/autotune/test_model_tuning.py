@@ -52,8 +52,9 @@ def test_a_budget_times_only_the_first_config_and_the_aten_ops_of_each_kernel(lo
 
     rows = tune_model(lowered_adaln, [2], timer=timer, cache=TuningCache(FAKE_GPU, tmp_path), budget_s=1e-9,
                       progress=False)
-    assert rows and all(r.configs_timed == 2 and r.speedup == 1.0 for r in rows)
-    assert sum(map(is_aten, timed)) == len(rows)  # the eager ops, however late the cost model ranks them
+    # the default and the eager ops, however late the cost model ranks them (they are one for a lone op)
+    assert rows and all(r.configs_timed in (1, 2) and r.speedup == 1.0 for r in rows)
+    assert any(r.configs_timed == 2 for r in rows) and sum(map(is_aten, timed)) == len(rows)
 
 
 def test_a_model_not_lowered_for_cuda_has_nothing_to_tune():

@@ -55,9 +55,10 @@ def test_the_generated_forward_of_each_zoo_model_equals_the_general_path(name):
     assert_same(second, want)
     assert (runtime.stats.generated, runtime.stats.hits, runtime.stats.general) == (1, 1, 0)
     (forward,) = runtime.forwards
-    for site in gm.modules():
-        if isinstance(site, FusedRegion):  # every generated kernel is launched from the source itself
-            assert f"{site.fn.__name__}[(" in forward.source
+    for name, site in gm.named_modules():
+        if isinstance(site, FusedRegion):  # every kernel chosen is launched from the source itself
+            inline = f"# {name.rsplit('.', 1)[-1]}: {site.kernel_name} -> the region's ATen ops"
+            assert (inline in forward.source) if site.runs_aten() else (f"{site.fn.__name__}[(" in forward.source)
 
 
 def test_family_kernels_are_launched_from_the_generated_source():
@@ -104,6 +105,20 @@ def test_softmax_attention_runs_sdpa_inline_until_the_flash_kernel_is_tuned_in()
     assert_same(got, general(gm, tensors))
 
 
+def test_a_lone_pointwise_op_runs_inline_until_its_kernel_is_tuned_in():
+    runtime, gm, tensors = lowered_runtime(Fn(lambda x: torch.sigmoid(x) @ x), torch.randn(2, 24, 24))
+    with torch.no_grad():
+        runtime(tensors)
+    (site,) = [m for m in gm.modules() if isinstance(m, FusedRegion)]
+    assert site.runs_aten() and "aten_sigmoid_default(" in runtime.forwards[0].source
+    (_, inputs), = call_sites(gm, tensors)
+    assert not is_aten(site.tune(*inputs, timer=FakeTimer(), cache=None).config)  # the last timed wins
+    with torch.no_grad():
+        got = runtime(tensors)
+    assert f"{site.fn.__name__}[(" in runtime.forwards[0].source
+    assert_same(got, general(gm, tensors))
+
+
 def test_another_batch_or_dtype_misses_the_guard_and_gets_its_own_forward():
     runtime, gm, (x, c) = lowered_runtime(AdaLN(), torch.randn(3, 5, 40), torch.randn(3, 40))
     with torch.no_grad():
@@ -114,10 +129,11 @@ def test_another_batch_or_dtype_misses_the_guard_and_gets_its_own_forward():
         assert forward.fn(*(t.half() for t in (x, c))) is None
         assert forward.fn(x.transpose(0, 1).contiguous().transpose(0, 1), c) is None  # same shape, other strides
         assert_same(runtime(other), general(gm, other))
-        half = [t.half() for t in other]
-        assert_same(runtime(half), general(gm, half))
+        # (a call in another dtype never reaches a lowered graph: the module captures that dtype anew)
+        third = [torch.randn(4, 5, 40), torch.randn(4, 40)]
+        assert_same(runtime(third), general(gm, third))
         assert_same(runtime([x, c]), general(gm, [x, c]))  # back to the first layout: its forward
-    assert [f.layout for f in runtime.forwards] == [layout_of([x, c]), layout_of(other), layout_of(half)]
+    assert [f.layout for f in runtime.forwards] == [layout_of([x, c]), layout_of(other), layout_of(third)]
     assert (runtime.stats.generated, runtime.stats.hits) == (3, 1)
 
 
