@@ -254,7 +254,8 @@ class FusedRegion(_Tuned):
 
     Called with the region's inputs, returns its outputs as a tuple, allocated with the strides the
     eager ops would have given them. Inputs laid out otherwise than at capture (the kernel's index math
-    assumes the captured strides) run the eager fallback instead, counted in ``fallbacks``.
+    assumes the captured strides, its outputs the captured dtypes) run the eager fallback instead,
+    counted in ``fallbacks``.
     """
 
     def __init__(self, kernel: GeneratedKernel, library: KernelLibrary, fallback: fx.GraphModule,
@@ -279,6 +280,7 @@ class FusedRegion(_Tuned):
         numel = sympy.Mul(*region.domain)
         self._geometry = sympy.lambdify(self._symbols, [geometry, numel], modules="math")
         self._dtypes = tuple(n.meta["val"].dtype for n in region.outputs)
+        self._in_dtypes = tuple(getattr(n.meta.get("val"), "dtype", None) for n in region.inputs)
         self._n_in = len(region.inputs)
         self._names = tuple(f"in{i}" for i in range(len(region.inputs)))
         self._layouts: dict[tuple, tuple[list[int], list, int] | None] = {}
@@ -307,7 +309,7 @@ class FusedRegion(_Tuned):
 
     def _layout(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int] | None:
         # per call this is a dict lookup: the sympy-derived geometry is evaluated once per input layout
-        key = tuple((tuple(t.shape), t.stride()) for t in inputs)
+        key = tuple((tuple(t.shape), t.stride(), t.dtype) for t in inputs)
         if key not in self._layouts:
             if len(self._layouts) >= 64:
                 self._layouts.clear()
@@ -315,6 +317,8 @@ class FusedRegion(_Tuned):
         return self._layouts[key]
 
     def _evaluate(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int] | None:
+        if any(d is not None and t.dtype != d for t, d in zip(inputs, self._in_dtypes)):
+            return None  # the kernel writes its outputs in the captured dtypes: eager decides others
         values = [b(inputs) for b in self._binders]
         geometry, numel = self._geometry(*values)
         for t, (shape, strides) in zip(inputs, geometry):

@@ -284,6 +284,10 @@ def test_inputs_laid_out_otherwise_than_at_capture_run_the_eager_fallback():
     transposed = torch.randn(10, 6).t()  # same shape, other strides: the kernel's index math would be wrong
     close(site(transposed)[0], torch.sigmoid(transposed) * transposed)
     assert site.fallbacks == 1
+    half = torch.randn(6, 10).half()  # same layout, another dtype: the kernel would write fp32
+    (out,) = site(half)
+    assert out.dtype == torch.float16 and site.fallbacks == 2
+    close(out, torch.sigmoid(half) * half)
 
 
 def test_dumped_kernels_are_readable_files_shared_by_identical_regions(tmp_path, monkeypatch):
@@ -335,8 +339,9 @@ def test_a_tuned_config_is_stored_and_used_by_the_next_lowering(tmp_path):
     assert result.source == "tuned" and len(result.timings) >= 2 and result.config != site.default_config(*inputs)
     assert result.kernel == f"{site.kernel_name}:float32"  # timings depend on the dtype; the source does not
     assert store.get(result.kernel, site.source_hash, result.shape_bucket).best == result.config
-    half = [t.half() for t in inputs]
-    assert site.tune(*half, timer=FakeTimer(), cache=store).kernel == f"{site.kernel_name}:float16"
+    half_site, half = _single_region(Fn(lambda x: torch.sigmoid(x) * x), torch.randn(3, 700).half())
+    assert half_site.source_hash == site.source_hash  # one source for every dtype
+    assert half_site.tune(*half, timer=FakeTimer(), cache=store).kernel == f"{site.kernel_name}:float16"
     assert len(store.entries()) == 2
 
     captured = capture(Fn(lambda x: torch.sigmoid(x) * x).eval(), (torch.randn(3, 700),))
