@@ -7,12 +7,13 @@ residual add when no norm follows. The call site (:class:`GemmRegion`) has three
 
 - cuBLAS + the epilogue kernel: ``aten.linear`` (cuBLAS on a GPU) writes the product, then the
   region's generated pointwise kernel reads it (what lowering did before this fusion existed). These
-  configs are the pointwise family's (``XBLOCK``), the first is the untuned default, so an untuned
-  model runs exactly as it would without the fusion;
+  configs are the pointwise family's (``XBLOCK``), the first is the untuned default when the epilogue
+  has two ops or more, so an untuned model runs as it would without the fusion;
 - the Triton matmul template (``BLOCK_M/N/K``): one kernel computes tiles of ``x @ w.T`` in fp32
   (``tl.dot``, IEEE fp32 for fp32 inputs as cuBLAS does by default) and applies the bias and the whole
   epilogue to each tile before storing it, so the product never goes through memory;
-- :data:`~.configs.ATEN`: every op eager.
+- :data:`~.configs.ATEN`: every op eager; the untuned default when the epilogue is one op (fc1 +
+  GELU), as for a lone pointwise op (:attr:`.sites.FusedRegion.fuses_nothing`).
 
 Tuning times all of them on the site's real inputs; the template is used only where it measurably
 wins. The template's epilogue is the pointwise generator's own code (:mod:`.codegen`): its loads and
@@ -261,8 +262,12 @@ class GemmRegion(_Tuned):
     def prune(self, configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
         m, n, _ = shape
         pointwise = prune_blocks("XBLOCK")([c for c in configs if not is_template(c)], (m * n,))
-        return [c for c in pointwise if not is_aten(c)] + prune_template(configs, shape) + \
-            [c for c in pointwise if is_aten(c)]
+        aten = [c for c in pointwise if is_aten(c)]
+        kernels = [c for c in pointwise if not is_aten(c)] + prune_template(configs, shape)
+        # a lone epilogue op: cuBLAS + its kernel moves what cuBLAS (bias included) + the op does, so
+        # the untuned default is the ATen ops; the template, which saves the product's round trip, and
+        # the epilogue kernel stay candidates
+        return aten + kernels if self.epilogue.fuses_nothing else kernels + aten
 
     def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
         x = inputs[0]

@@ -67,8 +67,9 @@ class LoweringReport:
     tolerance: str = ""
     """The bound the whole lowered graph was held to (:attr:`graphopt.verify.Comparison.tolerance`)."""
     on_aten: tuple[str, ...] = ()
-    """Call sites that run their ATen ops at the example inputs' shape: untuned softmax attention (SDPA)
-    and lone pointwise ops (nothing to fuse), or sites where tuning timed ATen faster."""
+    """Call sites that run their ATen ops at the example inputs' shape: untuned softmax attention (SDPA),
+    lone pointwise ops and one-op GEMM epilogues (nothing to fuse), or sites where tuning timed ATen
+    faster."""
 
     def text(self) -> str:
         """The report's ``lower:`` lines: calls by kind, kernels, error, what stayed on ATen and why."""
@@ -83,9 +84,9 @@ class LoweringReport:
         if self.tolerance:
             lines.append(f"lower: verified against the original model, {self.tolerance}")
         if self.on_aten:
-            lines.append(f"lower: {len(self.on_aten)} of these call sites run their ATen ops (softmax attention "
-                         f"and lone pointwise ops until tuning times their kernels faster, or ATen timed "
-                         f"faster): {', '.join(self.on_aten)}")
+            lines.append(f"lower: {len(self.on_aten)} of these call sites run their ATen ops (softmax attention, "
+                         f"lone pointwise ops and one-op GEMM epilogues until tuning times their kernels "
+                         f"faster, or ATen timed faster): {', '.join(self.on_aten)}")
         by_reason: dict[str, list[str]] = {}
         for node, reason in self.declined:
             by_reason.setdefault(reason, []).append(node)

@@ -41,8 +41,8 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     generated Triton kernels (a lone pointwise op keeps its ATen op until tuning finds its kernel
     faster: nothing to fuse); graphopt's own attention-family ops on their hand-written kernels;
     softmax attention on PyTorch's SDPA until tuning finds the flash kernel faster; a linear whose
-    output only a pointwise chain reads joins it as one call site (cuBLAS then the chain's kernel until
-    tuning finds the fused Triton matmul template faster); other matmuls and convolutions stay on
+    output only a pointwise chain reads joins it as one call site (cuBLAS then the chain's kernel, or
+    for a one-op chain its ATen ops, until tuning finds the fused Triton matmul template faster); other matmuls and convolutions stay on
     ATen. Each kernel is checked against the ATen ops it replaces on the example inputs, within the
     dtype's bound (in fp16/bf16, or no further than twice eager's own error from an fp32 run; see
     :func:`graphopt.verify.compare_precise`). Call sites use the configs ``graphopt autotune`` stored for this GPU, else

@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 
 from graphopt.autotune.cache import Config  # noqa: E402
 from graphopt.autotune.check import call_sites  # noqa: E402
-from graphopt.autotune.configs import is_aten  # noqa: E402
+from graphopt.autotune.configs import is_aten, pointwise_configs  # noqa: E402
 from graphopt.autotune.gemm import GemmRegion, is_template, template_configs  # noqa: E402
 from graphopt.autotune.launches import AtenCall  # noqa: E402
 from graphopt.autotune.lower import FusedRegion, TuningOptions, lower  # noqa: E402
@@ -68,7 +68,8 @@ def test_every_candidate_matches_the_eager_ops(dtype, bias):
 def test_the_untuned_default_is_cublas_then_the_epilogue_kernel_and_tuning_can_pick_the_template(tmp_path):
     torch.manual_seed(0)
     _, sites = gemm_sites(MLP(), torch.randn(2, 37, 40), torch.randn(2, 1, 40))
-    site, args = sites[0]
+    (lone, lone_args), (site, args) = sites  # fc1 + GELU, then fc2 + the gate + the residual
+    assert lone.epilogue.fuses_nothing and is_aten(lone.default_config(*lone_args))  # nothing to gain untuned
     default = site.default_config(*args)
     assert "XBLOCK" in default and not is_template(default)  # what lowering ran before the fusion existed
     plan = site.plan_for(*args).plan
@@ -92,6 +93,7 @@ def test_the_generated_forward_launches_the_template_and_the_aten_matmul():
     tensors = list(captured.example_inputs)
     with torch.no_grad():
         call_sites(result.graph_module, tensors)  # each site picks its default per shape bucket
+    first._chosen[next(iter(first._chosen))] = Config(pointwise_configs()[0])  # cuBLAS, then the GELU kernel
     key = next(iter(second._chosen))
     second._chosen[key] = Config(template_configs()[5])  # 32 x 64 tiles
     runtime = Runtime(result.graph_module)
