@@ -36,7 +36,7 @@ from .tuner import DEFAULT_CACHE, CacheArg, Timer, cuda_graph_timer
 
 @dataclasses.dataclass(frozen=True)
 class KernelTuning:
-    """One tuned (kernel, shape): the winner, its time and the default config's time (ms)."""
+    """One tuned (kernel, shape): the winner, its time, the default config and its time (ms)."""
 
     kernel: str
     kind: str
@@ -47,6 +47,8 @@ class KernelTuning:
     default_ms: float
     source: str
     configs_timed: int
+    default: Config | None = None
+    """The untuned default config (what ``default_ms`` timed)."""
 
     @property
     def speedup(self) -> float:
@@ -101,7 +103,7 @@ def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_graph
         default_ms = next((t.time_ms for t in result.timings if t.config == default), math.nan)
         row = KernelTuning(name, site_kind(site), batch, site.tuning_shape(*inputs), result.config,
                            float(result.time_ms or math.nan), default_ms, result.source,
-                           sum(1 for t in result.timings if not t.failed))
+                           sum(1 for t in result.timings if not t.failed), default)
         results.append(row)
         if on_result is not None:
             on_result(row)
