@@ -19,6 +19,7 @@ __all__ = [
     "AutotuneError", "CacheBundleError", "CacheEntry", "CacheWarning", "Config", "DEFAULT_CACHE", "DeviceCache",
     "DeviceKey", "EntryKey", "KernelLibrary", "KernelTuning", "LoweringReport", "NoGpuError", "Timer", "Timing",
     "TuneResult", "TuningCache", "TuningOptions", "cache_dir", "choose", "clear", "configs_hash", "cuda_event_timer",
-    "cuda_graph_timer", "default_cache", "export_bundle", "format_listing", "gpu_device_key", "hash_source", "import_bundle",
+    "cuda_graph_timer", "default_cache", "export_bundle", "format_listing", "gpu_device_key", "hash_source",
+    "import_bundle",
     "list_caches", "shape_bucket", "tune", "tune_model",
 ]

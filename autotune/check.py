@@ -51,7 +51,8 @@ def call_sites(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], *,
     return calls
 
 
-def check_regions(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], dict[str, Comparison]]:
+def check_regions(lowered: fx.GraphModule,
+                  inputs: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], dict[str, Comparison]]:
     """Run ``lowered`` on ``inputs`` comparing every kernel with its region's eager ops on the same inputs.
 
     Returns the outputs and, per region, the comparison (errors, verdict, the bound applied): the

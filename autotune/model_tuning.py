@@ -73,8 +73,9 @@ def record_calls(module: Any, args: tuple, kwargs: dict) -> list[tuple[_Tuned, t
         return module.kernel_calls(*args, **kwargs)
 
 
-def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_graph_timer, cache: CacheArg = DEFAULT_CACHE,
-               budget_s: float | None = None, force: bool = False, progress: bool = True,
+def tune_model(module: Any, batches: Sequence[int], *, timer: Timer = cuda_graph_timer,
+               cache: CacheArg = DEFAULT_CACHE, budget_s: float | None = None, force: bool = False,
+               progress: bool = True,
                on_result: Callable[[KernelTuning], None] | None = None) -> list[KernelTuning]:
     """Tune every kernel of an :class:`~graphopt.OptimizedModule` lowered with ``target="cuda"``.
 

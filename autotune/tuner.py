@@ -13,8 +13,9 @@ Tuning is explicit data:
   the shape by a cost-model callback ``prune(configs, shape)``;
 - each config is timed by a pluggable timer (default :func:`cuda_event_timer`: CUDA events after
   warm-up, the median of the repeats; lowered models' call sites use :func:`cuda_graph_timer`, which
-  times them as they run inside the module's CUDA graph); a config whose launch raises (a compile error, too much shared
-  memory, a runtime fault) scores infinity and the error text is kept, instead of aborting the run;
+  times them as they run inside the module's CUDA graph); a config whose launch raises (a compile
+  error, too much shared memory, a runtime fault) scores infinity and the error text is kept, instead
+  of aborting the run;
 - the result is stored under everything the timing depends on: the :class:`DeviceKey` (which file),
   the kernel name, its source hash and the bucketed shape (which entry), and the hash of the config
   family (an entry tuned over another family is stale and is not used).

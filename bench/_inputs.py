@@ -3,9 +3,9 @@
 ``denoiser(key, scale)``: DiT-S/2, DiT-B/2, DiT-XL/2 (SiT blocks, 32x32x4 latents, patch 2, 1000
 classes), the EDM UNet 128ch (1,2,2)x2 at 32x32x4, and a third-party one, diffusers' ``UNet2DModel``
 with channels 128/256/256 and attention at the two lower levels (``diffusers-unet``, needs diffusers),
-random weights (normal, std 0.02: speed does not depend on them). ``scale="full"`` is the real size; ``"cpu"`` keeps the depth at a CPU-friendly
-width on 8x8 latents (host-overhead measurements, where the number of sites is what counts);
-``"smoke"`` is tiny, to check a script under Triton's interpreter.
+random weights (normal, std 0.02: speed does not depend on them). ``scale="full"`` is the real size;
+``"cpu"`` keeps the depth at a CPU-friendly width on 8x8 latents (host-overhead measurements, where the
+number of sites is what counts); ``"smoke"`` is tiny, to check a script under Triton's interpreter.
 """
 
 from __future__ import annotations

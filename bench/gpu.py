@@ -39,8 +39,9 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="dit-s,dit-xl,unet", help="comma-separated: dit-s, dit-b, dit-xl, unet, diffusers-unet "
-                                                   "(diffusers' UNet2DModel 128/256/256; needs diffusers)")
+    p.add_argument("--models", default="dit-s,dit-xl,unet",
+                   help="comma-separated: dit-s, dit-b, dit-xl, unet, diffusers-unet (diffusers' UNet2DModel "
+                        "128/256/256; needs diffusers)")
     p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes (default 1,16,64)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--compile-modes", default="default,reduce-overhead",
@@ -321,8 +322,8 @@ def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], sk
                   "ops for a one-op epilogue).", "",
                   "| model | batch | kernel | M x N x K | untuned | chosen | vs untuned |",
                   "| --- | ---: | --- | --- | --- | --- | ---: |"]
-        lines += [f"| {r['model']} | {r['batch']} | {g['kernel']} | {'x'.join(map(str, g['shape']))} | {g['default']} | "
-                  f"{g['won']} | {_n(g['vs_default'], '.2f', 'x')} |" for r, g in gemm]
+        lines += [f"| {r['model']} | {r['batch']} | {g['kernel']} | {'x'.join(map(str, g['shape']))} | "
+                  f"{g['default']} | {g['won']} | {_n(g['vs_default'], '.2f', 'x')} |" for r, g in gemm]
     if loops:
         names = list(dict.fromkeys(k for r in loops for k in r["ms"]))
         lines += ["", f"## Whole sampler: {args.sampler_steps}-step Euler loop, ms per loop", "",

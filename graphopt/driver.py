@@ -36,17 +36,17 @@ def optimize(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = N
     ``passes`` are names from :mod:`graphopt.passes` or :class:`Pass` objects. Each exact pass is
     verified against the original model's outputs; the report records FLOPs, errors and times.
 
-    ``target="cuda"`` captures on the GPU (a copy of the model when it is elsewhere) and lowers the graph
-    (see :mod:`graphopt.autotune.lower`): pointwise chains and norms with their epilogues run as
+    ``target="cuda"`` captures on the GPU (a copy of the model when it is elsewhere) and lowers the
+    graph (see :mod:`graphopt.autotune.lower`): pointwise chains and norms with their epilogues run as
     generated Triton kernels (a lone pointwise op keeps its ATen op until tuning finds its kernel
-    faster: nothing to fuse); graphopt's own attention-family ops on their hand-written kernels;
-    softmax attention on PyTorch's SDPA until tuning finds the flash kernel faster; a linear whose
-    output only a pointwise chain reads joins it as one call site (cuBLAS then the chain's kernel, or
-    for a one-op chain its ATen ops, until tuning finds the fused Triton matmul template faster); other matmuls and convolutions stay on
-    ATen. Each kernel is checked against the ATen ops it replaces on the example inputs, within the
-    dtype's bound (in fp16/bf16, or no further than twice eager's own error from an fp32 run; see
-    :func:`graphopt.verify.compare_precise`). Call sites use the configs ``graphopt autotune`` stored for this GPU, else
-    their untuned defaults.
+    faster: nothing to fuse); graphopt's own attention-family ops on their hand-written kernels; softmax
+    attention on PyTorch's SDPA until tuning finds the flash kernel faster; a linear whose output only a
+    pointwise chain reads joins it as one call site (cuBLAS then the chain's kernel, or for a one-op
+    chain its ATen ops, until tuning finds the fused Triton matmul template faster); other matmuls and
+    convolutions stay on ATen. Each kernel is checked against the ATen ops it replaces on the example
+    inputs, within the dtype's bound (in fp16/bf16, or no further than twice eager's own error from an
+    fp32 run; see :func:`graphopt.verify.compare_precise`). Call sites use the configs ``graphopt
+    autotune`` stored for this GPU, else their untuned defaults.
     Under ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on the CPU instead (slow;
     for testing). With ``target="cuda"`` on a GPU each call is replayed as a CUDA graph recorded per
     input layout (:mod:`graphopt.cudagraphs`), which removes the launch overhead that dominates at

@@ -210,8 +210,9 @@ def run_passes(captured: CapturedGraph, passes: Iterable[Pass], *,
     """Run ``passes`` in order on ``captured.graph_module`` (in place), verifying after each one.
 
     An exact pass whose outputs leave the dtype's bound (in fp16/bf16, the rule of
-    :func:`graphopt.verify.compare_precise`) raises :class:`VerificationError` naming it; a pass that raises or leaves an invalid graph raises :class:`PassError`. A pass that
-    adds graph inputs needs :func:`run_pipeline`, which also returns the updated capture.
+    :func:`graphopt.verify.compare_precise`) raises :class:`VerificationError` naming it; a pass that
+    raises or leaves an invalid graph raises :class:`PassError`. A pass that adds graph inputs needs
+    :func:`run_pipeline`, which also returns the updated capture.
     """
     return run_pipeline(captured, passes, flops=flops)[1]
 

@@ -240,7 +240,8 @@ def test_tuning_checks_each_candidate_and_one_that_differs_cannot_win():
         def run(self, site, inputs):
             return tuple(o + 0.5 for o in self.planned.run(site, inputs))
 
-    site.config_plan = lambda config, inputs: Off(planner(config, inputs)) if config == bad else planner(config, inputs)
+    site.config_plan = lambda config, inputs: (Off(planner(config, inputs)) if config == bad
+                                               else planner(config, inputs))
 
     def timer(fn, *, warmup, repeats):
         fn()
