@@ -38,7 +38,7 @@ import torch
 from torch import fx, nn
 
 from graphopt.errors import UsageError, VerificationError
-from graphopt.verify import compare_precise, precise_run
+from graphopt.verify import Comparison, compare_precise, precise_run
 
 from .cache import Config, shape_bucket
 from .codegen import GeneratedKernel
@@ -217,7 +217,7 @@ class _Tuned(nn.Module):
             outputs = planned.run(self, inputs)
             if not reference:
                 reference.append(tuple(self.reference(*inputs)))
-            cmp = compare_precise(outputs, reference[0], lambda: precise_run(self.fallback, inputs))
+            cmp = self.check(outputs, inputs, reference[0])
             if not cmp.within:
                 raise VerificationError(f"{self.kernel_name} with {dict(config)} differs from the ATen ops it "
                                         f"replaces: {cmp.line()}")
@@ -238,6 +238,13 @@ class _Tuned(nn.Module):
     def reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What the kernel computes, by the eager ops it replaces."""
         raise NotImplementedError
+
+    def check(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+              reference: Sequence[torch.Tensor] | None = None) -> Comparison:
+        """``outputs`` of this site on ``inputs`` against its eager ops (``reference`` when already run):
+        the dtype's bound, or in fp16/bf16 beyond it the eager ops in fp32 as referee."""
+        reference = self.reference(*inputs) if reference is None else reference
+        return compare_precise(outputs, reference, lambda: precise_run(self.fallback, inputs))
 
     def default_config(self, *inputs: torch.Tensor) -> Config:
         """The untuned heuristic choice at these inputs' shape."""
