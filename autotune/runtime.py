@@ -16,7 +16,14 @@ source from then on:
 - each kernel call site is its launch plan (:class:`~.launches.LaunchPlan`) written out:
   ``torch.empty_strided`` for its outputs, then ``kernel[grid](..., BLOCK=..., num_warps=...)`` with
   the grid, sizes, strides and config as literals; a site whose config is the ATen candidate (or
-  whose inputs are laid out otherwise than at capture) has its region's ATen ops inline instead.
+  whose inputs are laid out otherwise than at capture) has its region's ATen ops inline instead;
+- on a GPU, each launch calls the launcher Triton compiled for its kernel directly (as Inductor's
+  generated code does), with the arguments ``JITFunction.run`` passed it on the generating run
+  (:class:`~.launches.LaunchBinder`): no argument binding, specialisation key or cache lookup per
+  launch. The forward reads the current stream once, and its guard also pins the current device. Before
+  the forward is used, it runs once on the generating call's inputs and must give that call's outputs;
+  if it does not (or fails), it is written again with ``kernel[grid]`` launches and a warning says why.
+  ``GRAPHOPT_DIRECT_LAUNCH=0`` (or ``Runtime(direct_launch=False)``) keeps ``kernel[grid]`` launches.
 
 The tuner, the tuning cache and the verifier run while a forward is generated (the generating call
 goes through the general path, which picks each site's config), never on the call path of a
@@ -24,9 +31,7 @@ generated forward. A ``tune()`` of any call site retires the forwards that baked
 With ``GRAPHOPT_DUMP_KERNELS=dir`` each forward's source is written to ``dir`` beside the kernels,
 and its tracebacks point into that file.
 
-Not done here: launching through Triton's compiled launcher directly (each launch still goes through
-``JITFunction.run``'s argument binding), and buffer reuse (every kernel output is a fresh tensor from
-PyTorch's caching allocator).
+Not done here: buffer reuse (every kernel output is a fresh tensor from PyTorch's caching allocator).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import math
 import operator
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +51,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from .launches import AtenCall, Ref
+from graphopt.verify import compare
+
+from .launches import AtenCall, DirectLaunch, LaunchBinder, Ref, Streams, triton_streams
 from .sites import SitePlan, _Tuned
 
 Layout = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device], ...]
@@ -77,6 +85,10 @@ class GeneratedForward:
     fn: Callable[..., tuple[torch.Tensor, ...] | None]
     layout: Layout
     path: Path | None = None
+    launches: int = 0
+    """Kernel launches in the source."""
+    direct_launches: int = 0
+    """Those that call Triton's compiled launcher directly (the others go through ``kernel[grid]``)."""
 
 
 @dataclasses.dataclass
@@ -96,14 +108,17 @@ class Runtime:
 
     ``runtime(tensors)`` takes the graph's flat input tensors and returns its outputs as a tuple.
     ``dump_dir``: where to write each forward's source (``None``: nowhere). ``max_forwards``: how many
-    layouts get a forward of their own.
+    layouts get a forward of their own. ``direct_launch``: launch compiled kernels through their launchers
+    (``True``: where the inputs are on a GPU and ``GRAPHOPT_DIRECT_LAUNCH`` is not ``0``; ``False``:
+    always through ``kernel[grid]``; a :class:`~.launches.Streams`: with that device and stream source).
     """
 
     def __init__(self, graph_module: fx.GraphModule, *, dump_dir: str | os.PathLike | None = None,
-                 max_forwards: int = MAX_FORWARDS):
+                 max_forwards: int = MAX_FORWARDS, direct_launch: bool | Streams = True):
         self.graph_module = graph_module
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
         self.max_forwards = max_forwards
+        self.direct_launch = direct_launch
         self.stats = RuntimeStats()
         self._forwards: dict[Layout, GeneratedForward] = {}
         self._last: Callable[..., tuple[torch.Tensor, ...] | None] | None = None
@@ -128,16 +143,17 @@ class Runtime:
             return out
         layout = layout_of(tensors)
         if (forward := self._forwards.get(layout)) is not None:
-            self._last = forward.fn
-            self.stats.hits += 1
             out = forward.fn(*tensors)
-            assert out is not None, "a generated forward refused the layout it was written for"
-            return out
-        if len(self._forwards) >= self.max_forwards:
+            if out is not None:
+                self._last = forward.fn
+                self.stats.hits += 1
+                return out
+            # refused its own layout: its launches were bound on another current device
+        if forward is not None or len(self._forwards) >= self.max_forwards:
             self.stats.general += 1
             return tuple(self.graph_module(*tensors))
         out, forward = generate_forward(self.graph_module, tensors, name=f"forward_{len(self._forwards)}",
-                                        dump_dir=self.dump_dir)
+                                        dump_dir=self.dump_dir, streams=self._streams(tensors))
         self._forwards[layout] = forward
         self._last = forward.fn
         self.stats.generated += 1
@@ -148,6 +164,14 @@ class Runtime:
         state = dict(self.__dict__)
         state["_forwards"], state["_last"] = {}, None
         return state
+
+    def _streams(self, tensors: Sequence[torch.Tensor]) -> Streams | None:
+        if isinstance(self.direct_launch, Streams):
+            return self.direct_launch
+        if (not self.direct_launch or os.environ.get("GRAPHOPT_DIRECT_LAUNCH", "1") == "0"
+                or os.environ.get("TRITON_INTERPRET") == "1" or not any(t.is_cuda for t in tensors)):
+            return None
+        return triton_streams()
 
     def clear(self) -> None:
         """Drop every generated forward (the next call in each layout writes a new one)."""
@@ -160,17 +184,31 @@ class Runtime:
 
 
 def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, name: str = "forward",
-                     dump_dir: str | os.PathLike | None = None) -> tuple[tuple[torch.Tensor, ...], GeneratedForward]:
+                     dump_dir: str | os.PathLike | None = None,
+                     streams: Streams | None = None) -> tuple[tuple[torch.Tensor, ...], GeneratedForward]:
     """Run ``gm`` once on ``tensors`` through its call sites and write its forward for their layout.
 
     Returns the outputs of that run and the forward. Every call site chooses its config here, as on
-    the general path (from the tuning cache, by tuning, or the default).
+    the general path (from the tuning cache, by tuning, or the default). With ``streams``, compiled
+    kernels are launched through their launchers (:class:`~.launches.LaunchBinder`); such a forward is
+    run once on ``tensors`` and kept only if it gives the same outputs, else written again without.
     """
-    recorder = _Recorder(gm)
+    recorder = _Recorder(gm, streams)
     with torch.no_grad():
         outputs = tuple(recorder.run(*tensors))
     layout = layout_of(tensors)
-    source, namespace = _Writer(gm, recorder, layout, name).source()
+    forward = _compile(_Writer(gm, recorder, layout, name, streams), name, layout, dump_dir)
+    if forward.direct_launches:
+        why = _direct_mismatch(forward, tensors, outputs)
+        if why is not None:
+            warnings.warn(f"graphopt: {name}'s direct launches of the compiled kernels {why}; it launches "
+                          "through kernel[grid] instead", RuntimeWarning, stacklevel=2)
+            forward = _compile(_Writer(gm, recorder, layout, name, None), name, layout, dump_dir)
+    return outputs, forward
+
+
+def _compile(writer: _Writer, name: str, layout: Layout, dump_dir: str | os.PathLike | None) -> GeneratedForward:
+    source, namespace = writer.source()
     digest = hashlib.sha256(source.encode()).hexdigest()[:8]
     path = None
     filename = f"<graphopt generated {name}_{digest}>"
@@ -180,15 +218,32 @@ def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, nam
         filename = str(path)
     code = compile(source, filename, "exec")
     exec(code, namespace)  # noqa: S102 - our own generated source, written just above
-    return outputs, GeneratedForward(name, source, namespace[name], layout, path)
+    return GeneratedForward(name, source, namespace[name], layout, path, writer.launches, writer.direct_launches)
+
+
+def _direct_mismatch(forward: GeneratedForward, tensors: Sequence[torch.Tensor],
+                     outputs: Sequence[torch.Tensor]) -> str | None:
+    """Why ``forward`` (with direct launches) cannot stand in for the generating run, or ``None``."""
+    try:
+        with torch.no_grad():
+            got = forward.fn(*tensors)
+    except Exception as e:  # noqa: BLE001 - any failure of the fast path sends us back to the checked one
+        return f"failed ({type(e).__name__}: {e})"
+    if got is None:
+        return "were refused by its own guard"
+    cmp = compare(got, outputs)
+    return None if cmp.within else f"gave other outputs than the generating run ({cmp.line()})"
 
 
 class _Recorder(fx.Interpreter):
-    """Runs a lowered graph as the general path does, keeping each site's plan and each size it read."""
+    """Runs a lowered graph as the general path does, keeping each site's plan and each size it read
+    (and, with ``streams``, each kernel call's :class:`~.launches.DirectLaunch`)."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, streams: Streams | None = None):
         super().__init__(gm)
+        self.streams = streams
         self.sites: dict[fx.Node, tuple[_Tuned, SitePlan, tuple[torch.Tensor, ...]]] = {}
+        self.launches: dict[fx.Node, list[DirectLaunch | None]] = {}
         self.sizes: dict[fx.Node, int] = {}
 
     def run_node(self, n: fx.Node) -> Any:
@@ -196,7 +251,12 @@ class _Recorder(fx.Interpreter):
             args = tuple(self.env[a] if isinstance(a, fx.Node) else a for a in n.args)
             planned = site.plan_for(*args)
             self.sites[n] = (site, planned, args)
-            return planned.run(site, args)
+            if self.streams is None:
+                return planned.run(site, args)
+            binder = LaunchBinder(self.streams)
+            out = planned.run(site, args, binder)
+            self.launches[n] = binder.launches
+            return out
         out = super().run_node(n)
         if n.op == "call_function" and type(out) is int and (
                 n.target in _SIZE_OPS or (n.target in _INT_OPS and all(a in self.sizes for a in n.all_input_nodes))):
@@ -207,12 +267,18 @@ class _Recorder(fx.Interpreter):
 class _Writer:
     """Writes a lowered graph as the source of one Python function for one input layout."""
 
-    def __init__(self, gm: fx.GraphModule, recorder: _Recorder, layout: Layout, name: str):
+    def __init__(self, gm: fx.GraphModule, recorder: _Recorder, layout: Layout, name: str,
+                 streams: Streams | None = None):
         self.gm, self.recorder, self.layout, self.name = gm, recorder, layout, name
+        self.streams = streams
         self.namespace: dict[str, Any] = {"torch": torch}
         self._const_names: dict[object, str] = {}
-        self._taken: set[str] = {"torch", name} | {n.name for n in gm.graph.nodes}
+        self._taken: set[str] = {"torch", name, "_compiled_kernels"} | {n.name for n in gm.graph.nodes}
         self.lines: list[str] = []
+        self.launches = 0
+        self.direct_launches = 0
+        self._device: int | None = None  # the device the direct launches were bound on
+        self._stream = self.local("stream")
 
     # ---- names
 
@@ -273,6 +339,7 @@ class _Writer:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         env: dict[fx.Node, str] = {n: n.name for n in placeholders}
         self._guard(placeholders)
+        guard_end = len(self.lines)
         last_use = _last_uses(graph)
         for node in graph.nodes:
             if node.op == "placeholder":
@@ -285,6 +352,13 @@ class _Writer:
                     and a in env and env[a].isidentifier() and not self._is_const(env[a])]
             if dead:
                 self.lines.append(f"del {', '.join(dict.fromkeys(dead))}")
+        if self._device is not None:
+            assert self.streams is not None
+            device = self.const(self.streams.device, "current_device")
+            stream = self.const(self.streams.stream, "current_stream")
+            self.lines[guard_end:guard_end] = [
+                f"if {device}() != {self._device}:  # the compiled launchers below were bound on this device",
+                "    return None", f"{self._stream} = {stream}({self._device})"]
         shapes = ", ".join("x".join(map(str, shape)) or "scalar" for shape, _, _, _ in self.layout)
         head = [f"# graphopt: generated forward of {type(self.gm).__name__} for inputs {shapes}",
                 "# each kernel call site's config, grid, sizes and strides are literals for this layout;",
@@ -362,7 +436,8 @@ class _Writer:
         else:
             config = " ".join(f"{k}={v}" for k, v in planned.config.items())
             self.lines.append(f"# {site_name}: {site.kernel_name} [{config}]")
-            self._plan(planned, inputs, outs, site_name, args)
+            launches = self.recorder.launches.get(node, []) if self.streams is not None else []
+            self._plan(planned, inputs, outs, site_name, args, launches)
         if unused:
             self.lines.append(f"del {', '.join(unused)}")
 
@@ -398,7 +473,7 @@ class _Writer:
         self.lines += aliases
 
     def _plan(self, planned: SitePlan, inputs: list[str], outs: list[str], prefix: str,
-              args: Sequence[torch.Tensor]) -> None:
+              args: Sequence[torch.Tensor], launches: Sequence[DirectLaunch | None]) -> None:
         plan = planned.plan
         assert plan is not None
         names = {name: inputs[i] for name, i in zip(plan.inputs, planned.inputs)}
@@ -417,6 +492,7 @@ class _Writer:
             zero = ".zero_()" if b.zero else ""
             self.lines.append(f"{names[b.name]} = torch.empty_strided({b.shape!r}, {b.strides!r}, "
                               f"dtype={self.expr(b.dtype, {})}, device={device}){zero}")
+        kernel_calls = 0
         for call in plan.calls:
             if isinstance(call, AtenCall):
                 if call.result not in names:
@@ -426,6 +502,19 @@ class _Writer:
                 self.lines.append(f"{names[call.result]} = {self.function(call.op)}({', '.join(call_args)})")
                 continue
             kernel = self.const(call.kernel, getattr(call.kernel, "__name__", "kernel"))
+            direct = launches[kernel_calls] if kernel_calls < len(launches) else None
+            kernel_calls += 1
+            self.launches += 1
+            if direct is not None and self._device in (None, direct.device):
+                self._device = direct.device
+                self.direct_launches += 1
+                launcher = self.const(direct.launcher, f"{kernel}_launcher")
+                self.namespace.setdefault("_compiled_kernels", []).append(direct.compiled)  # kept loaded
+                metadata = self.const(direct.metadata, f"{kernel}_metadata")
+                bound = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in direct.args]
+                head = ", ".join([*map(str, direct.grid), self._stream, self.expr(direct.function, {}), metadata])
+                self.lines.append(f"{launcher}({head}, None, None, None, {', '.join(bound)})  # {kernel}")
+                continue
             call_args = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in call.args]
             constexprs = [f"{k}={self.expr(v, {})}" for k, v in call.constexprs]
             self.lines.append(f"{kernel}[{call.grid!r}]({', '.join(call_args + constexprs)})")

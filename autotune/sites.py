@@ -44,7 +44,7 @@ from .cache import Config, shape_bucket
 from .codegen import GeneratedKernel
 from .configs import ATEN, is_aten, norm_configs, pointwise_configs, prune_blocks
 from .family import FamilyOp
-from .launches import Buffer, KernelCall, LaunchPlan, Ref
+from .launches import Buffer, KernelCall, LaunchBinder, LaunchPlan, Ref
 from .regions import Region, node_arg, shape_of, strides_of
 from .tuner import DEFAULT_CACHE, CacheArg, Timer, TuneResult, choose, cuda_graph_timer, hash_source, tune
 
@@ -134,10 +134,11 @@ class SitePlan:
     plan: LaunchPlan | None
     inputs: tuple[int, ...] = ()
 
-    def run(self, site: _Tuned, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def run(self, site: _Tuned, args: Sequence[torch.Tensor],
+            binder: LaunchBinder | None = None) -> tuple[torch.Tensor, ...]:
         if self.plan is None:
             return tuple(site.fallback(*args))
-        return self.plan.run([args[i] for i in self.inputs])
+        return self.plan.run([args[i] for i in self.inputs], binder)
 
 
 class _Tuned(nn.Module):

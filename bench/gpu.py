@@ -9,8 +9,9 @@ In one process, with every ratio taken from the same run:
 1. **Per call**, for each model and batch: eager; ``torch.compile`` in each ``--compile-modes`` mode
    (default and reduce-overhead; max-autotune when asked for, it takes minutes per model), each with
    its compile seconds; graphopt ``optimize(target="cuda")`` tuned for ``--tune-s`` seconds (the
-   tunings are cached for the GPU), launching directly and with CUDA graphs (the default), with its
-   optimize and tune seconds and its largest error against eager. Ratios: eager / graphopt and best
+   tunings are cached for the GPU), called directly (its generated forward launching each kernel through
+   Triton's compiled launcher; again through ``kernel[grid]``, to show what that saves) and with CUDA
+   graphs (the default), with its optimize and tune seconds and its largest error against eager. Ratios: eager / graphopt and best
    torch.compile mode / graphopt (the issue's targets: at least 1.3x at batch 1 and 16, 1.1x for
    DiT-XL/2 at batch 64).
 2. **Whole sampler**, for each model at ``--sampler-batch``: an ``--sampler-steps``-step Euler loop
@@ -204,6 +205,10 @@ def per_call(run: ModelRun, batch: int, args: argparse.Namespace, clock: Clock) 
                     "default": gemm_choice(t.default or {}), "vs_default": t.speedup}
                    for t in tuned if t.kind == "gemm"]
     row["graphopt_ms"] = timed_ms(lambda: run.direct(*inputs), args.repeats, run.smoke)
+    forwards = [f for r in run.direct._runtimes for f in r.forwards if f.layout[0][0][0] == batch]
+    row["launches"] = [sum(f.direct_launches for f in forwards), sum(f.launches for f in forwards)]
+    row["jit_launch_ms"] = without_direct_launches(
+        run.direct, lambda: timed_ms(lambda: run.direct(*inputs), args.repeats, run.smoke))
     row["graphs_ms"] = (timed_ms(lambda: run.graphed(*inputs), args.repeats, run.smoke)
                         if run.graphed is not None else math.nan)
     with torch.no_grad():
@@ -221,6 +226,21 @@ def per_call(run: ModelRun, batch: int, args: argparse.Namespace, clock: Clock) 
           f"{_n(row['vs_best_compile'], '.2f', 'x')} best torch.compile, max rel err {row['max_rel_err']:.1e}",
           flush=True)
     return row
+
+
+def without_direct_launches(module: torch.nn.Module, fn: Callable[[], float]) -> float:
+    """``fn()`` with ``module``'s generated forwards launching every kernel through ``kernel[grid]``
+    (Triton's argument binding and cache lookup per launch) instead of its compiled launcher."""
+    runtimes = module._runtimes
+    for r in runtimes:
+        r.direct_launch = False
+        r.clear()
+    try:
+        return fn()
+    finally:
+        for r in runtimes:
+            r.direct_launch = True
+            r.clear()
 
 
 def whole_sampler(run: ModelRun, args: argparse.Namespace, clock: Clock) -> dict:
@@ -303,7 +323,7 @@ def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], sk
            minutes: float, args: argparse.Namespace) -> str:
     modes = [m for m in args.compile_modes.split(",") if m]
     head = ["model", "batch", "eager ms", *(f"compile {m} ms (s)" for m in modes), "graphopt ms",
-            "graphopt + CUDA graphs ms", "optimize + tune s", "vs eager", "vs best compile", "max rel err"]
+            "graphopt, kernel[grid] launches ms", "graphopt + CUDA graphs ms", "optimize + tune s", "vs eager", "vs best compile", "max rel err"]
     lines = ["# graphopt on a GPU", "", f"`python bench/gpu.py {' '.join(sys.argv[1:])}`, {minutes:.1f} min. "
              f"Conditions: {conds}.", "", "## Per denoiser call", "", "| " + " | ".join(head) + " |",
              "| --- | ---: |" + " ---: |" * (len(head) - 2)]
@@ -311,7 +331,8 @@ def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], sk
         comp = [f"{r['compile'][m]['ms']:.3f} ({r['compile'][m]['compile_s']:.0f})" if m in r["compile"] else "-"
                 for m in modes]
         lines.append(f"| {r['model']} | {r['batch']} | {r['eager_ms']:.3f} | " + " | ".join(comp)
-                     + f" | {r['graphopt_ms']:.3f} | {_n(r['graphs_ms'])} | {r['optimize_s']:.1f} + {r['tune_s']:.1f}"
+                     + f" | {r['graphopt_ms']:.3f} ({r['launches'][0]}/{r['launches'][1]} direct) | "
+                     f"{r['jit_launch_ms']:.3f} | {_n(r['graphs_ms'])} | {r['optimize_s']:.1f} + {r['tune_s']:.1f}"
                      f" | {_n(r['vs_eager'], '.2f', 'x')} | {_n(r['vs_best_compile'], '.2f', 'x')} | "
                      f"{r['max_rel_err']:.1e} |")
     gemm = [(r, g) for r in rows for g in r.get("gemm", [])]

@@ -17,7 +17,15 @@ What is measured, in one run per model:
    calls, both paths interleaved; "saved per site" divides the difference by the number of kernel call
    sites. On a CPU the ATen ops are computed (small widths keep them cheap) and count in both paths.
 2. **Whole-call latency** (CUDA only): the real kernels, ``torch.cuda.synchronize()`` after each
-   round of calls, milliseconds per call.
+   round of calls, milliseconds per call; the generated forward twice, launching each kernel through
+   its compiled launcher (the default on a GPU) and through ``kernel[grid]``.
+3. **Launches** (any machine): every kernel launch of one call, alone, the two ways a generated
+   forward can launch them: through ``kernel[grid]`` (Triton's ``JITFunction.run``: argument binding,
+   specialisation key, cache lookup, launch hooks) and through the launchers they are bound to
+   (:class:`graphopt.autotune.launches.LaunchBinder`), microseconds per call. On a GPU both launch the
+   compiled kernels; on a CPU the installed Triton's ``JITFunction.run`` runs as written, with the
+   current device, stream and target and the compiled kernels stood in for (their launchers return at
+   once), so what is measured is the Python that direct launching removes.
 
 On a CPU the models are the GPU benchmark's (same depth, so the same number of call sites) at a small
 width and resolution; the kernels run in Triton's interpreter when lowering checks them and never in
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import statistics
@@ -75,8 +84,108 @@ def interleaved(fns: dict[str, Callable[[], object]], calls: int, rounds: int,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+@contextlib.contextmanager
+def stand_in_gpu() -> Iterator[None]:
+    """Triton's ``JITFunction.run`` on a CPU: device 0, stream 0, an sm_90 target, and each compile
+    caching a kernel whose launcher returns at once."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class Driver:
+        def get_current_device(self) -> int:
+            return 0
+
+        def get_current_stream(self, device: int) -> int:
+            return 0
+
+        def get_current_target(self) -> GPUTarget:
+            return GPUTarget("cuda", 90, 32)
+
+    class Compiled:
+        function, packed_metadata = 1, (4, 1, 0)
+
+        def __init__(self) -> None:
+            self._run = lambda *args: None
+
+        @property
+        def run(self) -> Callable[..., None]:
+            return self._run
+
+        def launch_metadata(self, grid: object, stream: int, *args: object) -> None:
+            return None
+
+    def compile(self: JITFunction, key: str, signature: object, device: int, *args: object) -> Compiled:
+        compiled = self.device_caches[device][0][key] = Compiled()  # cached, as a real compile is
+        return compiled
+
+    with mock.patch.object(driver, "_active", Driver()), mock.patch.object(JITFunction, "_do_compile", compile):
+        yield
+
+
+def all_launches(gm: torch.fx.GraphModule, tensors: list[torch.Tensor], calls: int,
+                 rounds: int) -> dict[str, object]:
+    """Microseconds to launch every kernel a call of ``gm`` launches (as its generated forward does),
+    through ``kernel[grid]`` and through the launchers they are bound to; nothing else of the call."""
+    from triton.runtime.jit import JITFunction
+
+    from graphopt.autotune.launches import KernelCall, LaunchBinder, Ref, Streams, triton_streams
+    from graphopt.autotune.runtime import _Recorder
+
+    class Keeping(LaunchBinder):
+        """Also keeps each call, with its argument values by name."""
+
+        def bind(self, call: KernelCall, args: list, compiled: object) -> None:
+            super().bind(call, args, compiled)
+            kept.append((call, list(args), {r.name: v for r, v in zip(call.args, args) if isinstance(r, Ref)}))
+
+    cuda = torch.cuda.is_available()
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(*tensors)
+    compiled: dict[int, JITFunction] = {}  # on a CPU: each interpreted kernel as the compiled kernel it stands for
+
+    def as_compiled(call: object) -> object:
+        if cuda or not isinstance(call, KernelCall):
+            return call
+        kernel = compiled.setdefault(id(call.kernel), JITFunction(call.kernel.fn))
+        return dataclasses.replace(call, kernel=kernel)
+
+    kept: list[tuple[KernelCall, list, dict]] = []
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        if not cuda:
+            stack.enter_context(stand_in_gpu())
+        # the stand-in driver's device and stream are 0: recording "under a fresh stream" sees stream 0
+        streams = triton_streams() if cuda else Streams(lambda: 0, lambda device: 0, lambda: contextlib.nullcontext(0))
+        binder = Keeping(streams)
+        for site, planned, args in recorder.sites.values():
+            if planned.plan is not None:
+                plan = dataclasses.replace(planned.plan, calls=tuple(map(as_compiled, planned.plan.calls)))
+                plan.run([args[i] for i in planned.inputs], binder)
+        if not kept or None in binder.launches:
+            raise SystemExit(f"{binder.launches.count(None)} of {len(kept)} launches could not be bound")
+        stream = streams.stream(streams.device())
+        jit = [(c.kernel[c.grid], values, dict(c.constexprs)) for c, values, _ in kept]
+        direct = [(d.launcher, (*d.grid, stream, d.function, d.metadata, None, None, None,
+                                *(named[a.name] if isinstance(a, Ref) else a for a in d.args)))
+                  for d, (_, _, named) in zip(binder.launches, kept)]
+
+        def through_jit() -> None:
+            for run, values, constexprs in jit:
+                run(*values, **constexprs)
+
+        def through_launchers() -> None:
+            for launcher, launch_args in direct:
+                launcher(*launch_args)
+
+        us = interleaved({"kernel[grid]": through_jit, "launcher": through_launchers}, calls, rounds,
+                         torch.cuda.synchronize if cuda else lambda: None)
+    return {"launches": len(kept), "kernels": len({id(c.kernel) for c, _, _ in kept}), "us": us}
+
+
 def bench(key: str, args: argparse.Namespace) -> dict[str, object]:
     import graphopt
+    from graphopt.autotune.runtime import Runtime
     from graphopt.autotune.sites import _Tuned
 
     cuda = torch.cuda.is_available()
@@ -95,9 +204,15 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, object]:
             fn()
         with launches_skipped():
             host = interleaved(paths, args.calls, args.rounds)
-        whole = interleaved(paths, args.calls, args.rounds, sync) if cuda else None
+        whole = None
+        if cuda:
+            jit = Runtime(gm, direct_launch=False)
+            jit(tensors)
+            whole = interleaved({**paths, "generated, kernel[grid]": lambda: jit(tensors)}, args.calls, args.rounds,
+                                sync)
     assert runtime.stats.generated == 1, runtime.stats
-    return {"label": label, "sites": sites, "host": host, "whole": whole}
+    launch = all_launches(gm, tensors, args.calls, args.rounds)
+    return {"label": label, "sites": sites, "host": host, "whole": whole, "launch": launch}
 
 
 def conditions(args: argparse.Namespace) -> str:
@@ -127,21 +242,37 @@ def main(argv: list[str] | None = None) -> int:
     print("host overhead per call: Triton's kernel launch (its run(): binding, cache lookup, launch) skipped in "
           "both paths; graphopt's Python and the ATen ops counted")
     rows = [("model", "sites", "general us", "generated us", "general / generated", "saved per site us",
-             "whole call general ms", "whole call generated ms", "whole ratio")]
+             "whole call general ms", "whole call generated ms", "whole ratio", "generated, kernel[grid] ms")]
+    launches = [("model", "launches (kernels)", "kernel[grid] us", "launchers us", "saved per launch us",
+                 "kernel[grid] / launchers")]
     for key in keys:
         r = bench(key, args)
-        host, whole = r["host"], r["whole"]
+        host, whole, launch = r["host"], r["whole"], r["launch"]
         saved = (host["general"] - host["generated"]) / max(r["sites"], 1)
         rows.append((r["label"], str(r["sites"]), f"{host['general']:.0f}", f"{host['generated']:.0f}",
                      f"{host['general'] / host['generated']:.2f}x", f"{saved:.1f}",
                      f"{whole['general'] / 1e3:.3f}" if whole else "-", f"{whole['generated'] / 1e3:.3f}" if whole else "-",
-                     f"{whole['general'] / whole['generated']:.2f}x" if whole else "- (no GPU)"))
+                     f"{whole['general'] / whole['generated']:.2f}x" if whole else "- (no GPU)",
+                     f"{whole['generated, kernel[grid]'] / 1e3:.3f}" if whole else "-"))
+        us = launch["us"]
+        n = launch["launches"]
+        launches.append((r["label"], f"{n} ({launch['kernels']})", f"{us['kernel[grid]']:.0f}",
+                         f"{us['launcher']:.0f}", f"{(us['kernel[grid]'] - us['launcher']) / n:.2f}",
+                         f"{us['kernel[grid]'] / us['launcher']:.1f}x"))
+    table(rows)
+    print()
+    print("the kernel launches of one call alone, through kernel[grid] against the launchers they are bound to"
+          + ("" if torch.cuda.is_available() else " (compiled kernels stood in for: their launchers return at once)"))
+    table(launches)
+    return 0
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    return 0
 
 
 if __name__ == "__main__":

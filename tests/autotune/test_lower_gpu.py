@@ -121,3 +121,27 @@ def test_gemm_epilogue_candidates_on_the_gpu(dtype):
             assert ((got - want).abs().max() / want.abs().max()) < TOLERANCE[dtype], dict(config)
         result = site.tune(*inputs, cache=None)
         assert result.time_ms > 0 and any(is_template(t.config) and not t.failed for t in result.timings)
+
+
+def test_generated_forwards_launch_every_compiled_kernel_through_its_launcher():
+    import warnings
+
+    from graphopt.autotune.runtime import Runtime
+
+    model, args, kwargs = _on_gpu("dit")
+    opt = graphopt.optimize(model, args, kwargs, target="cuda", cuda_graphs=False)
+    inputs = list(opt.captured.example_inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the forward's own check must not fall back
+        (runtime,) = opt._runtimes
+        first = runtime(inputs)  # writes the forward (and checks its direct launches)
+        second = runtime(inputs)
+        plain = Runtime(runtime.graph_module, direct_launch=False)
+        plain(inputs)
+        third = plain(inputs)
+    (forward,) = runtime.forwards
+    assert forward.launches > 0 and forward.direct_launches == forward.launches
+    assert plain.forwards[0].direct_launches == 0 and "_launcher(" not in plain.forwards[0].source
+    for a, b, c in zip(first, second, third):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+        torch.testing.assert_close(c, a, atol=0, rtol=0)

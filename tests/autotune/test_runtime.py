@@ -1,10 +1,12 @@
 """The generated forward of a lowered graph, run under TRITON_INTERPRET=1, against the general path."""
 
 import copy
+import operator
+import types
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 pytest.importorskip("triton")
 
@@ -12,14 +14,15 @@ import graphopt  # noqa: E402
 import graphopt.ops  # noqa: E402, F401 - registers torch.ops.graphopt.*
 from graphopt.autotune import sites as sites_module  # noqa: E402
 from graphopt.autotune.check import call_sites  # noqa: E402
-from graphopt.autotune.cache import TuningCache  # noqa: E402
+from graphopt.autotune.cache import Config, TuningCache  # noqa: E402
 from graphopt.autotune.configs import is_aten  # noqa: E402
 from graphopt.autotune.launches import LaunchPlan  # noqa: E402
 from graphopt.autotune.lower import lower  # noqa: E402
-from graphopt.autotune.sites import FamilyRegion, FusedRegion, TuningOptions, _Tuned  # noqa: E402
+from graphopt.autotune.sites import FamilyRegion, FusedRegion, SitePlan, TuningOptions, _Tuned  # noqa: E402
 from graphopt.autotune.runtime import Runtime, layout_of  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from tests import zoo  # noqa: E402
+from tests.autotune.test_launches import AXPB_PARAMS, FakeDevice, FakeKernel, axpb_body, axpb_plan  # noqa: E402
 from tests.autotune.test_lower import AdaLN, Attention, FakeTimer, Fn, LiTAttention  # noqa: E402
 
 SLOW_ZOO = {"unet", "list_unet", "dict_unet", "uvit", "text_unet", "pixart"}  # 3-30 s each in the interpreter
@@ -186,3 +189,92 @@ def test_an_optimized_module_calls_its_generated_forward_and_dumps_it(tmp_path, 
     assert not runtime.forwards
     with torch.no_grad():
         torch.testing.assert_close(opt(*args), want, atol=2e-5, rtol=2e-5)
+
+
+class Axpb(nn.Module):
+    def forward(self, x):
+        return (x * 3.0 + 1,)
+
+
+class AxpbSite(_Tuned):
+    """A call site launching one kernel that follows Triton's launch protocol (tests.autotune.test_launches)."""
+
+    kernel_name = "axpb"
+
+    def __init__(self, kernel):
+        super().__init__(TuningOptions(cache=None))
+        self.kernel = kernel
+        self.fallback = fx.symbolic_trace(Axpb())
+
+    def plan_for(self, x):
+        return SitePlan(Config({"BLOCK": 128}), axpb_plan(self.kernel, x), (0,))
+
+    def forward(self, x):
+        return self.plan_for(x).run(self, (x,))
+
+
+def axpb_graph(kernel) -> fx.GraphModule:
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_function(operator.getitem, (graph.call_module("site", (x,)), 0))
+    graph.output((graph.call_function(torch.ops.aten.mul.Tensor, (y, x)),))
+    root = nn.Module()
+    root.site = AxpbSite(kernel)
+    return fx.GraphModule(root, graph)
+
+
+def test_compiled_kernels_are_launched_through_their_launchers_on_the_current_stream():
+    device = FakeDevice(index=1)
+    kernel = FakeKernel(axpb_body, AXPB_PARAMS, device)
+    runtime = Runtime(axpb_graph(kernel), direct_launch=device.streams())
+    x = torch.randn(2, 5)
+    want = ((x * 3 + 1) * x,)
+    with torch.no_grad():
+        assert_same(runtime([x]), want)  # the generating run, then the check of the forward it wrote
+        (forward,) = runtime.forwards
+        assert (forward.launches, forward.direct_launches) == (1, 1)
+        lines = forward.source.splitlines()
+        assert lines.index("    if current_device() != 1:  # the compiled launchers below were bound on this device") \
+            == lines.index("    stream = current_stream(1)") - 2
+        assert ("    axpb_launcher(2, 1, 1, stream, 61453, axpb_metadata, None, None, None, x, getitem, 10, 3.0, 128)"
+                "  # axpb") in lines
+        launched = len(kernel.launched)
+        device.current = 42  # another stream is current: the launch goes there
+        assert_same(runtime([x]), want)
+        assert kernel.launched[launched:] == [((2, 1, 1), 42)] and runtime.stats.hits == 1
+        device.index = 0  # another current device: its launchers were not bound here, the general path runs
+        assert forward.fn(x) is None
+        assert_same(runtime([x]), want)
+    assert (runtime.stats.generated, runtime.stats.hits, runtime.stats.general) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("fault", ["wrong", "fails"])
+def test_a_forward_whose_direct_launches_differ_from_the_run_is_written_with_kernel_launches(fault):
+    device = FakeDevice()
+    if fault == "wrong":  # the launcher depends on state that kernel[grid] sets up around it
+        kernel = FakeKernel(axpb_body, AXPB_PARAMS, device, per_call_offset=0.5)
+    else:
+        kernel = FakeKernel(axpb_body, AXPB_PARAMS, device)
+        kernel.body = lambda compiled, *args: axpb_body(compiled, *args) if kernel.in_run else 1 / 0  # noqa: E731
+    runtime = Runtime(axpb_graph(kernel), direct_launch=device.streams())
+    x = torch.randn(2, 5)
+    want = ((x * 3 + (1.5 if fault == "wrong" else 1)) * x,)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="direct launches of the compiled kernels") as caught:
+        assert_same(runtime([x]), want)
+    assert ("gave other outputs" if fault == "wrong" else "failed (ZeroDivisionError") in str(caught[0].message)
+    (forward,) = runtime.forwards
+    assert (forward.launches, forward.direct_launches) == (1, 0) and "_launcher(" not in forward.source
+    with torch.no_grad():
+        assert_same(runtime([x]), want)
+
+
+def test_direct_launch_is_off_on_the_cpu_and_when_disabled(monkeypatch):
+    runtime, gm, tensors = lowered_runtime(AdaLN(), torch.randn(3, 5, 40), torch.randn(3, 40))
+    assert runtime._streams(tensors) is None  # CPU tensors, interpreted kernels
+    cuda_like = [types.SimpleNamespace(is_cuda=True)]
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("GRAPHOPT_DIRECT_LAUNCH", "0")
+    assert runtime._streams(cuda_like) is None
+    assert Runtime(gm, direct_launch=False)._streams(cuda_like) is None
+    streams = FakeDevice().streams()
+    assert Runtime(gm, direct_launch=streams)._streams(tensors) is streams

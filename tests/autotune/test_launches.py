@@ -1,0 +1,267 @@
+"""Launch plans bound to compiled launchers (:class:`LaunchBinder`), against a kernel that follows Triton's
+launch protocol on the CPU: ``kernel[grid](*args)`` binds the arguments in parameter order, finds the
+compiled kernel and calls its launcher with grid, stream, function, metadata, hooks and the bound values."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from graphopt.autotune.launches import Buffer, DirectLaunch, KernelCall, LaunchBinder, LaunchPlan, Ref, Streams
+
+
+@dataclasses.dataclass
+class FakeDevice:
+    """The current device and stream, as Triton's driver reports them; ``side()`` switches streams."""
+
+    index: int = 0
+    current: int = 7
+    fresh: int = 1000
+
+    def streams(self) -> Streams:
+        @contextlib.contextmanager
+        def side() -> Iterator[int]:
+            before, self.fresh = self.current, self.fresh + 1
+            self.current = self.fresh
+            try:
+                yield self.current
+            finally:
+                self.current = before
+
+        return Streams(lambda: self.index, lambda index: self.current, side)
+
+
+class FakeCompiled:
+    """A compiled kernel: a launcher made by its first launch (``run``), a function handle, metadata."""
+
+    def __init__(self, kernel: FakeKernel):
+        self.kernel = kernel
+        self.function = 0xF00D
+        self.packed_metadata = ("num_warps", 4)
+        self._run: Callable | None = None
+        self.offset = 0.0
+
+    @property
+    def run(self) -> Callable:
+        if self._run is None:
+            self._run = self.launch
+        return self._run
+
+    def launch(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, leave, *args):
+        assert function == self.function and metadata is self.packed_metadata
+        self.kernel.launched.append(((gx, gy, gz), stream))
+        self.kernel.body(self, *args)
+
+
+class FakeKernel:
+    """``body(compiled, *bound)`` is the kernel; ``params`` its parameters with their defaults."""
+
+    def __init__(self, body: Callable, params: list[tuple[str, object]], device: FakeDevice, *,
+                 hook: object = None, workspace: torch.Tensor | None = None, per_call_offset: float | None = None):
+        self.body, self.params, self.device = body, params, device
+        self.__name__ = "axpb"
+        self.hook, self.workspace, self.per_call_offset = hook, workspace, per_call_offset
+        self.compiled: dict[int, FakeCompiled] = {}
+        self.launched: list[tuple[tuple[int, int, int], int]] = []
+        self.in_run = False  # inside kernel[grid](...), as opposed to a direct call of the launcher
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable:
+        def run(*args, **kwargs):
+            names = [name for name, _ in self.params]
+            bound = list(args) + [kwargs.get(name, default) for name, default in self.params[len(args):]]
+            if self.workspace is not None:  # a tensor of the launcher's own, not one of the call's
+                bound[names.index("ws")] = self.workspace
+            index = self.device.index
+            compiled = self.compiled.setdefault(index, FakeCompiled(self))
+            if self.per_call_offset is not None:  # state the run sets up around the launch
+                compiled.offset = self.per_call_offset
+            grid3 = (tuple(grid) + (1, 1))[:3]
+            self.in_run = True
+            compiled.run(*grid3, self.device.current, compiled.function, compiled.packed_metadata, self.hook,
+                         self.hook, None, *bound)
+            self.in_run = False
+            compiled.offset = 0.0
+            return compiled
+
+        return run
+
+
+def axpb_body(compiled, x, out, n, scale, block):
+    out.copy_(x * scale + 1 + compiled.offset)
+
+
+AXPB_PARAMS = [("x", None), ("out", None), ("n", None), ("scale", None), ("BLOCK", 64)]
+
+
+def axpb_plan(kernel: FakeKernel, x: torch.Tensor) -> LaunchPlan:
+    call = KernelCall(kernel, (2,), (Ref("x"), Ref("out"), x.numel(), 3.0), (("BLOCK", 128),))
+    return LaunchPlan(("x",), (Buffer("out", tuple(x.shape), x.stride(), x.dtype),), (call,), ("out",))
+
+
+def test_a_launch_is_bound_to_its_compiled_launcher_with_the_arguments_triton_passed():
+    device = FakeDevice(index=1)
+    kernel = FakeKernel(axpb_body, AXPB_PARAMS, device)
+    x = torch.randn(8)
+    binder = LaunchBinder(device.streams())
+    (out,) = axpb_plan(kernel, x).run([x], binder)
+    torch.testing.assert_close(out, x * 3 + 1)
+    (launch,) = binder.launches
+    compiled = kernel.compiled[1]
+    assert launch == DirectLaunch(compiled._run, (2, 1, 1), 0xF00D, compiled.packed_metadata,
+                                  (Ref("x"), Ref("out"), 8, 3.0, 128), 1)
+    assert len(kernel.launched) == 1  # recording launched nothing
+    again = torch.empty_like(x)
+    launch.launcher(*launch.grid, 7, launch.function, launch.metadata, None, None, None, x, again, 8, 3.0, 128)
+    torch.testing.assert_close(again, out)
+
+
+def test_the_stream_argument_is_the_one_current_at_the_launch():
+    device = FakeDevice()
+    kernel = FakeKernel(axpb_body, AXPB_PARAMS, device)
+    x = torch.randn(8)
+    LaunchPlan.run(axpb_plan(kernel, x), [x], LaunchBinder(device.streams()))
+    assert kernel.launched == [((2, 1, 1), 7)]
+    assert device.current == 7  # the side stream of the recording is left again
+
+
+class HookChain:
+    """Triton's chain of launch hooks: always passed, called only when something was added to it."""
+
+    def __init__(self, *calls: Callable):
+        self.calls = list(calls)
+
+    def __call__(self, metadata):
+        for call in self.calls:
+            call(metadata)
+
+
+def test_empty_hook_chains_are_no_hooks_and_the_launch_is_bound_without_them():
+    device = FakeDevice()
+    kernel = FakeKernel(axpb_body, AXPB_PARAMS, device, hook=HookChain())
+    x = torch.randn(8)
+    binder = LaunchBinder(device.streams())
+    axpb_plan(kernel, x).run([x], binder)
+    (launch,) = binder.launches
+    assert launch is not None and launch.args == (Ref("x"), Ref("out"), 8, 3.0, 128)
+
+
+@pytest.mark.parametrize("case", ["hook", "profiler", "workspace", "interpreted", "two_launches", "other_grid"])
+def test_a_launch_that_cannot_be_reproduced_exactly_is_left_unbound(case):
+    device = FakeDevice()
+    params, body = AXPB_PARAMS, axpb_body
+    kwargs: dict = {}
+    if case == "hook":
+        kwargs["hook"] = lambda metadata: None  # a launch hook is installed
+    if case == "profiler":
+        kwargs["hook"] = HookChain(lambda metadata: None)  # a profiler added itself to the chain
+    if case == "workspace":
+        params = [*AXPB_PARAMS, ("ws", None)]
+        body = lambda compiled, x, out, n, scale, block, ws: axpb_body(compiled, x, out, n, scale, block)  # noqa: E731
+        kwargs["workspace"] = torch.empty(4)
+    kernel = FakeKernel(body, params, device, **kwargs)
+    x = torch.randn(8)
+    plan = axpb_plan(kernel, x)
+    if case == "interpreted":  # the interpreter returns no compiled kernel
+
+        class Interpreted:
+            def __getitem__(self, grid):
+                return lambda *args, **kw: kernel[grid](*args, **kw) and None
+
+        plan = dataclasses.replace(plan, calls=(dataclasses.replace(plan.calls[0], kernel=Interpreted()),))
+    if case == "two_launches":
+
+        class Twice:
+            def __getitem__(self, grid):
+                def run(*args, **kw):
+                    kernel[grid](*args, **kw)
+                    return kernel[grid](*args, **kw)
+                return run
+
+        plan = dataclasses.replace(plan, calls=(dataclasses.replace(plan.calls[0], kernel=Twice()),))
+    if case == "other_grid":
+
+        class Regrid:
+            def __getitem__(self, grid):
+                return kernel[(grid[0] * 2,)]
+
+        plan = dataclasses.replace(plan, calls=(dataclasses.replace(plan.calls[0], kernel=Regrid()),))
+    binder = LaunchBinder(device.streams())
+    (out,) = plan.run([x], binder)
+    torch.testing.assert_close(out, x * 3 + 1)
+    assert binder.launches == [None]
+    for compiled in kernel.compiled.values():
+        assert compiled._run == compiled.launch  # the launcher is put back
+
+
+class TritonCompiled:
+    """What Triton's ``JITFunction.run`` uses of a compiled kernel, its launcher computing on the CPU."""
+
+    function = 0xBEEF
+    packed_metadata = ("packed",)
+
+    def __init__(self):
+        self._run = None
+        self.launched: list[tuple] = []
+
+    @property
+    def run(self) -> Callable:
+        if self._run is None:
+            self._run = self.launch
+        return self._run
+
+    def launch_metadata(self, grid, stream, *args):
+        return {"name": "axpb_kernel", "stream": stream}  # made per launch, for the launch hooks
+
+    def launch(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, leave, x, out, n, scale,
+               block, even):
+        self.launched.append(((gx, gy, gz), stream, block, even))
+        out.copy_(x * scale + 1)
+
+
+def test_the_binder_reproduces_what_tritons_own_run_passes_the_launcher(monkeypatch):
+    """The installed Triton's ``JITFunction.run`` (argument binding, defaults, options, grid, stream)
+    drives the launch; only the device, the target and the compilation are stood in for."""
+    tl = pytest.importorskip("triton.language")
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver as drivers
+    from triton.runtime.jit import JITFunction
+
+    def axpb_kernel(x_ptr, out_ptr, n, scale, BLOCK: tl.constexpr, EVEN: tl.constexpr = True):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * scale + 1, mask=offs < n)
+
+    device = FakeDevice(index=0)
+
+    class Driver:
+        def get_current_device(self):
+            return device.index
+
+        def get_current_stream(self, index):
+            return device.current
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    compiled = TritonCompiled()
+    monkeypatch.setattr(drivers, "_active", Driver())
+
+    def compile(self, key, signature, device, *args):
+        self.device_caches[device][0][key] = compiled  # cached, as a real compile is
+        return compiled
+
+    monkeypatch.setattr(JITFunction, "_do_compile", compile)
+    kernel = JITFunction(axpb_kernel)
+    x = torch.randn(8)
+    call = KernelCall(kernel, (2,), (Ref("x"), Ref("out"), 8, 3.0), (("BLOCK", 128), ("num_warps", 4)))
+    plan = LaunchPlan(("x",), (Buffer("out", (8,), (1,), x.dtype),), (call,), ("out",))
+    binder = LaunchBinder(device.streams())
+    (out,) = plan.run([x], binder)
+    torch.testing.assert_close(out, x * 3 + 1)
+    (launch,) = binder.launches
+    assert launch == DirectLaunch(compiled.launch, (2, 1, 1), 0xBEEF, ("packed",),
+                                  (Ref("x"), Ref("out"), 8, 3.0, 128, True), 0)
+    assert compiled.launched == [((2, 1, 1), 7, 128, True)]  # one real launch; the recording launched nothing
