@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from unittest import mock
 
 if __name__ == "__main__" and "--help" not in sys.argv and "-h" not in sys.argv:
@@ -84,53 +85,17 @@ def interleaved(fns: dict[str, Callable[[], object]], calls: int, rounds: int,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-@contextlib.contextmanager
-def stand_in_gpu() -> Iterator[None]:
-    """Triton's ``JITFunction.run`` on a CPU: device 0, stream 0, an sm_90 target, and each compile
-    caching a kernel whose launcher returns at once."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
-
-    class Driver:
-        def get_current_device(self) -> int:
-            return 0
-
-        def get_current_stream(self, device: int) -> int:
-            return 0
-
-        def get_current_target(self) -> GPUTarget:
-            return GPUTarget("cuda", 90, 32)
-
-    class Compiled:
-        function, packed_metadata = 1, (4, 1, 0)
-
-        def __init__(self) -> None:
-            self._run = lambda *args: None
-
-        @property
-        def run(self) -> Callable[..., None]:
-            return self._run
-
-        def launch_metadata(self, grid: object, stream: int, *args: object) -> None:
-            return None
-
-    def compile(self: JITFunction, key: str, signature: object, device: int, *args: object) -> Compiled:
-        compiled = self.device_caches[device][0][key] = Compiled()  # cached, as a real compile is
-        return compiled
-
-    with mock.patch.object(driver, "_active", Driver()), mock.patch.object(JITFunction, "_do_compile", compile):
-        yield
-
-
 def all_launches(gm: torch.fx.GraphModule, tensors: list[torch.Tensor], calls: int,
                  rounds: int) -> dict[str, object]:
     """Microseconds to launch every kernel a call of ``gm`` launches (as its generated forward does),
     through ``kernel[grid]`` and through the launchers they are bound to; nothing else of the call."""
     from triton.runtime.jit import JITFunction
 
-    from graphopt.autotune.launches import KernelCall, LaunchBinder, Ref, Streams, triton_streams
+    from graphopt.autotune.launches import KernelCall, LaunchBinder, Ref, triton_streams
     from graphopt.autotune.runtime import _Recorder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for the tests' stand-in GPU
+    from tests.autotune.standin import FakeDevice, triton_on_a_stand_in_gpu
 
     class Keeping(LaunchBinder):
         """Also keeps each call, with its argument values by name."""
@@ -153,10 +118,9 @@ def all_launches(gm: torch.fx.GraphModule, tensors: list[torch.Tensor], calls: i
 
     kept: list[tuple[KernelCall, list, dict]] = []
     with contextlib.ExitStack() as stack, torch.no_grad():
-        if not cuda:
-            stack.enter_context(stand_in_gpu())
-        # the stand-in driver's device and stream are 0: recording "under a fresh stream" sees stream 0
-        streams = triton_streams() if cuda else Streams(lambda: 0, lambda device: 0, lambda: contextlib.nullcontext(0))
+        # on a CPU: Triton's JITFunction.run as written, on a stand-in device whose launchers return at once
+        streams = triton_streams() if cuda else stack.enter_context(
+            triton_on_a_stand_in_gpu(FakeDevice(), lambda kernel: lambda *launch: None))
         binder = Keeping(streams)
         for site, planned, args in recorder.sites.values():
             if planned.plan is not None:

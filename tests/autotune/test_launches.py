@@ -4,35 +4,14 @@ compiled kernel and calls its launcher with grid, stream, function, metadata, ho
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from graphopt.autotune.launches import Buffer, DirectLaunch, KernelCall, LaunchBinder, LaunchPlan, Ref, Streams
-
-
-@dataclasses.dataclass
-class FakeDevice:
-    """The current device and stream, as Triton's driver reports them; ``side()`` switches streams."""
-
-    index: int = 0
-    current: int = 7
-    fresh: int = 1000
-
-    def streams(self) -> Streams:
-        @contextlib.contextmanager
-        def side() -> Iterator[int]:
-            before, self.fresh = self.current, self.fresh + 1
-            self.current = self.fresh
-            try:
-                yield self.current
-            finally:
-                self.current = before
-
-        return Streams(lambda: self.index, lambda index: self.current, side)
+from graphopt.autotune.launches import Buffer, DirectLaunch, KernelCall, LaunchBinder, LaunchPlan, Ref
+from tests.autotune.standin import FakeDevice, triton_on_a_stand_in_gpu
 
 
 class FakeCompiled:
@@ -197,71 +176,37 @@ def test_a_launch_that_cannot_be_reproduced_exactly_is_left_unbound(case):
         assert compiled._run == compiled.launch  # the launcher is put back
 
 
-class TritonCompiled:
-    """What Triton's ``JITFunction.run`` uses of a compiled kernel, its launcher computing on the CPU."""
-
-    function = 0xBEEF
-    packed_metadata = ("packed",)
-
-    def __init__(self):
-        self._run = None
-        self.launched: list[tuple] = []
-
-    @property
-    def run(self) -> Callable:
-        if self._run is None:
-            self._run = self.launch
-        return self._run
-
-    def launch_metadata(self, grid, stream, *args):
-        return {"name": "axpb_kernel", "stream": stream}  # made per launch, for the launch hooks
-
-    def launch(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, leave, x, out, n, scale,
-               block, even):
-        self.launched.append(((gx, gy, gz), stream, block, even))
-        out.copy_(x * scale + 1)
-
-
-def test_the_binder_reproduces_what_tritons_own_run_passes_the_launcher(monkeypatch):
-    """The installed Triton's ``JITFunction.run`` (argument binding, defaults, options, grid, stream)
+def test_the_binder_reproduces_what_tritons_own_run_passes_the_launcher():
+    """The installed Triton's ``JITFunction.run`` (argument binding, defaults, options, grid, stream, hooks)
     drives the launch; only the device, the target and the compilation are stood in for."""
     tl = pytest.importorskip("triton.language")
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver as drivers
     from triton.runtime.jit import JITFunction
 
     def axpb_kernel(x_ptr, out_ptr, n, scale, BLOCK: tl.constexpr, EVEN: tl.constexpr = True):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * scale + 1, mask=offs < n)
 
-    device = FakeDevice(index=0)
+    launched = []
 
-    class Driver:
-        def get_current_device(self):
-            return device.index
+    def launcher(kernel):
+        def launch(gx, gy, gz, stream, function, metadata, launch_metadata, enter, leave, x, out, n, scale, block,
+                   even):
+            launched.append(((gx, gy, gz), stream, block, even))
+            out.copy_(x * scale + 1)
 
-        def get_current_stream(self, index):
-            return device.current
+        return launch
 
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    compiled = TritonCompiled()
-    monkeypatch.setattr(drivers, "_active", Driver())
-
-    def compile(self, key, signature, device, *args):
-        self.device_caches[device][0][key] = compiled  # cached, as a real compile is
-        return compiled
-
-    monkeypatch.setattr(JITFunction, "_do_compile", compile)
+    device = FakeDevice()
     kernel = JITFunction(axpb_kernel)
     x = torch.randn(8)
     call = KernelCall(kernel, (2,), (Ref("x"), Ref("out"), 8, 3.0), (("BLOCK", 128), ("num_warps", 4)))
     plan = LaunchPlan(("x",), (Buffer("out", (8,), (1,), x.dtype),), (call,), ("out",))
-    binder = LaunchBinder(device.streams())
-    (out,) = plan.run([x], binder)
+    with triton_on_a_stand_in_gpu(device, launcher) as streams:
+        binder = LaunchBinder(streams)
+        (out,) = plan.run([x], binder)
     torch.testing.assert_close(out, x * 3 + 1)
+    (compiled,) = kernel.device_caches[0][0].values()
     (launch,) = binder.launches
-    assert launch == DirectLaunch(compiled.launch, (2, 1, 1), 0xBEEF, ("packed",),
+    assert launch == DirectLaunch(compiled.launch, (2, 1, 1), compiled.function, compiled.packed_metadata,
                                   (Ref("x"), Ref("out"), 8, 3.0, 128, True), 0)
-    assert compiled.launched == [((2, 1, 1), 7, 128, True)]  # one real launch; the recording launched nothing
+    assert launched == [((2, 1, 1), 7, 128, True)]  # one real launch; the recording launched nothing

@@ -22,7 +22,8 @@ from graphopt.autotune.sites import FamilyRegion, FusedRegion, SitePlan, TuningO
 from graphopt.autotune.runtime import Runtime, layout_of  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from tests import zoo  # noqa: E402
-from tests.autotune.test_launches import AXPB_PARAMS, FakeDevice, FakeKernel, axpb_body, axpb_plan  # noqa: E402
+from tests.autotune.standin import FakeDevice, interpreted_kernels_through_triton_run  # noqa: E402
+from tests.autotune.test_launches import AXPB_PARAMS, FakeKernel, axpb_body, axpb_plan  # noqa: E402
 from tests.autotune.test_lower import AdaLN, Attention, FakeTimer, Fn, LiTAttention  # noqa: E402
 
 SLOW_ZOO = {"unet", "list_unet", "dict_unet", "uvit", "text_unet", "pixart"}  # 3-30 s each in the interpreter
@@ -64,21 +65,22 @@ def test_the_generated_forward_of_each_zoo_model_equals_the_general_path(name):
             assert (inline in forward.source) if site.runs_aten() else (f"{site.fn.__name__}[(" in forward.source)
 
 
+class Family(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lit = LiTAttention()
+        self.register_buffer("level", torch.tensor([0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]))
+
+    def forward(self, x, kernels):
+        b, n, d = x.shape
+        y = self.lit(x)
+        q = y.reshape(b, n, 2, d // 2).transpose(1, 2)
+        z = torch.ops.graphopt.block_causal_attention(q, q, q, self.level, None)  # int64 levels: cast
+        v = z.transpose(1, 2).reshape(b, n, d).transpose(1, 2).reshape(b, d, 4, 4)
+        return torch.ops.graphopt.dynamic_dwconv(v, kernels)
+
+
 def test_family_kernels_are_launched_from_the_generated_source():
-    class Family(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lit = LiTAttention()
-            self.register_buffer("level", torch.tensor([0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]))
-
-        def forward(self, x, kernels):
-            b, n, d = x.shape
-            y = self.lit(x)
-            q = y.reshape(b, n, 2, d // 2).transpose(1, 2)
-            z = torch.ops.graphopt.block_causal_attention(q, q, q, self.level, None)  # int64 levels: cast
-            v = z.transpose(1, 2).reshape(b, n, d).transpose(1, 2).reshape(b, d, 4, 4)
-            return torch.ops.graphopt.dynamic_dwconv(v, kernels)
-
     runtime, gm, tensors = lowered_runtime(Family(), torch.randn(2, 16, 24), torch.randn(2, 24, 3, 3))
     sites = [m for m in gm.modules() if isinstance(m, FamilyRegion)]
     assert sorted(s.kernel_name for s in sites) == ["block_causal_attention", "dynamic_dwconv", "linear_attention"]
@@ -266,6 +268,27 @@ def test_a_forward_whose_direct_launches_differ_from_the_run_is_written_with_ker
     assert (forward.launches, forward.direct_launches) == (1, 0) and "_launcher(" not in forward.source
     with torch.no_grad():
         assert_same(runtime([x]), want)
+
+
+@pytest.mark.parametrize("name", ["dit", "family"])
+def test_every_kernel_launched_through_tritons_own_run_binds_and_computes_the_general_paths_outputs(name):
+    """The installed Triton's JITFunction.run launches each kernel (the GPU stood in for, the launcher
+    running the interpreter): every launch of the forward binds to its launcher, and what it computes is
+    what the general path computes."""
+    if name == "family":
+        runtime, gm, tensors = lowered_runtime(Family(), torch.randn(2, 16, 24), torch.randn(2, 24, 3, 3))
+    else:
+        model, args, kwargs = zoo.ZOO[name]()
+        runtime, gm, tensors = lowered_runtime(model, *args, kwargs=kwargs)
+    want = general(gm, tensors)
+    with interpreted_kernels_through_triton_run(FakeDevice()) as streams, torch.no_grad():
+        runtime.direct_launch = streams
+        first = runtime(tensors)  # writes the forward, then runs it once as its check
+        second = runtime(tensors)
+    (forward,) = runtime.forwards
+    assert forward.launches > 0 and forward.direct_launches == forward.launches, forward.source
+    assert_same(first, want)
+    assert_same(second, want)
 
 
 def test_direct_launch_is_off_on_the_cpu_and_when_disabled(monkeypatch):
