@@ -24,8 +24,9 @@ In one process, with every ratio taken from the same run:
 Times are medians of CUDA-event-bracketed calls, back to back with a warm L2 as in a sampling loop
 (the events include the host's launch time wherever the GPU waits for it). Phases run in order until
 ``--budget-s`` is spent (torch.compile cannot be interrupted, so a phase that starts finishes); what
-was skipped is listed. Writes the tables, conditions included, to ``--out`` and the raw figures to the
-same name with ``.json``. Weights are random: speed does not depend on them.
+was skipped is listed, and so is a phase that failed (its traceback printed; the run goes on and exits 1).
+Writes the tables, conditions included, to ``--out`` and the raw figures to the same name with ``.json``,
+after every phase, so a run cut short keeps what it measured. Weights are random: speed does not depend on them.
 
 ``--smoke`` runs the same code on tiny shapes on the CPU under Triton's interpreter, with wall-clock
 timing and without torch.compile or CUDA graphs: it checks that the script runs; its numbers mean nothing.
@@ -71,6 +72,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -93,6 +95,17 @@ class Clock:
     def __init__(self, budget_s: float):
         self.start, self.budget_s = time.perf_counter(), budget_s
         self.skipped: list[str] = []
+        self.failed: list[str] = []
+
+    def attempt(self, phase: str, fn: Callable[[], object]) -> None:
+        """Runs a phase that is allowed to start; one that raises is listed as failed and the run goes on."""
+        if not self.allows(phase):
+            return
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - one failed phase must not lose the others' figures
+            traceback.print_exc()
+            self.failed.append(f"{phase} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
 
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.start)
@@ -320,7 +333,7 @@ def _n(value: float, fmt: str = ".3f", suffix: str = "") -> str:
 
 
 def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], skipped: list[str],
-           minutes: float, args: argparse.Namespace) -> str:
+           failed: list[str], minutes: float, args: argparse.Namespace) -> str:
     modes = [m for m in args.compile_modes.split(",") if m]
     head = ["model", "batch", "eager ms", *(f"compile {m} ms (s)" for m in modes), "graphopt ms",
             "graphopt, kernel[grid] launches ms", "graphopt + CUDA graphs ms", "optimize + tune s", "vs eager", "vs best compile", "max rel err"]
@@ -361,6 +374,8 @@ def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], sk
                                          if "warm_s" in w else f"failed: {w['error']}") for w in warm]
     if skipped:
         lines += ["", "Skipped when the budget was spent: " + "; ".join(skipped) + "."]
+    if failed:
+        lines += ["", "Failed (the traceback is in the run's output): " + "; ".join(failed) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -371,28 +386,35 @@ def main(args: argparse.Namespace) -> int:
     conds = conditions(args)
     print(conds, flush=True)
     clock = Clock(args.budget_s)
-    rows, loops, warm = [], [], []
+    rows: list[dict] = []
+    loops: list[dict] = []
+    warm: list[dict] = []
+
+    def save() -> str:  # after every phase: a run cut short keeps what it measured
+        minutes = (time.perf_counter() - clock.start) / 60
+        text = render(conds, rows, loops, warm, clock.skipped, clock.failed, minutes, args)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({
+            "conditions": conds, "per_call": rows, "sampler": loops, "warm_start": warm, "skipped": clock.skipped,
+            "failed": clock.failed}, indent=2))
+        return text
+
     runs = {}
     for key in keys:
-        runs[key] = ModelRun(key, args)
+        runs[key] = run = ModelRun(key, args)
         for batch in batches:
-            if clock.allows(f"{runs[key].label} batch {batch}"):
-                rows.append(per_call(runs[key], batch, args, clock))
-        if clock.allows(f"{runs[key].label} whole sampler"):
-            loops.append(whole_sampler(runs[key], args, clock))
+            clock.attempt(f"{run.label} batch {batch}", lambda: rows.append(per_call(run, batch, args, clock)))
+            save()
+        clock.attempt(f"{run.label} whole sampler", lambda: loops.append(whole_sampler(run, args, clock)))
+        save()
         if key != keys[0]:
             runs.pop(key)  # free the GPU for the next model
             if not args.smoke:
                 torch.cuda.empty_cache()
-    if clock.allows(f"{runs[keys[0]].label} warm start"):
-        warm.append(warm_start(runs[keys[0]]))
-    minutes = (time.perf_counter() - clock.start) / 60
-    text = render(conds, rows, loops, warm, clock.skipped, minutes, args)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"conditions": conds, "per_call": rows, "sampler": loops,
-                                                    "warm_start": warm, "skipped": clock.skipped}, indent=2))
+    clock.attempt(f"{runs[keys[0]].label} warm start", lambda: warm.append(warm_start(runs[keys[0]])))
+    text = save()
     print("\n" + text + f"\nwrote {out} and {out.with_suffix('.json')}")
-    return 0
+    return 1 if clock.failed else 0
 
 
 if __name__ == "__main__":
