@@ -11,9 +11,9 @@ In one process, with every ratio taken from the same run:
    its compile seconds; graphopt ``optimize(target="cuda")`` tuned for ``--tune-s`` seconds (the
    tunings are cached for the GPU), called directly (its generated forward launching each kernel through
    Triton's compiled launcher; again through ``kernel[grid]``, to show what that saves) and with CUDA
-   graphs (the default), with its optimize and tune seconds and its largest error against eager. Ratios: eager / graphopt and best
-   torch.compile mode / graphopt (the issue's targets: at least 1.3x at batch 1 and 16, 1.1x for
-   DiT-XL/2 at batch 64).
+   graphs (the default), with its optimize and tune seconds and its largest error against eager.
+   Ratios: eager / graphopt and best torch.compile mode / graphopt (the targets: at least 1.3x at batch
+   1 and 16, 1.1x for DiT-XL/2 at batch 64).
 2. **Whole sampler**, for each model at ``--sampler-batch``: an ``--sampler-steps``-step Euler loop
    (flow times for the DiTs, EDM sigmas for the UNet): eager, torch.compile reduce-overhead, graphopt
    with per-call CUDA graphs, and graphopt's :class:`graphopt.SamplerGraph` (the whole loop as one graph).
@@ -336,7 +336,8 @@ def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], sk
            failed: list[str], minutes: float, args: argparse.Namespace) -> str:
     modes = [m for m in args.compile_modes.split(",") if m]
     head = ["model", "batch", "eager ms", *(f"compile {m} ms (s)" for m in modes), "graphopt ms",
-            "graphopt, kernel[grid] launches ms", "graphopt + CUDA graphs ms", "optimize + tune s", "vs eager", "vs best compile", "max rel err"]
+            "graphopt, kernel[grid] launches ms", "graphopt + CUDA graphs ms", "optimize + tune s", "vs eager",
+            "vs best compile", "max rel err"]
     lines = ["# graphopt on a GPU", "", f"`python bench/gpu.py {' '.join(sys.argv[1:])}`, {minutes:.1f} min. "
              f"Conditions: {conds}.", "", "## Per denoiser call", "", "| " + " | ".join(head) + " |",
              "| --- | ---: |" + " ---: |" * (len(head) - 2)]
