@@ -13,11 +13,26 @@
 # On a machine with eight minutes to spare per run: `tests,runtime` in one, `bench` in another.
 set -uo pipefail
 
-out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [tests,runtime,bench,kernels]}
+usage="usage: bash bench/gpu_checks.sh OUTDIR [PHASES], PHASES comma-separated of tests,runtime,bench,kernels"
+if [ $# -lt 1 ] || [ $# -gt 2 ] || [ -z "$1" ]; then
+    echo "$usage" >&2
+    exit 2
+fi
+out=$1
 phases=${2:-tests,runtime,bench,kernels}
-cd "$(dirname "$0")/.."
-mkdir -p "$out"
+IFS=, read -r -a asked <<<"$phases"
+for name in "${asked[@]}"; do
+    case "$name" in
+        tests | runtime | bench | kernels) ;;
+        *)
+            echo "unknown phase '$name'; $usage" >&2
+            exit 2
+            ;;
+    esac
+done
+mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 export TRITON_INTERPRET=0
 
