@@ -19,7 +19,8 @@ In one process, with every ratio taken from the same run:
    with per-call CUDA graphs, and graphopt's :class:`graphopt.SamplerGraph` (the whole loop as one graph).
 3. **Warm start**: the first model saved, then loaded in a fresh process with ``target="cuda"``
    (tunings and Triton's compiled kernels cached on this machine): seconds from ``import graphopt`` to
-   the first call's result (target: under 2 s).
+   the first call's result (target: under 2 s), split into the import, the load (and, in another fresh
+   process, what reading the saved program with ``torch.export.load`` alone costs) and the first call.
 
 Times are medians of CUDA-event-bracketed calls, back to back with a warm L2 as in a sampling loop
 (the events include the host's launch time wherever the GPU waits for it). Phases run in order until
@@ -284,33 +285,60 @@ WARM_START = """
 import sys, time
 start = time.perf_counter()
 import torch, graphopt
+imported = time.perf_counter()
 module = graphopt.load(sys.argv[1], target="cuda")
+loaded = time.perf_counter()
 inputs = torch.load(sys.argv[2])
 with torch.no_grad():
     module(*inputs)
 if torch.cuda.is_available():
     torch.cuda.synchronize()
+end = time.perf_counter()
+print(end - start, imported - start, loaded - imported, end - loaded)
+"""
+
+READ_PROGRAM = """
+import sys, time
+import torch
+start = time.perf_counter()
+torch.export.load(sys.argv[1])
 print(time.perf_counter() - start)
 """
 
 
 def warm_start(run: ModelRun) -> dict:
-    """Seconds from a fresh interpreter's ``import graphopt`` to the first call of the saved module."""
+    """Seconds from a fresh interpreter's ``import graphopt`` to the first call of the saved module, and
+    its parts: the import, ``graphopt.load`` (of which, measured in another fresh interpreter, reading the
+    saved program with ``torch.export.load``), and the first call."""
     inputs = run.inputs(1)
     run.graphopt_modules(inputs)
+
+    def fresh(code: str, *argv: Path) -> list[float]:
+        out = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
+                             env=dict(os.environ), check=False)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "failed")
+        return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
+
     with tempfile.TemporaryDirectory() as tmp:
-        run.direct.save(Path(tmp) / "model")
-        torch.save(inputs, Path(tmp) / "inputs.pt")
-        env = dict(os.environ)
-        times = []
-        for _ in range(2):  # the first fills what a cold machine lacks; the second is the warm start
-            out = subprocess.run([sys.executable, "-c", WARM_START, str(Path(tmp) / "model"),
-                                  str(Path(tmp) / "inputs.pt")], capture_output=True, text=True, env=env, check=False)
-            if out.returncode != 0:
-                return {"model": run.label, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
-            times.append(float(out.stdout.strip().splitlines()[-1]))
-    print(f"{run.label} warm start: first load {times[0]:.2f} s, warm {times[1]:.2f} s", flush=True)
-    return {"model": run.label, "first_s": times[0], "warm_s": times[1]}
+        model, saved_inputs = Path(tmp) / "model", Path(tmp) / "inputs.pt"
+        run.direct.save(model)
+        torch.save(inputs, saved_inputs)
+        try:
+            first = fresh(WARM_START, model, saved_inputs)  # fills what a cold machine lacks (Triton's cache)
+            warm = fresh(WARM_START, model, saved_inputs)
+            (read_s,) = fresh(READ_PROGRAM, next(model.glob("*.pt2")))
+        except RuntimeError as err:
+            return {"model": run.label, "error": str(err)}
+    row = {"model": run.label, "first_s": first[0], "warm_s": warm[0], "import_s": warm[1], "load_s": warm[2],
+           "read_program_s": read_s, "first_call_s": warm[3]}
+    print(f"{run.label} warm start: first load {first[0]:.2f} s, warm {warm[0]:.2f} s ({warm_parts(row)})", flush=True)
+    return row
+
+
+def warm_parts(row: dict) -> str:
+    return (f"import {row['import_s']:.2f} s, load {row['load_s']:.2f} s (reading the program alone "
+            f"{row['read_program_s']:.2f} s), first call {row['first_call_s']:.2f} s")
 
 
 def conditions(args: argparse.Namespace) -> str:
@@ -371,8 +399,9 @@ def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], sk
             lines.append(f"| {r['model']} | {r['batch']} | {cells} | " + (f"{ms['eager'] / one:.2f}x |" if one else "- |"))
     if warm:
         lines += ["", "## Warm start (fresh process: import, load with target='cuda', first call)", ""]
-        lines += [f"- {w['model']}: " + (f"{w['warm_s']:.2f} s (first load on this machine {w['first_s']:.2f} s)"
-                                         if "warm_s" in w else f"failed: {w['error']}") for w in warm]
+        lines += [f"- {w['model']}: " + (f"{w['warm_s']:.2f} s: {warm_parts(w)} (first load on this machine "
+                                         f"{w['first_s']:.2f} s)" if "warm_s" in w else f"failed: {w['error']}")
+                  for w in warm]
     if skipped:
         lines += ["", "Skipped when the budget was spent: " + "; ".join(skipped) + "."]
     if failed:
