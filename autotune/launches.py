@@ -160,9 +160,10 @@ class LaunchBinder:
     the compiled kernel's launcher swapped for a recorder, under a fresh stream: that gives exactly the
     arguments ``JITFunction.run`` passes, in its order, and launches nothing. A call is left unbound
     (``None``) when what was recorded is not exactly one launch of this grid on that stream, when a launch
-    hook is installed (Triton passes its hook chains, empty unless a profiler added to them), or when a
-    tensor argument is not one of the call's own: its forward line then launches through ``kernel[grid]``
-    as before. ``launches`` holds one entry per call bound, in order.
+    hook is installed (Triton passes its hook chains, empty unless a profiler added to them), or when the
+    arguments passed are not the call's own, in its order, followed by constexprs and defaults: its forward
+    line then launches through ``kernel[grid]`` as before. ``launches`` holds one entry per call bound, in
+    order.
     """
 
     def __init__(self, streams: Streams):
@@ -190,13 +191,20 @@ class LaunchBinder:
         if (tuple(grid) != want_grid or got_stream != stream or function != getattr(compiled, "function", None)
                 or not (_no_hook(enter) and _no_hook(leave))):
             return None
-        refs = {id(value): ref for value, ref in zip(args, call.args) if isinstance(ref, Ref)}
+        # the call's positional arguments bind to the kernel's first parameters, in order: each keeps its own
+        # Ref (two Refs may name one tensor on this run and two on the next); the rest are constexprs and
+        # defaults, never tensors
+        values = seen[0][9:]
+        if len(values) < len(args):
+            return None
         bound: list[Any] = []
-        for value in seen[0][9:]:
-            if isinstance(value, torch.Tensor):
-                if (ref := refs.get(id(value))) is None:
+        for i, value in enumerate(values):
+            if i < len(args):
+                if value is not args[i] and (isinstance(value, torch.Tensor) or value != args[i]):
                     return None
-                bound.append(ref)
+                bound.append(call.args[i])
+            elif isinstance(value, torch.Tensor):
+                return None
             else:
                 bound.append(value)
         return DirectLaunch(launcher, want_grid, function, metadata, tuple(bound), self.streams.device(), compiled)

@@ -98,6 +98,19 @@ def test_a_launch_is_bound_to_its_compiled_launcher_with_the_arguments_triton_pa
     torch.testing.assert_close(again, out)
 
 
+def test_two_arguments_that_are_one_tensor_on_this_run_keep_their_own_names():
+    device = FakeDevice()
+    kernel = FakeKernel(lambda compiled, x, y, out, n, block: out.copy_(x * y), [("x", None), ("y", None),
+                        ("out", None), ("n", None), ("BLOCK", 64)], device)
+    x = torch.randn(8)
+    call = KernelCall(kernel, (1,), (Ref("x"), Ref("y"), Ref("out"), 8), ())
+    plan = LaunchPlan(("x", "y"), (Buffer("out", (8,), (1,), x.dtype),), (call,), ("out",))
+    binder = LaunchBinder(device.streams())
+    plan.run([x, x], binder)  # x * x on this run; another call may pass two tensors
+    (launch,) = binder.launches
+    assert launch.args == (Ref("x"), Ref("y"), Ref("out"), 8, 64)
+
+
 def test_the_stream_argument_is_the_one_current_at_the_launch():
     device = FakeDevice()
     kernel = FakeKernel(axpb_body, AXPB_PARAMS, device)
@@ -128,7 +141,8 @@ def test_empty_hook_chains_are_no_hooks_and_the_launch_is_bound_without_them():
     assert launch is not None and launch.args == (Ref("x"), Ref("out"), 8, 3.0, 128)
 
 
-@pytest.mark.parametrize("case", ["hook", "profiler", "workspace", "interpreted", "two_launches", "other_grid"])
+@pytest.mark.parametrize("case", ["hook", "profiler", "workspace", "interpreted", "two_launches", "other_grid",
+                                  "reordered"])
 def test_a_launch_that_cannot_be_reproduced_exactly_is_left_unbound(case):
     device = FakeDevice()
     params, body = AXPB_PARAMS, axpb_body
@@ -161,6 +175,14 @@ def test_a_launch_that_cannot_be_reproduced_exactly_is_left_unbound(case):
                 return run
 
         plan = dataclasses.replace(plan, calls=(dataclasses.replace(plan.calls[0], kernel=Twice()),))
+    if case == "reordered":  # a launch path that passes the arguments in another order than the call's
+
+        class Reordered:
+            def __getitem__(self, grid):
+                return lambda x, out, *rest, **kw: kernel[grid](out, x, *rest, **kw)
+
+        plan = dataclasses.replace(plan, calls=(dataclasses.replace(plan.calls[0], kernel=Reordered()),))
+        kernel.body = lambda compiled, out, x, n, scale, block: axpb_body(compiled, x, out, n, scale, block)
     if case == "other_grid":
 
         class Regrid:
