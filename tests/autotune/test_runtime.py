@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 import graphopt  # noqa: E402
 import graphopt.ops  # noqa: E402, F401 - registers torch.ops.graphopt.*
+from graphopt.autotune import runtime as runtime_module  # noqa: E402
 from graphopt.autotune import sites as sites_module  # noqa: E402
 from graphopt.autotune.check import call_sites  # noqa: E402
 from graphopt.autotune.cache import Config, TuningCache  # noqa: E402
@@ -296,6 +297,9 @@ def test_direct_launch_is_off_on_the_cpu_and_when_disabled(monkeypatch):
     assert runtime._streams(tensors) is None  # CPU tensors, interpreted kernels
     cuda_like = [types.SimpleNamespace(is_cuda=True)]
     monkeypatch.delenv("TRITON_INTERPRET")
+    gpu = FakeDevice().streams()
+    monkeypatch.setattr(runtime_module, "triton_streams", lambda: gpu)
+    assert runtime._streams(cuda_like) is gpu  # compiled kernels on a GPU: Triton's driver
     monkeypatch.setenv("GRAPHOPT_DIRECT_LAUNCH", "0")
     assert runtime._streams(cuda_like) is None
     assert Runtime(gm, direct_launch=False)._streams(cuda_like) is None
