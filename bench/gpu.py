@@ -373,7 +373,7 @@ def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], sk
         comp = [f"{r['compile'][m]['ms']:.3f} ({r['compile'][m]['compile_s']:.0f})" if m in r["compile"] else "-"
                 for m in modes]
         lines.append(f"| {r['model']} | {r['batch']} | {r['eager_ms']:.3f} | " + " | ".join(comp)
-                     + f" | {r['graphopt_ms']:.3f} ({r['launches'][0]}/{r['launches'][1]} direct) | "
+                     + f" | {r['graphopt_ms']:.3f} ({r['launches'][0]}/{r['launches'][1]} through launchers) | "
                      f"{r['jit_launch_ms']:.3f} | {_n(r['graphs_ms'])} | {r['optimize_s']:.1f} + {r['tune_s']:.1f}"
                      f" | {_n(r['vs_eager'], '.2f', 'x')} | {_n(r['vs_best_compile'], '.2f', 'x')} | "
                      f"{r['max_rel_err']:.1e} |")
