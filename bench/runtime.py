@@ -13,7 +13,8 @@ What is measured, in one run per model:
 
 1. **Host overhead** (any machine): each Triton kernel's ``run`` (argument binding, its cache lookup
    and the launch itself, identical in both paths) is replaced by a function that returns at once, so
-   a call costs graphopt's Python plus the ATen ops on the inputs' device. Medians over rounds of
+   a call costs graphopt's Python plus the ATen ops on the inputs' device (the generated forward here
+   launches through ``kernel[grid]``, so that its launches are skipped too). Medians over rounds of
    calls, both paths interleaved; "saved per site" divides the difference by the number of kernel call
    sites. On a CPU the ATen ops are computed (small widths keep them cheap) and count in both paths.
 2. **Whole-call latency** (CUDA only): the real kernels, ``torch.cuda.synchronize()`` after each
@@ -161,20 +162,19 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, object]:
     _, tensors, _ = opt.captured.flatten_call(inputs, {})
     gm, runtime = opt.lowered[0], opt._runtimes[0]
     sites = sum(isinstance(m, _Tuned) for m in gm.modules())
-    paths: dict[str, Callable[[], object]] = {"general": lambda: gm(*tensors), "generated": lambda: runtime(tensors)}
+    jit = Runtime(gm, direct_launch=False)  # its forward launches through kernel[grid], which can be skipped
+    paths: dict[str, Callable[[], object]] = {"general": lambda: gm(*tensors), "generated": lambda: jit(tensors)}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.no_grad():
-        for fn in paths.values():  # the generated forward is written here; kernels compile on a GPU
+        for fn in (*paths.values(), lambda: runtime(tensors)):  # forwards are written; kernels compile on a GPU
             fn()
         with launches_skipped():
             host = interleaved(paths, args.calls, args.rounds)
         whole = None
-        if cuda:
-            jit = Runtime(gm, direct_launch=False)
-            jit(tensors)
-            whole = interleaved({**paths, "generated, kernel[grid]": lambda: jit(tensors)}, args.calls, args.rounds,
-                                sync)
-    assert runtime.stats.generated == 1, runtime.stats
+        if cuda:  # the module's own forward launches through the compiled launchers
+            whole = interleaved({"general": paths["general"], "generated": lambda: runtime(tensors),
+                                 "generated, kernel[grid]": lambda: jit(tensors)}, args.calls, args.rounds, sync)
+    assert runtime.stats.generated == 1 and jit.stats.generated == 1, (runtime.stats, jit.stats)
     launch = all_launches(gm, tensors, args.calls, args.rounds)
     return {"label": label, "sites": sites, "host": host, "whole": whole, "launch": launch}
 
