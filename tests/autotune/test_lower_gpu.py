@@ -131,14 +131,15 @@ def test_generated_forwards_launch_every_compiled_kernel_through_its_launcher():
     model, args, kwargs = _on_gpu("dit")
     opt = graphopt.optimize(model, args, kwargs, target="cuda", cuda_graphs=False)
     inputs = list(opt.captured.example_inputs)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # the forward's own check must not fall back
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         (runtime,) = opt._runtimes
         first = runtime(inputs)  # writes the forward (and checks its direct launches)
         second = runtime(inputs)
         plain = Runtime(runtime.graph_module, direct_launch=False)
         plain(inputs)
         third = plain(inputs)
+    assert not [w for w in caught if "direct launches" in str(w.message)]  # the forward's own check passed
     (forward,) = runtime.forwards
     assert forward.launches > 0 and forward.direct_launches == forward.launches
     assert plain.forwards[0].direct_launches == 0 and "_launcher(" not in plain.forwards[0].source
