@@ -24,6 +24,12 @@ def is_aten(config: Mapping[str, int]) -> bool:
     return config.get("ATEN", 0) == 1
 
 
+def aten_first(configs: Sequence[Config]) -> list[Config]:
+    """``configs`` with :data:`ATEN` moved to the front, the rest in their order: the untuned default of a
+    site with nothing to fuse (its kernel would move the same bytes as the eager ops)."""
+    return [c for c in configs if is_aten(c)] + [c for c in configs if not is_aten(c)]
+
+
 def pointwise_configs() -> list[dict[str, int]]:
     """Elements per program and warps for a generated pointwise kernel; the first is the default."""
     return [

@@ -38,7 +38,7 @@ from torch import fx
 
 from .cache import Config
 from .codegen import GeneratedKernel, _Body, generate, merged_dims, offset, operands, pyexpr
-from .configs import ATEN, is_aten, pointwise_configs, prune_blocks
+from .configs import ATEN, aten_first, is_aten, pointwise_configs, prune_blocks
 from .launches import AtenCall, KernelCall, LaunchPlan, Ref
 from .regions import Region, _same, node_arg, shape_of, strides_of
 from .sites import (ChoiceEpoch, FusedRegion, KernelLibrary, SitePlan, TuningOptions, _binders, _Decline, _Tuned,
@@ -262,12 +262,12 @@ class GemmRegion(_Tuned):
     def prune(self, configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
         m, n, _ = shape
         pointwise = prune_blocks("XBLOCK")([c for c in configs if not is_template(c)], (m * n,))
-        aten = [c for c in pointwise if is_aten(c)]
-        kernels = [c for c in pointwise if not is_aten(c)] + prune_template(configs, shape)
+        ordered = [c for c in pointwise if not is_aten(c)] + prune_template(configs, shape) + \
+            [c for c in pointwise if is_aten(c)]
         # a lone epilogue op: cuBLAS + its kernel moves what cuBLAS (bias included) + the op does, so
         # the untuned default is the ATen ops; the template, which saves the product's round trip, and
         # the epilogue kernel stay candidates
-        return aten + kernels if self.epilogue.fuses_nothing else kernels + aten
+        return aten_first(ordered) if self.epilogue.fuses_nothing else ordered
 
     def tuning_shape(self, *inputs: torch.Tensor) -> tuple[int, ...]:
         x = inputs[0]

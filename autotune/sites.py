@@ -42,7 +42,7 @@ from graphopt.verify import Comparison, compare_precise, precise_run
 
 from .cache import Config, shape_bucket
 from .codegen import GeneratedKernel
-from .configs import ATEN, is_aten, norm_configs, pointwise_configs, prune_blocks
+from .configs import ATEN, aten_first, is_aten, norm_configs, pointwise_configs, prune_blocks
 from .family import FamilyOp
 from .launches import Buffer, KernelCall, LaunchBinder, LaunchPlan, Ref
 from .regions import Region, node_arg, shape_of, strides_of
@@ -311,9 +311,7 @@ class FusedRegion(_Tuned):
 
     def prune(self, configs: Sequence[Config], shape: tuple[int, ...]) -> list[Config]:
         kept = prune_blocks(self.generated.block_key)(configs, shape)
-        if self.fuses_nothing:  # the untuned default is the first: the ATen op
-            kept = [c for c in kept if is_aten(c)] + [c for c in kept if not is_aten(c)]
-        return kept
+        return aten_first(kept) if self.fuses_nothing else kept  # the untuned default is the first
 
     def _layout(self, inputs: Sequence[torch.Tensor]) -> tuple[list[int], list, int] | None:
         # per call this is a dict lookup: the sympy-derived geometry is evaluated once per input layout
