@@ -43,11 +43,10 @@ class StandInCompiled:
     """What ``JITFunction.run`` uses of a compiled kernel: a launcher made by its first launch, a function
     handle, packed metadata, and launch metadata for the hooks (made per launch, as Triton's is)."""
 
-    function = 0xBEEF
     packed_metadata = (4, 1, 0)
 
-    def __init__(self, launch: Callable[..., Any]):
-        self.launch = launch
+    def __init__(self, launch: Callable[..., Any], function: int = 0xBEEF):
+        self.launch, self.function = launch, function
         self._run: Callable[..., Any] | None = None
 
     @property

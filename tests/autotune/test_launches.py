@@ -11,42 +11,31 @@ import pytest
 import torch
 
 from graphopt.autotune.launches import Buffer, DirectLaunch, KernelCall, LaunchBinder, LaunchPlan, Ref
-from tests.autotune.standin import FakeDevice, triton_on_a_stand_in_gpu
-
-
-class FakeCompiled:
-    """A compiled kernel: a launcher made by its first launch (``run``), a function handle, metadata."""
-
-    def __init__(self, kernel: FakeKernel):
-        self.kernel = kernel
-        self.function = 0xF00D
-        self.packed_metadata = ("num_warps", 4)
-        self._run: Callable | None = None
-        self.offset = 0.0
-
-    @property
-    def run(self) -> Callable:
-        if self._run is None:
-            self._run = self.launch
-        return self._run
-
-    def launch(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, leave, *args):
-        assert function == self.function and metadata is self.packed_metadata
-        self.kernel.launched.append(((gx, gy, gz), stream))
-        self.kernel.body(self, *args)
+from tests.autotune.standin import FakeDevice, StandInCompiled, triton_on_a_stand_in_gpu
 
 
 class FakeKernel:
-    """``body(compiled, *bound)`` is the kernel; ``params`` its parameters with their defaults."""
+    """``body(kernel, *bound)`` is the kernel; ``params`` its parameters with their defaults. Its compiled
+    kernel (one per device) launches the body and records the grid and stream of each launch."""
 
     def __init__(self, body: Callable, params: list[tuple[str, object]], device: FakeDevice, *,
                  hook: object = None, workspace: torch.Tensor | None = None, per_call_offset: float | None = None):
         self.body, self.params, self.device = body, params, device
         self.__name__ = "axpb"
         self.hook, self.workspace, self.per_call_offset = hook, workspace, per_call_offset
-        self.compiled: dict[int, FakeCompiled] = {}
+        self.compiled: dict[int, StandInCompiled] = {}
         self.launched: list[tuple[tuple[int, int, int], int]] = []
         self.in_run = False  # inside kernel[grid](...), as opposed to a direct call of the launcher
+        self.offset = 0.0  # state kernel[grid] may set up around the launch (per_call_offset)
+
+    def compile(self) -> StandInCompiled:
+        def launch(gx, gy, gz, stream, function, metadata, launch_metadata, enter, leave, *args):
+            assert function == compiled.function and metadata is compiled.packed_metadata
+            self.launched.append(((gx, gy, gz), stream))
+            self.body(self, *args)
+
+        compiled = StandInCompiled(launch, function=0xF00D)
+        return compiled
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable:
         def run(*args, **kwargs):
@@ -55,22 +44,24 @@ class FakeKernel:
             if self.workspace is not None:  # a tensor of the launcher's own, not one of the call's
                 bound[names.index("ws")] = self.workspace
             index = self.device.index
-            compiled = self.compiled.setdefault(index, FakeCompiled(self))
+            if index not in self.compiled:
+                self.compiled[index] = self.compile()
+            compiled = self.compiled[index]
             if self.per_call_offset is not None:  # state the run sets up around the launch
-                compiled.offset = self.per_call_offset
+                self.offset = self.per_call_offset
             grid3 = (tuple(grid) + (1, 1))[:3]
             self.in_run = True
             compiled.run(*grid3, self.device.current, compiled.function, compiled.packed_metadata, self.hook,
                          self.hook, None, *bound)
             self.in_run = False
-            compiled.offset = 0.0
+            self.offset = 0.0
             return compiled
 
         return run
 
 
-def axpb_body(compiled, x, out, n, scale, block):
-    out.copy_(x * scale + 1 + compiled.offset)
+def axpb_body(kernel, x, out, n, scale, block):
+    out.copy_(x * scale + 1 + kernel.offset)
 
 
 AXPB_PARAMS = [("x", None), ("out", None), ("n", None), ("scale", None), ("BLOCK", 64)]
@@ -100,7 +91,7 @@ def test_a_launch_is_bound_to_its_compiled_launcher_with_the_arguments_triton_pa
 
 def test_two_arguments_that_are_one_tensor_on_this_run_keep_their_own_names():
     device = FakeDevice()
-    kernel = FakeKernel(lambda compiled, x, y, out, n, block: out.copy_(x * y), [("x", None), ("y", None),
+    kernel = FakeKernel(lambda kernel, x, y, out, n, block: out.copy_(x * y), [("x", None), ("y", None),
                         ("out", None), ("n", None), ("BLOCK", 64)], device)
     x = torch.randn(8)
     call = KernelCall(kernel, (1,), (Ref("x"), Ref("y"), Ref("out"), 8), ())
@@ -153,7 +144,7 @@ def test_a_launch_that_cannot_be_reproduced_exactly_is_left_unbound(case):
         kwargs["hook"] = HookChain(lambda metadata: None)  # a profiler added itself to the chain
     if case == "workspace":
         params = [*AXPB_PARAMS, ("ws", None)]
-        body = lambda compiled, x, out, n, scale, block, ws: axpb_body(compiled, x, out, n, scale, block)  # noqa: E731
+        body = lambda kernel, x, out, n, scale, block, ws: axpb_body(kernel, x, out, n, scale, block)  # noqa: E731
         kwargs["workspace"] = torch.empty(4)
     kernel = FakeKernel(body, params, device, **kwargs)
     x = torch.randn(8)
@@ -182,7 +173,7 @@ def test_a_launch_that_cannot_be_reproduced_exactly_is_left_unbound(case):
                 return lambda x, out, *rest, **kw: kernel[grid](out, x, *rest, **kw)
 
         plan = dataclasses.replace(plan, calls=(dataclasses.replace(plan.calls[0], kernel=Reordered()),))
-        kernel.body = lambda compiled, out, x, n, scale, block: axpb_body(compiled, x, out, n, scale, block)
+        kernel.body = lambda k, out, x, n, scale, block: axpb_body(k, x, out, n, scale, block)
     if case == "other_grid":
 
         class Regrid:

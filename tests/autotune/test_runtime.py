@@ -258,7 +258,7 @@ def test_a_forward_whose_direct_launches_differ_from_the_run_is_written_with_ker
         kernel = FakeKernel(axpb_body, AXPB_PARAMS, device, per_call_offset=0.5)
     else:
         kernel = FakeKernel(axpb_body, AXPB_PARAMS, device)
-        kernel.body = lambda compiled, *args: axpb_body(compiled, *args) if kernel.in_run else 1 / 0  # noqa: E731
+        kernel.body = lambda k, *args: axpb_body(k, *args) if kernel.in_run else 1 / 0  # noqa: E731
     runtime = Runtime(axpb_graph(kernel), direct_launch=device.streams())
     x = torch.randn(2, 5)
     want = ((x * 3 + (1.5 if fault == "wrong" else 1)) * x,)
