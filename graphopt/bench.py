@@ -76,6 +76,12 @@ def sample_images(model: Any, sampler: Any, n: int, seed: int, batch: int, label
     return torch.cat(out)
 
 
+def _first_sample(inputs: tuple) -> tuple:
+    """``inputs`` cut to their first sample: every tensor whose leading size is the first tensor's."""
+    batch = next(t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim())
+    return tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t for t in inputs)
+
+
 def run_bench(name: str, *, steps: int | None = None, method: str | None = None, batch: int = 64, samples: int = 500,
               seeds: Sequence[int] = (0, 1), repeats: int = 5, out_dir: str | os.PathLike = "bench-out",
               passes: Sequence[str] | None = None, progress: bool = True) -> BenchResult:
@@ -108,9 +114,9 @@ def run_bench(name: str, *, steps: int | None = None, method: str | None = None,
         calls = [ref.example_inputs]
         repeats_per_call, guided = sampler.nfe, sampler.cfg_scale != 1.0
     flops = 0.0
-    for inputs in calls:
-        captured = capture(ref.model, inputs)
-        flops += float(graph_cost(captured.graph_module, captured.batch_symbol()).at(1)[0])
+    for inputs in calls:  # costed at batch 1 from a static capture: a dynamic batch costs 2-3x the tracing
+        captured = capture(ref.model, _first_sample(inputs), dynamic_batch=False)
+        flops += float(graph_cost(captured.graph_module).at(1)[0])
     flops *= repeats_per_call * (2 if guided else 1)
 
     bar = tqdm(total=repeats + 1 + len(seeds) + 1, desc=f"bench {name}", disable=not progress)

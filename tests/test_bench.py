@@ -1,10 +1,14 @@
 import json
 
 import pytest
+import torch
 
 from graphopt import UsageError
-from graphopt.bench import run_bench
+from graphopt.analysis.cost import graph_cost
+from graphopt.bench import _first_sample, run_bench
+from graphopt.capture import capture
 from graphopt.cli import main
+from graphopt.models import load
 
 
 @pytest.mark.parametrize("name", ["unet-digits", "dit-digits"])
@@ -17,6 +21,19 @@ def test_bench_reports_every_figure_and_writes_json_and_grid(tmp_path, name):
     data = json.loads((tmp_path / f"{name}-bench.json").read_text())
     assert data["nfe"] == 2 and data["conditions"]["device"] == "cpu"
     assert (tmp_path / f"{name}-grid.png").read_bytes()[:4] == b"\x89PNG"
+    if name == "dit-digits":  # costed from a static batch-1 capture: the dynamic capture's cost at batch 1
+        ref = load(name)
+        captured = capture(ref.model, ref.example_inputs)
+        per_call = graph_cost(captured.graph_module, captured.batch_symbol()).at(1)[0]
+        guided = 2 if result.cfg_scale != 1.0 else 1  # guidance runs each call on the doubled batch
+        assert result.flops_per_image == pytest.approx(result.nfe * guided * float(per_call))
+
+
+def test_first_sample_cuts_every_tensor_of_the_batch_and_nothing_else():
+    x, t, table = torch.randn(4, 3, 2), torch.rand(4), torch.randn(5, 4)
+    cut = _first_sample((x, t, table, torch.tensor(2.0), 7))
+    assert [tuple(v.shape) for v in cut[:4]] == [(1, 3, 2), (1,), (5, 4), ()] and cut[4] == 7
+    assert torch.equal(cut[0], x[:1]) and cut[2] is table
 
 
 def test_bench_samples_var_digits_scale_by_scale(tmp_path):
