@@ -214,6 +214,7 @@ def _compile(writer: _Writer, name: str, layout: Layout, dump_dir: str | os.Path
     filename = f"<graphopt generated {name}_{digest}>"
     if dump_dir is not None:
         path = Path(dump_dir) / f"{name}_{digest}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(source)
         filename = str(path)
     code = compile(source, filename, "exec")
