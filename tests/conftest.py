@@ -4,9 +4,17 @@ import os
 # decorates a function, and torch imports triton early (torch.utils.flop_counter does), so it is set
 # here, before anything imports torch. A GPU run sets TRITON_INTERPRET=0 to compile instead.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`-n auto`, the README's test command) each worker takes one core: one intra-op
+# thread per worker, also for the subprocesses a test starts (README blocks, CLI runs), instead of
+# every worker's torch spreading over all cores and the workers slowing each other down.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
