@@ -194,6 +194,14 @@ def test_an_optimized_module_calls_its_generated_forward_and_dumps_it(tmp_path, 
         torch.testing.assert_close(opt(*args), want, atol=2e-5, rtol=2e-5)
 
 
+def test_a_runtime_creates_the_dump_folder_it_is_given(tmp_path):
+    runtime, _, tensors = lowered_runtime(Axpb(), torch.randn(4, 8), dump_dir=tmp_path / "new" / "forwards")
+    with torch.no_grad():
+        runtime(tensors)
+    (forward,) = runtime.forwards
+    assert forward.path.parent == tmp_path / "new" / "forwards" and forward.path.read_text() == forward.source
+
+
 class Axpb(nn.Module):
     def forward(self, x):
         return (x * 3.0 + 1,)
