@@ -8,10 +8,11 @@ default mode, dynamic batch off), graphopt's optimized module (exact passes noop
 runs in eager ATen) and the same compiled for the CPU (``optimize(..., compile=True)``: AOTInductor on
 the optimized graph), as medians of interleaved runs (each round times every variant once, so drift
 hits them alike), with ratios to eager and to torch.compile. Also: the compile time of torch.compile
-(its first call) and of graphopt's compile, the time to load the saved compiled model (a warm start,
-no compile), and the max error of each variant against eager. Compile times are cold: Inductor gets
-a fresh on-disk cache (``--warm-cache`` keeps the usual one). Writes the section between the CPU
-markers of bench/RESULTS.md.
+(its first call) and of graphopt's compile, the max error of each variant against eager, and the next
+process's start: seconds from a fresh interpreter's imports to the first call's result, for graphopt
+loading the saved compiled model and for torch.compile with Inductor's caches warm from this run.
+Compile times are cold: Inductor gets a fresh on-disk cache (``--warm-cache`` keeps the usual one).
+Writes the section between the CPU markers of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from _sections import replace_section  # bench/, beside this script
+from _fresh import COMPILE_REFERENCE, LOAD_SAVED, run_fresh  # bench/, beside this script
+from _sections import replace_section
 
 import graphopt
 from graphopt.models import load
@@ -63,10 +65,13 @@ def measure(name: str, batch: int, repeats: int) -> dict:
         compile_s = fast.report.compiled["compile_s"]
         with tempfile.TemporaryDirectory() as tmp:
             fast.save(Path(tmp) / "m")
-            start = time.perf_counter()
             warm = graphopt.load(Path(tmp) / "m")
-            load_s = time.perf_counter() - start
             assert warm.report.compiled["warm"]
+            # the next process's start, as a user's next run has it: torch.compile's with Inductor's
+            # caches warm from the compile above (same model and shapes), graphopt's from the save
+            torch.save(inputs, Path(tmp) / "inputs.pt")
+            starts = {"graphopt": run_fresh(LOAD_SAVED, Path(tmp) / "m", Path(tmp) / "inputs.pt", "cpu"),
+                      "torch.compile": run_fresh(COMPILE_REFERENCE, name, Path(tmp) / "inputs.pt")}
         variants = {"eager": model, "torch.compile": compiled_model, "graphopt": exact,
                     "graphopt + compile": fast, "graphopt loaded warm": warm}
         errors = {k: float((_first(f(*inputs)) - want).abs().max()) for k, f in variants.items()}
@@ -81,11 +86,21 @@ def measure(name: str, batch: int, repeats: int) -> dict:
                 times[k].append(time.perf_counter() - start)
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     row = {"model": name, "batch": batch, "ms": ms, "errors": errors, "torch_compile_s": round(torch_compile_s, 1),
-           "graphopt_compile_s": round(compile_s, 1), "warm_load_s": round(load_s, 2)}
+           "graphopt_compile_s": round(compile_s, 1),
+           "fresh_start": {"graphopt": dict(zip(("total_s", "import_s", "load_s", "first_call_s"), starts["graphopt"])),
+                           "torch.compile": dict(zip(("total_s", "import_s", "compile_and_first_call_s"),
+                                                     starts["torch.compile"]))}}
     print(f"{name} batch {batch}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
-          + f"; compile: torch.compile {torch_compile_s:.0f}s, graphopt {compile_s:.0f}s; warm load {load_s:.2f}s",
-          flush=True)
+          + f"; compile: torch.compile {torch_compile_s:.0f}s, graphopt {compile_s:.0f}s; next process: "
+          + fresh_start_text(row), flush=True)
     return row
+
+
+def fresh_start_text(row: dict) -> str:
+    g, c = row["fresh_start"]["graphopt"], row["fresh_start"]["torch.compile"]
+    return (f"graphopt {g['total_s']:.1f} s (import {g['import_s']:.1f} + load {g['load_s']:.1f} + first call "
+            f"{g['first_call_s']:.1f}), torch.compile {c['total_s']:.1f} s (import {c['import_s']:.1f} + compile "
+            f"from its warm cache and first call {c['compile_and_first_call_s']:.1f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         ms = r["ms"]
         compile_cell = {"torch.compile": f"{r['torch_compile_s']:.0f} s",
-                        "graphopt + compile": f"{r['graphopt_compile_s']:.0f} s",
-                        "graphopt loaded warm": f"load {r['warm_load_s']:.2f} s"}
+                        "graphopt + compile": f"{r['graphopt_compile_s']:.0f} s"}
         for k, v in ms.items():
             lines.append(f"| {r['model']} | {k} | {v:.1f} | {ms['eager'] / v:.2f}x | {ms['torch.compile'] / v:.2f}x | "
                          f"{compile_cell.get(k, '-')} | {r['errors'][k]:.1e} |")
+    lines += ["", "The next process's start (a fresh Python process, to its first call's result; torch.compile with "
+              "Inductor's on-disk caches warm from the compile above, graphopt loading the saved compiled model):", ""]
+    lines += [f"- {r['model']}: {fresh_start_text(r)}" for r in rows]
     text = "\n".join(lines + ["", END])
     replace_section(Path(ns.results), BEGIN, END, text)
     print(text)

@@ -70,7 +70,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -78,7 +77,8 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from _inputs import DTYPES, denoiser, example_inputs, selection  # noqa: E402 - bench/, beside this script
+from _fresh import LOAD_SAVED, READ_PROGRAM, run_fresh  # noqa: E402 - bench/, beside this script
+from _inputs import DTYPES, denoiser, example_inputs, selection  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.autotune.model_tuning import tune_model  # noqa: E402
@@ -281,53 +281,20 @@ def whole_sampler(run: ModelRun, args: argparse.Namespace, clock: Clock) -> dict
     return row
 
 
-WARM_START = """
-import sys, time
-start = time.perf_counter()
-import torch, graphopt
-imported = time.perf_counter()
-module = graphopt.load(sys.argv[1], target="cuda")
-loaded = time.perf_counter()
-inputs = torch.load(sys.argv[2])
-with torch.no_grad():
-    module(*inputs)
-if torch.cuda.is_available():
-    torch.cuda.synchronize()
-end = time.perf_counter()
-print(end - start, imported - start, loaded - imported, end - loaded)
-"""
-
-READ_PROGRAM = """
-import sys, time
-import torch
-start = time.perf_counter()
-torch.export.load(sys.argv[1])
-print(time.perf_counter() - start)
-"""
-
-
 def warm_start(run: ModelRun) -> dict:
     """Seconds from a fresh interpreter's ``import graphopt`` to the first call of the saved module, and
     its parts: the import, ``graphopt.load`` (of which, measured in another fresh interpreter, reading the
     saved program with ``torch.export.load``), and the first call."""
     inputs = run.inputs(1)
     run.graphopt_modules(inputs)
-
-    def fresh(code: str, *argv: Path) -> list[float]:
-        out = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
-                             env=dict(os.environ), check=False)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "failed")
-        return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
-
     with tempfile.TemporaryDirectory() as tmp:
         model, saved_inputs = Path(tmp) / "model", Path(tmp) / "inputs.pt"
         run.direct.save(model)
         torch.save(inputs, saved_inputs)
         try:
-            first = fresh(WARM_START, model, saved_inputs)  # fills what a cold machine lacks (Triton's cache)
-            warm = fresh(WARM_START, model, saved_inputs)
-            (read_s,) = fresh(READ_PROGRAM, next(model.glob("*.pt2")))
+            first = run_fresh(LOAD_SAVED, model, saved_inputs, "cuda")  # fills what a cold machine lacks (Triton)
+            warm = run_fresh(LOAD_SAVED, model, saved_inputs, "cuda")
+            (read_s,) = run_fresh(READ_PROGRAM, next(model.glob("*.pt2")))
         except RuntimeError as err:
             return {"model": run.label, "error": str(err)}
     row = {"model": run.label, "first_s": first[0], "warm_s": warm[0], "import_s": warm[1], "load_s": warm[2],
