@@ -57,4 +57,3 @@ def run_fresh(code: str, *argv: str | os.PathLike) -> list[float]:
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed")
     return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
-
