@@ -114,7 +114,7 @@ def run_bench(name: str, *, steps: int | None = None, method: str | None = None,
         calls = [ref.example_inputs]
         repeats_per_call, guided = sampler.nfe, sampler.cfg_scale != 1.0
     flops = 0.0
-    for inputs in calls:  # costed at batch 1 from a static capture: a dynamic batch costs 2-3x the tracing
+    for inputs in calls:  # costed at batch 1 from a static capture, 2-3x cheaper than a dynamic-batch one
         captured = capture(ref.model, _first_sample(inputs), dynamic_batch=False)
         flops += float(graph_cost(captured.graph_module).at(1)[0])
     flops *= repeats_per_call * (2 if guided else 1)
