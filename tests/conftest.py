@@ -7,14 +7,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # Under pytest-xdist (`-n auto`, the README's test command) each worker takes one core: one intra-op
 # thread per worker, also for the subprocesses a test starts (README blocks, CLI runs), instead of
 # every worker's torch spreading over all cores and the workers slowing each other down.
-if "PYTEST_XDIST_WORKER" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A thread count the caller set is kept as it is.
+ONE_THREAD_PER_WORKER = "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ
+if ONE_THREAD_PER_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
 
-if "PYTEST_XDIST_WORKER" in os.environ:
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if ONE_THREAD_PER_WORKER:
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
