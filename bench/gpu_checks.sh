@@ -12,8 +12,8 @@
 #   kernels  the kernel library's tests compiled for this GPU (every config family, three dtypes)          300 s
 # BUDGET_S bounds the whole run in seconds: a phase gets the smaller of its limit and what is left (bench
 # gives bench/gpu.py its share less 100 s, so that it stops starting phases in time), and a phase left
-# with under 60 s is skipped and listed. For one short device slot, most important first:
-#   bash bench/gpu_checks.sh OUTDIR bench,tests,runtime 780
+# with under 60 s is skipped and listed. Within ten minutes, the benchmark first:
+#   bash bench/gpu_checks.sh OUTDIR bench,tests 600
 set -uo pipefail
 
 usage="usage: bash bench/gpu_checks.sh OUTDIR [PHASES [BUDGET_S]], PHASES comma-separated of \
