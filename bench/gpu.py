@@ -1,29 +1,33 @@
 """graphopt on a GPU against eager and torch.compile: per denoiser call, per whole sampling loop, warm start.
 
-    python bench/gpu.py                                  # DiT-S/2, DiT-XL/2, EDM UNet; batch 1, 16, 64; bf16; 480 s
+    python bench/gpu.py                                  # DiT-S/2, DiT-XL/2, EDM UNet; batch 16, 1, 64; bf16; 480 s
     python bench/gpu.py --models dit-s --batches 16 --budget-s 120 --out /tmp/gpu.md
     python bench/gpu.py --smoke                          # tiny shapes on the CPU under TRITON_INTERPRET=1
 
 In one process, with every ratio taken from the same run:
 
-1. **Per call**, for each model and batch: eager; ``torch.compile`` in each ``--compile-modes`` mode
-   (default and reduce-overhead; max-autotune when asked for, it takes minutes per model), each with
-   its compile seconds; graphopt ``optimize(target="cuda")`` tuned for ``--tune-s`` seconds (the
-   tunings are cached for the GPU), called directly (its generated forward launching each kernel through
-   Triton's compiled launcher; again through ``kernel[grid]``, to show what that saves) and with CUDA
-   graphs (the default), with its optimize and tune seconds and its largest error against eager.
+1. **Per call**, batch by batch in the order of ``--batches``, each batch for every model: eager;
+   ``torch.compile`` in each ``--compile-modes`` mode (default and reduce-overhead; max-autotune when
+   asked for, it takes minutes per model), each with its compile seconds; graphopt
+   ``optimize(target="cuda")`` tuned for ``--tune-s`` seconds (the tunings are cached for the GPU), called
+   directly (its generated forward launching each kernel through Triton's compiled launcher; again
+   through ``kernel[grid]``, to show what that saves) and with CUDA graphs (the default), with its
+   optimize and tune seconds and its largest error against eager.
    Ratios: eager / graphopt and best torch.compile mode / graphopt (the targets: at least 1.3x at batch
    1 and 16, 1.1x for DiT-XL/2 at batch 64).
-2. **Whole sampler**, for each model at ``--sampler-batch``: an ``--sampler-steps``-step Euler loop
-   (flow times for the DiTs, EDM sigmas for the UNet): eager, torch.compile reduce-overhead, graphopt
-   with per-call CUDA graphs, and graphopt's :class:`graphopt.SamplerGraph` (the whole loop as one graph).
-3. **Warm start**: the first model saved, then loaded in a fresh process with ``target="cuda"``
-   (tunings and Triton's compiled kernels cached on this machine): seconds from ``import graphopt`` to
-   the first call's result (target: under 2 s), split into the import, the load (and, in another fresh
-   process, what reading the saved program with ``torch.export.load`` alone costs) and the first call.
+2. **Warm start**, once the first batch is measured: the first model saved, then loaded in a fresh
+   process with ``target="cuda"`` (tunings and Triton's compiled kernels cached on this machine): seconds
+   from ``import graphopt`` to the first call's result (target: under 2 s), split into the import, the
+   load (and, in another fresh process, what reading the saved program with ``torch.export.load`` alone
+   costs) and the first call.
+3. **Whole sampler**, after every batch, for each model at ``--sampler-batch``: an ``--sampler-steps``-step
+   Euler loop (flow times for the DiTs, EDM sigmas for the UNet): eager, torch.compile reduce-overhead,
+   graphopt with per-call CUDA graphs, and graphopt's :class:`graphopt.SamplerGraph` (the whole loop as one
+   graph).
 
 Times are medians of CUDA-event-bracketed calls, back to back with a warm L2 as in a sampling loop
-(the events include the host's launch time wherever the GPU waits for it). Phases run in order until
+(the events include the host's launch time wherever the GPU waits for it). Phases run in that order
+(so what is asked for first is measured first; the models stay on the GPU throughout) until
 ``--budget-s`` is spent (torch.compile cannot be interrupted, so a phase that starts finishes); what
 was skipped is listed, and so is a phase that failed (its traceback printed; the run goes on and exits 1).
 Writes the tables, conditions included, to ``--out`` and the raw figures to the same name with ``.json``,
@@ -45,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="dit-s,dit-xl,unet",
                    help="comma-separated: dit-s, dit-b, dit-xl, unet, diffusers-unet (diffusers' UNet2DModel "
                         "128/256/256; needs diffusers)")
-    p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes (default 1,16,64)")
+    p.add_argument("--batches", default="16,1,64",
+                   help="comma-separated batch sizes, measured in this order across the models (default 16,1,64)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--compile-modes", default="default,reduce-overhead",
                    help="torch.compile modes to compare with (default: default,reduce-overhead; add max-autotune "
@@ -336,7 +341,7 @@ def render(conds: str, rows: list[dict], loops: list[dict], warm: list[dict], sk
     lines = ["# graphopt on a GPU", "", f"`python bench/gpu.py {' '.join(sys.argv[1:])}`, {minutes:.1f} min. "
              f"Conditions: {conds}.", "", "## Per denoiser call", "", "| " + " | ".join(head) + " |",
              "| --- | ---: |" + " ---: |" * (len(head) - 2)]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["model"], r["batch"])):
         comp = [f"{r['compile'][m]['ms']:.3f} ({r['compile'][m]['compile_s']:.0f})" if m in r["compile"] else "-"
                 for m in modes]
         lines.append(f"| {r['model']} | {r['batch']} | {r['eager_ms']:.3f} | " + " | ".join(comp)
@@ -396,19 +401,20 @@ def main(args: argparse.Namespace) -> int:
             "failed": clock.failed}, indent=2))
         return text
 
-    runs = {}
-    for key in keys:
-        runs[key] = run = ModelRun(key, args)
-        for batch in batches:
+    # Batch by batch across the models, in the order given, then the warm start, then the samplers: a
+    # budget that runs out leaves the figures asked for first (every model at the first batch) measured.
+    runs = {key: ModelRun(key, args) for key in keys}
+    for batch in batches:
+        for run in runs.values():
             clock.attempt(f"{run.label} batch {batch}", lambda: rows.append(per_call(run, batch, args, clock)))
             save()
+        if batch == batches[0]:
+            first = runs[keys[0]]
+            clock.attempt(f"{first.label} warm start", lambda: warm.append(warm_start(first)))
+            save()
+    for run in runs.values():
         clock.attempt(f"{run.label} whole sampler", lambda: loops.append(whole_sampler(run, args, clock)))
         save()
-        if key != keys[0]:
-            runs.pop(key)  # free the GPU for the next model
-            if not args.smoke:
-                torch.cuda.empty_cache()
-    clock.attempt(f"{runs[keys[0]].label} warm start", lambda: warm.append(warm_start(runs[keys[0]])))
     text = save()
     print("\n" + text + f"\nwrote {out} and {out.with_suffix('.json')}")
     return 1 if clock.failed else 0
