@@ -20,7 +20,7 @@ In one process, with every ratio taken from the same run:
    from ``import graphopt`` to the first call's result (target: under 2 s), split into the import, the
    load (and, in another fresh process, what reading the saved program with ``torch.export.load`` alone
    costs) and the first call.
-3. **Whole sampler**, after every batch, for each model at ``--sampler-batch``: an ``--sampler-steps``-step
+3. **Whole sampler**, once every batch is measured, for each model at ``--sampler-batch``: an ``--sampler-steps``-step
    Euler loop (flow times for the DiTs, EDM sigmas for the UNet): eager, torch.compile reduce-overhead,
    graphopt with per-call CUDA graphs, and graphopt's :class:`graphopt.SamplerGraph` (the whole loop as one
    graph).

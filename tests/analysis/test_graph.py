@@ -106,7 +106,6 @@ def test_json_is_plain_data(analysed):
     assert data["cost"]["flops"] == str(a.cost.flops) and data["ops"]["scaled_dot_product_attention"] == 3
 
 
-
 def test_importing_graphopt_leaves_networkx_unimported():
     # networkx costs 0.2 s to import (a CLI start pays it); only the analyses that build a view need it
     import subprocess
