@@ -10,9 +10,14 @@ then serves every call that the main variant serves; calls that re-capture, and 
 blocks, run their graphs uncompiled. It is for inference: it computes no gradients.
 
 The package is saved beside ``model.pt2`` as ``model.aoti.pt2`` (hashed with the rest), so a model
-loaded by the same torch version starts warm, without compiling again; another torch version runs
-the saved graph and the report says why. Compiling takes tens of seconds to minutes (a C++ compiler
-is needed); the report gives the time.
+loaded by the same torch version starts warm, without compiling again; another torch version, or a
+CPU without the vector instructions the package was compiled for (AVX-512 code on an AVX2 machine
+would stop at its first illegal instruction), runs the saved graph and the report says why. Compiling
+takes tens of seconds to minutes (a C++ compiler is needed); the report gives the time.
+
+A package is loaded with torch's C++ loader directly: ``torch._inductor.aoti_load_package`` first
+compiles test programs to find this CPU's best vector ISA (about 2 s per process, for a warning on a
+mismatch), while the check here reads the CPU's flags (:func:`unsupported`) and refuses the package.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import platform
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -68,8 +75,7 @@ class CompiledProgram:
         self._owner = owner  # keeps a package compiled into a temporary folder alive with this object
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        out = self._runner(*tensors)
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return tuple(self._runner.boxed_run(list(tensors)))  # the graph's flat inputs and outputs
 
     def copy_to(self, path: Path) -> None:
         shutil.copyfile(self.package, path)
@@ -107,9 +113,31 @@ def load_compiled(path: Path, captured: Any) -> tuple[CompiledProgram, CompiledR
 
 
 def _load_runner(path: Path) -> Any:
-    with warnings.catch_warnings(), quiet("torch._inductor"):
-        warnings.simplefilter("ignore")
-        return torch._inductor.aoti_load_package(str(path))
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+
+# The vector ISAs Inductor names in a CPU package's metadata, and the CPU flag each needs
+# (torch.cpu.get_capabilities(), read by cpuinfo); Inductor's own x86 check reads the same flags.
+_ISA_FLAGS = {"avx2": "avx2", "avx512": "avx512_f", "avx512_vnni": "avx512_vnni", "amx_tile": "amx_tile"}
+_NO_ISA = {"", "invalid_vec_isa"}
+
+
+def unsupported(path: Path) -> str:
+    """Why this machine cannot run the CPU package at ``path`` ('' when it can): another platform or
+    architecture, or vector instructions this CPU lacks."""
+    meta = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model")
+    built = f"{meta.get('AOTI_PLATFORM', '?')}/{meta.get('AOTI_MACHINE', '?')}"
+    if built != f"{sys.platform}/{platform.machine()}":
+        return f"the saved program was compiled for {built}, this is {sys.platform}/{platform.machine()}"
+    isa = [t for t in str(meta.get("AOTI_CPU_ISA", "")).lower().split() if t not in _NO_ISA]
+    if not isa or platform.machine() not in ("x86_64", "AMD64"):
+        return ""  # no vector ISA, or one set per architecture (Arm, POWER, s390x: same machine, checked above)
+    caps = torch.cpu.get_capabilities()
+    missing = [t for t in isa if not caps.get(_ISA_FLAGS.get(t, t), False)]
+    if missing:
+        return (f"the saved program uses {' '.join(missing).upper()} instructions this CPU lacks "
+                f"(compiled for {' '.join(isa).upper()})")
+    return ""
 
 
 def _checked(compiled: CompiledProgram, captured: Any, seconds: float, warm: bool) -> CompiledReport:

@@ -241,13 +241,20 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
 
 
 def _load_compiled(module: Any, path: Path, meta: dict[str, Any]) -> None:
-    """The saved CPU program, when this torch made it (its C++ ABI is this torch's); else the graph runs."""
-    from .compiled import load_compiled
+    """The saved CPU program, when this torch made it (its C++ ABI is this torch's) for this kind of
+    CPU; else the graph runs and the report says why."""
+    from .compiled import load_compiled, unsupported
 
     saved = dict(module._report.compiled or {})
     if meta.get("torch_version") != torch.__version__:
-        saved["note"] = (f"the saved program was compiled by torch {meta.get('torch_version')}, this is "
-                         f"{torch.__version__}: running the graph; compile() again")
+        reason = f"the saved program was compiled by torch {meta.get('torch_version')}, this is {torch.__version__}"
+    else:
+        try:
+            reason = unsupported(path / COMPILED)
+        except Exception as e:
+            raise LoadError(f"{path / COMPILED} is not a readable compiled program ({first_line(e)})") from e
+    if reason:
+        saved["note"] = f"{reason}: running the graph; compile() again"
         module._report = dataclasses.replace(module._report, compiled=saved)
         return
     try:

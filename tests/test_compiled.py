@@ -51,6 +51,19 @@ def test_a_saved_compiled_model_loads_warm_and_the_package_is_checked(compiled, 
     with pytest.raises(LoadError, match=f"{PACKAGE} is corrupted"):
         graphopt.load(damaged)
 
+    # a CPU without the package's vector instructions, or another architecture: the graph runs
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {})
+    isa = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path / PACKAGE), "model")
+    if isa["AOTI_CPU_ISA"] not in ("", "INVALID_VEC_ISA"):
+        plain = graphopt.load(path)
+        assert plain._compiled is None and "instructions this CPU lacks" in plain.report.table()
+    monkeypatch.setattr(graphopt.compiled.platform, "machine", lambda: "riscv64")
+    other = graphopt.load(path)
+    assert other._compiled is None and "compiled for linux/" in other.report.table()
+    with torch.no_grad():
+        assert_same(other(*args, **kwargs), model(*args, **kwargs))
+    monkeypatch.undo()
+
     monkeypatch.setattr(torch, "__version__", "0.0.0")  # another torch: its C++ ABI may differ
     other = graphopt.load(path)
     assert other._compiled is None and "compiled by torch" in other.report.table()
