@@ -168,6 +168,17 @@ class InputGuards:
                     return f"{label[i]} dim {d} is {size}, outside the captured range [{lo}, {top}]"
         return None
 
+    def to_json(self) -> dict[str, Any]:
+        return {"tensors": [[g.dtype, g.device, list(g.shape)] for g in self.tensors],
+                "ranges": {name: list(r) for name, r in self.ranges.items()}}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "InputGuards":
+        tensors = tuple(TensorGuard(str(dtype), str(device), tuple(s if isinstance(s, str) else int(s) for s in shape))
+                        for dtype, device, shape in data["tensors"])
+        ranges = {str(name): (int(lo), None if hi is None else int(hi)) for name, (lo, hi) in data["ranges"].items()}
+        return InputGuards(tensors, ranges)
+
     def describe(self, i: int) -> str:
         """Input ``i``'s expected shape, symbols shown as their range (``[1, inf]x4x32x32``)."""
         parts = []

@@ -32,7 +32,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -106,10 +106,12 @@ def compile_captured(captured: Any) -> tuple[CompiledProgram, CompiledReport]:
     return compiled, _checked(compiled, captured, seconds, warm=False)
 
 
-def load_compiled(path: Path, captured: Any) -> tuple[CompiledProgram, CompiledReport]:
-    """A saved package, loaded and checked against the saved outputs."""
+def load_compiled(path: Path, captured: Any, graph: Callable[[], Any] | None = None
+                  ) -> tuple[CompiledProgram, CompiledReport]:
+    """A saved package, loaded and checked against the saved outputs. ``graph()`` gives the graph for an
+    fp32 rerun of fp16/bf16 outputs (default: ``captured.graph_module``; a deferred graph reads it then)."""
     compiled = CompiledProgram(path, _load_runner(path))
-    return compiled, _checked(compiled, captured, 0.0, warm=True)
+    return compiled, _checked(compiled, captured, 0.0, warm=True, graph=graph)
 
 
 def _load_runner(path: Path) -> Any:
@@ -140,12 +142,14 @@ def unsupported(path: Path) -> str:
     return ""
 
 
-def _checked(compiled: CompiledProgram, captured: Any, seconds: float, warm: bool) -> CompiledReport:
+def _checked(compiled: CompiledProgram, captured: Any, seconds: float, warm: bool,
+             graph: Callable[[], Any] | None = None) -> CompiledReport:
     from .verify import compare_precise, precise_run
 
+    graph = graph or (lambda: captured.graph_module)
     with torch.no_grad():
         cmp = compare_precise(compiled(captured.example_inputs), captured.reference_outputs,
-                              lambda: precise_run(captured.graph_module, captured.example_inputs))
+                              lambda: precise_run(graph(), captured.example_inputs))
     if not cmp.within:
         raise VerificationError(f"the program Inductor compiled differs from the original model: {cmp.line()}")
     return CompiledReport(BACKEND, round(seconds, 2), cmp.max_abs_error, cmp.max_rel_error,

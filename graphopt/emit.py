@@ -130,18 +130,29 @@ class OptimizedModule(nn.Module):
     follow ``.to()``). A loaded module (:func:`graphopt.load`) has no Python original: it answers
     ``config`` from the saved copy of the original's config (a plain dict or a diffusers config,
     saved as JSON) and ``dtype`` and ``device`` from its weights; other names raise AttributeError.
+
+    A loaded module whose saved CPU program serves its calls may defer its graph
+    (:class:`graphopt.saved.DeferredGraph`, given as ``deferred`` instead of ``captured``): the graph is
+    read from the save the first time anything needs it (its weights, ``.to()``, ``graph_module``,
+    ``save``, a call the program does not serve), so a process that only calls the model never pays
+    for reading it.
     """
 
-    def __init__(self, captured: CapturedGraph, report: OptimizationReport, *, source: nn.Module | None = None,
-                 passes: Sequence[Pass] = (), flops: Callable[[fx.GraphModule], float] | None = None,
-                 source_eval: bool = False, info: SourceInfo | None = None):
+    def __init__(self, captured: CapturedGraph | None, report: OptimizationReport, *,
+                 source: nn.Module | None = None, passes: Sequence[Pass] = (),
+                 flops: Callable[[fx.GraphModule], float] | None = None, source_eval: bool = False,
+                 info: SourceInfo | None = None, deferred: Any = None):
         super().__init__()
+        if (captured is None) == (deferred is None):
+            raise ValueError("an OptimizedModule is built from a captured graph or a deferred one")
+        self._deferred = deferred  # graphopt.saved.DeferredGraph until the graph is read, then None
         self._source_info = info if info is not None else source_info(source) if source is not None else None
-        self.variants = nn.ModuleList([captured.graph_module])
+        if captured is not None:
+            self.variants = nn.ModuleList([captured.graph_module])
         self.lowered = nn.ModuleList()  # target="cuda": the variants with regions on Triton kernels
         self._runtimes: list[Any] = []  # target="cuda": one graphopt.autotune.runtime.Runtime per lowered variant
         self._graph_runners: list[Any] | None = None  # cuda_graphs=True: one CudaGraphRunner per lowered variant
-        self._captured = [captured]
+        self._captured = [captured] if captured is not None else []  # the deferred graph fills it when read
         self._report = report
         self._source = source
         self._source_eval = source_eval  # run the source as in eval mode (optimize(..., eval_mode=True))
@@ -153,6 +164,36 @@ class OptimizedModule(nn.Module):
         self._skip_graphs: dict[tuple[int, frozenset[int], bool], Any] = {}
         self._compiled: Any = None  # compile(): the main variant as Inductor's CPU program
         self._routing: Any = None  # a subnet's per-call routing (graphopt.variants.Routing)
+
+    @property
+    def _modules(self) -> dict[str, nn.Module | None]:  # type: ignore[override]
+        # Every nn.Module walk (parameters, state_dict, to, eval, repr) starts here: a deferred graph
+        # is read first, so its weights are there to be walked.
+        self._read_deferred()
+        return self.__dict__["_modules"]
+
+    @_modules.setter
+    def _modules(self, value: dict[str, nn.Module | None]) -> None:
+        self.__dict__["_modules"] = value
+
+    @property
+    def _captured(self) -> list[CapturedGraph]:
+        self._read_deferred()
+        return self.__dict__["_captured_list"]
+
+    @_captured.setter
+    def _captured(self, value: list[CapturedGraph]) -> None:
+        self.__dict__["_captured_list"] = value
+
+    def _read_deferred(self) -> None:
+        """Read a deferred graph now (something needs it); a failure leaves it deferred and raises."""
+        deferred = self.__dict__.get("_deferred")
+        if deferred is None:
+            return
+        captured = deferred.read()
+        self.__dict__["_modules"] = {"variants": nn.ModuleList([captured.graph_module]), **self.__dict__["_modules"]}
+        self.__dict__["_captured_list"] = [captured]
+        self.__dict__["_deferred"] = None
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -167,6 +208,8 @@ class OptimizedModule(nn.Module):
     def dtype(self) -> torch.dtype:
         """The dtype of this module's first floating-point weight (float32 when it has none), as diffusers'
         ``ModelMixin.dtype`` answers it."""
+        if self._deferred is not None:
+            return self._deferred.dtype
         for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers()):
             if t.is_floating_point():
                 return t.dtype
@@ -175,6 +218,8 @@ class OptimizedModule(nn.Module):
     @property
     def device(self) -> torch.device:
         """The device of this module's weights (the CPU when it has none)."""
+        if self._deferred is not None:
+            return self._deferred.device
         for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers()):
             return t.device
         return torch.device("cpu")
@@ -183,6 +228,9 @@ class OptimizedModule(nn.Module):
         try:
             return super().__getattr__(name)  # parameters, buffers and submodules, nn.Module's own lookup
         except AttributeError:
+            if name == "variants" and self.__dict__.get("_deferred") is not None:
+                self._read_deferred()
+                return self.__dict__["_modules"]["variants"]
             if name.startswith("__") or name in OWN_NAMES or "_modules" not in self.__dict__:
                 raise
         source = self.__dict__["_modules"].get("_source")
@@ -199,6 +247,7 @@ class OptimizedModule(nn.Module):
     def _reset(self, captured: CapturedGraph) -> None:
         """Make ``captured`` the canonical graph (an approximate pass changed it): variants and caches
         built from the previous one are dropped."""
+        self._read_deferred()
         if len(self.lowered):
             raise RuntimeError("approximate passes run before lowering")
         self._captured = [captured]
@@ -257,6 +306,11 @@ class OptimizedModule(nn.Module):
         return dataclasses.replace(self._report, recaptures=self._recaptures)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        deferred = self._deferred
+        if deferred is not None and self._compiled is not None:  # loaded warm: the saved program serves
+            spec, tensors, objects = deferred.head.flatten_call(args, kwargs)
+            if not _mismatch(deferred.head, spec, tensors, objects):
+                return deferred.head.call.rebuild_output(self._compiled(tensors))
         main = self._captured[0]
         spec, tensors, objects = main.flatten_call(args, kwargs)
         i = self._variant_for(args, kwargs, spec, tensors, objects)

@@ -3,14 +3,16 @@
 A save is a folder holding ``model.pt2`` (torch.export's format: the program and its weights,
 loaded without unpickling code), ``examples.safetensors`` (example inputs and the original model's
 outputs on them), ``report.json``, ``plan.json`` when a sampling plan goes with the model, and
-``graphopt.json`` (the call structure, the original model's class and config where it is a dict of
-JSON values, and the integrity record), written last.
+``graphopt.json`` (the call structure, the input guards, the weights' dtype, the original model's
+class and config where it is a dict of JSON values, and the integrity record), written last.
 
 The integrity record holds a SHA-256 of every other file, of every weight tensor of the program,
 of its graph, and of graphopt.json's own content. :func:`load` checks all of them before it trusts
 anything, so a flipped byte, a truncated or deleted file or an edited input spec is one clear
 :class:`~graphopt.errors.LoadError` naming what changed (the weight, the file, the metadata); then
-it runs the program on the saved example inputs, a second line of defence.
+it runs the program on the saved example inputs, a second line of defence. A compiled CPU program
+(``model.aoti.pt2``) that this machine runs serves calls as soon as it has reproduced the saved
+outputs; the program in ``model.pt2`` is read, with the same checks, when something first needs it.
 
 A save is written under a temporary name and swapped in atomically (Linux's RENAME_EXCHANGE where
 available), so a save that fails or is killed leaves the previous one intact; leftovers of a killed
@@ -33,13 +35,13 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import safetensors.torch
 import torch
 
 from . import cudagraphs, structure
-from .capture import CallSpec, CapturedGraph, _annotate_modules, _guards
+from .capture import CallSpec, CapturedGraph, InputGuards, _annotate_modules, _guards
 from .errors import LoadError, OutputPathError, SaveError, UsageError, first_line, no_folder
 from .variants import Routing
 from .logs import quiet
@@ -105,6 +107,8 @@ def save(module: Any, directory: str | os.PathLike, *, overwrite: bool = False, 
         (tmp / REPORT).write_text(json.dumps(module.report.to_json(), indent=2, default=str))
         if module._compiled is not None:  # a loaded model starts warm: no compile again
             module._compiled.copy_to(tmp / COMPILED)
+        meta["guards"] = _guards(program.module(), program).to_json()
+        meta["dtype"] = str(module.dtype).removeprefix("torch.")
         meta["integrity"] = {
             "files": {p.name: _file_hash(p) for p in sorted(tmp.iterdir())},
             "tensors": _program_tensor_hashes(program),
@@ -162,6 +166,11 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     the saved outputs. ``target="cuda"`` moves it to the GPU and lowers it onto Triton kernels as
     ``optimize`` does (the saved program is the portable graph; kernels are generated for the
     machine that loads it), with CUDA graphs per input layout unless ``cuda_graphs=False``.
+
+    A save holding a CPU program this machine runs (:mod:`graphopt.compiled`) loads that program,
+    checks it against the saved outputs and leaves the graph in ``model.pt2`` unread
+    (:class:`DeferredGraph`): reading it (about 2 s, most of it importing torch's compiler stack)
+    happens, with the checks above, the first time something needs it.
     """
     from .driver import TARGETS, _to_device
     from .emit import OptimizedModule, SourceInfo
@@ -187,8 +196,6 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         raise LoadError(f"{path} was saved in format version {meta.get('format_version')}, this graphopt "
                         f"reads version {FORMAT_VERSION}; re-run optimize and save")
     integrity = _check_integrity(path, meta)
-    program = _load_program(path / PROGRAM)
-    _check_program(path / PROGRAM, program, integrity)
     try:
         tensors = safetensors.torch.load_file(str(path / EXAMPLES))
     except Exception as e:
@@ -205,20 +212,74 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         outputs = tuple(tensors[f"output_{i}"] for i in range(n_out))
         info = SourceInfo.from_json(meta["source"]) if "source" in meta else None
         routing = Routing.from_json(meta["routing"]) if "routing" in meta else None
-    except (KeyError, TypeError, ValueError) as e:
+        guards = InputGuards.from_json(meta["guards"]) if "guards" in meta else None
+        dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
+    if target == "cuda" and torch.cuda.is_available():
+        inputs, outputs = _to_device(inputs, "cuda"), _to_device(outputs, "cuda")
+    dynamic_batch = bool(meta.get("dynamic_batch", True))
+
+    def read_graph() -> CapturedGraph:
+        return _read_graph(path, integrity, call, inputs, outputs, dynamic_batch, guards, verify, target)
+
+    refused = _package_refused(path, meta) if target == "cpu" and (path / COMPILED).is_file() else None
+    if refused == "" and guards is not None and dtype is not None and routing is None:
+        if len(guards.tensors) != n_in:
+            raise LoadError(f"{path} has inconsistent metadata: {META} describes {n_in} inputs and guards "
+                            f"for {len(guards.tensors)}")
+        head = CapturedGraph(None, call, guards, inputs, outputs, 0.0, dynamic_batch=dynamic_batch)  # type: ignore
+        module = OptimizedModule(None, report, info=info, deferred=DeferredGraph(head, dtype, torch.device("cpu"),
+                                                                                 read_graph))
+    else:
+        module = OptimizedModule(read_graph(), report, info=info)
+    module._routing = routing
+    if target == "cuda":
+        module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(module.captured),
+                                             cuda_graphs=cuda_graphs)
+        module._graph_runners = [] if cuda_graphs else None
+    elif refused:
+        saved = dict(report.compiled or {}, note=f"{refused}: running the graph; compile() again")
+        module._report = dataclasses.replace(report, compiled=saved)
+    elif refused == "":
+        _load_compiled(module, path)
+    return module
+
+
+@dataclasses.dataclass(frozen=True)
+class DeferredGraph:
+    """A loaded module's graph before it is read: what calls need of it, and how to read it.
+
+    ``head`` holds the call structure, input guards and saved examples (its ``graph_module`` is None:
+    it never runs); ``dtype`` and ``device`` are the weights'; ``read()`` loads ``model.pt2`` with every
+    check :func:`load` makes and returns the whole :class:`~graphopt.capture.CapturedGraph`.
+    """
+
+    head: CapturedGraph
+    dtype: torch.dtype
+    device: torch.device
+    read: Callable[[], CapturedGraph]
+
+
+def _read_graph(path: Path, integrity: dict[str, Any], call: CallSpec, inputs: tuple[torch.Tensor, ...],
+                outputs: tuple[torch.Tensor, ...], dynamic_batch: bool, saved_guards: InputGuards | None,
+                verify: bool, target: str) -> CapturedGraph:
+    """model.pt2 as a checked CapturedGraph: its hashes, its inputs and outputs against graphopt.json's,
+    and with ``verify`` its outputs on the saved inputs."""
+    program = _load_program(path / PROGRAM)
+    _check_program(path / PROGRAM, program, integrity)
     gm = program.module()
     if target == "cuda" and torch.cuda.is_available():
         gm = gm.to("cuda")
-        inputs, outputs = _to_device(inputs, "cuda"), _to_device(outputs, "cuda")
     _annotate_modules(gm)
     guards = _guards(gm, program)
     n_outputs = len(program.graph_signature.user_outputs)
-    if len(guards.tensors) != n_in or n_outputs != n_out:
-        raise LoadError(f"{path} has inconsistent metadata: {META} describes {n_in} inputs and {n_out} "
-                        f"outputs, {PROGRAM} has {len(guards.tensors)} and {n_outputs}")
-    captured = CapturedGraph(gm, call, guards, inputs, outputs, 0.0,
-                             dynamic_batch=bool(meta.get("dynamic_batch", True)))
+    if len(guards.tensors) != len(inputs) or n_outputs != len(outputs):
+        raise LoadError(f"{path} has inconsistent metadata: {META} describes {len(inputs)} inputs and "
+                        f"{len(outputs)} outputs, {PROGRAM} has {len(guards.tensors)} and {n_outputs}")
+    if saved_guards is not None and saved_guards != guards:
+        raise LoadError(f"{path} has inconsistent metadata: the input guards in {META} differ from {PROGRAM}'s")
+    captured = CapturedGraph(gm, call, guards, inputs, outputs, 0.0, dynamic_batch=dynamic_batch)
     if verify:
         from .verify import compare
 
@@ -229,36 +290,30 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
             raise LoadError(f"{path / PROGRAM} does not run on its saved example inputs ({first_line(e)})") from e
         if not cmp.within:
             raise LoadError(f"{path} does not reproduce its saved outputs ({cmp.line()}): corrupted weights?")
-    module = OptimizedModule(captured, report, info=info)
-    module._routing = routing
-    if target == "cuda":
-        module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(captured),
-                                             cuda_graphs=cuda_graphs)
-        module._graph_runners = [] if cuda_graphs else None
-    elif (path / COMPILED).is_file():
-        _load_compiled(module, path, meta)
-    return module
+    return captured
 
 
-def _load_compiled(module: Any, path: Path, meta: dict[str, Any]) -> None:
-    """The saved CPU program, when this torch made it (its C++ ABI is this torch's) for this kind of
-    CPU; else the graph runs and the report says why."""
-    from .compiled import load_compiled, unsupported
+def _package_refused(path: Path, meta: dict[str, Any]) -> str:
+    """Why the saved CPU program cannot run here ('' when it can): its C++ ABI is the torch's that made
+    it, its instructions the CPU's it was compiled for."""
+    from .compiled import unsupported
 
-    saved = dict(module._report.compiled or {})
     if meta.get("torch_version") != torch.__version__:
-        reason = f"the saved program was compiled by torch {meta.get('torch_version')}, this is {torch.__version__}"
-    else:
-        try:
-            reason = unsupported(path / COMPILED)
-        except Exception as e:
-            raise LoadError(f"{path / COMPILED} is not a readable compiled program ({first_line(e)})") from e
-    if reason:
-        saved["note"] = f"{reason}: running the graph; compile() again"
-        module._report = dataclasses.replace(module._report, compiled=saved)
-        return
+        return f"the saved program was compiled by torch {meta.get('torch_version')}, this is {torch.__version__}"
     try:
-        module._compiled, report = load_compiled(path / COMPILED, module.captured)
+        return unsupported(path / COMPILED)
+    except Exception as e:
+        raise LoadError(f"{path / COMPILED} is not a readable compiled program ({first_line(e)})") from e
+
+
+def _load_compiled(module: Any, path: Path) -> None:
+    """The saved CPU program, checked against the saved outputs (a deferred graph is read only if an
+    fp16/bf16 output needs an fp32 rerun to judge)."""
+    from .compiled import load_compiled
+
+    try:
+        module._compiled, report = load_compiled(path / COMPILED, module._deferred.head if module._deferred
+                                                 else module.captured, lambda: module.graph_module)
     except Exception as e:
         raise LoadError(f"{path / COMPILED} does not load or reproduce the saved outputs ({first_line(e)})") from e
     module._report = dataclasses.replace(module._report, compiled=dataclasses.asdict(report))

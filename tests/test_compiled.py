@@ -1,15 +1,19 @@
 """compile=True: the optimized graph compiled for the CPU by Inductor ahead of time, saved, loaded warm."""
 
 import dataclasses
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import graphopt
-from graphopt import LoadError, UsageError
+from graphopt import InputError, LoadError, UsageError
 from graphopt.approx import ApproxOutcome, _apply
 from graphopt.compiled import PACKAGE
+from graphopt.saved import META, PROGRAM, _meta_hash
 from tests import zoo
 from tests.calls import assert_same, grow
 
@@ -86,3 +90,80 @@ def test_compile_is_the_cpu_target_only():
     model, args, kwargs = zoo.kwargs_model()
     with pytest.raises(UsageError, match="compile=True builds the CPU program"):
         graphopt.optimize(model, args, kwargs, target="cuda", compile=True)
+
+
+@pytest.fixture(scope="module")
+def saved(compiled, tmp_path_factory):
+    return compiled[0], compiled[1].save(tmp_path_factory.mktemp("deferred") / "saved")
+
+
+def test_a_loaded_compiled_model_serves_calls_before_reading_its_graph(saved):
+    (model, args, kwargs), path = saved
+    loaded = graphopt.load(path)
+    assert loaded._deferred is not None  # model.pt2 is not read: the package serves the saved range
+    assert loaded.dtype == torch.float32 and loaded.device == torch.device("cpu")
+    with torch.no_grad():
+        for batch in (1, 2, 5):
+            a, k = grow(args, batch), grow(kwargs, batch)
+            assert_same(loaded(*a, **k), model(*a, **k))
+    assert loaded._deferred is not None
+
+    # anything that needs the graph reads it first: its weights, here
+    eager = graphopt.load(path)
+    eager.graph_module  # noqa: B018 - reads it
+    assert loaded.state_dict().keys() == eager.state_dict().keys() and loaded._deferred is None
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert_same(loaded(*grow(args, 3), **grow(kwargs, 3)), model(*grow(args, 3), **grow(kwargs, 3)))
+
+
+def test_a_deferred_model_refuses_calls_outside_its_range_as_a_loaded_one_does(saved):
+    (model, args, kwargs), path = saved
+    loaded = graphopt.load(path)
+    with pytest.raises(InputError, match="a loaded module cannot re-capture"):
+        loaded(args[0].double(), **kwargs)
+
+
+def test_a_deferred_model_saves_again_and_its_graph_is_checked_when_read(saved, tmp_path):
+    (model, args, kwargs), path = saved
+    again = graphopt.load(path).save(tmp_path / "again")
+    with torch.no_grad():
+        assert_same(graphopt.load(again)(*args, **kwargs), model(*args, **kwargs))
+
+    # model.pt2 replaced after the load: reading the graph names it, and the module stays usable
+    loaded = graphopt.load(again)
+    other = graphopt.optimize(zoo.kwargs_model()[0], args, kwargs)
+    torch.nn.init.zeros_(next(other.graph_module.parameters()).data)
+    other.save(tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / PROGRAM, again / PROGRAM)
+    with pytest.raises(LoadError, match="differs from the saved one"):
+        list(loaded.parameters())
+    assert loaded._deferred is not None
+    with torch.no_grad():
+        assert_same(loaded(*args, **kwargs), model(*args, **kwargs))
+
+
+def test_a_save_without_the_guards_loads_its_graph_at_once(saved, tmp_path):
+    (model, args, kwargs), path = saved
+    older = shutil.copytree(path, tmp_path / "older")  # as saves made before the guards were recorded
+    meta = json.loads((older / META).read_text())
+    del meta["guards"], meta["dtype"]
+    meta["sha256"] = _meta_hash(meta)
+    (older / META).write_text(json.dumps(meta))
+    loaded = graphopt.load(older)
+    assert loaded._deferred is None and loaded.report.compiled["warm"]
+    with torch.no_grad():
+        assert_same(loaded(*args, **kwargs), model(*args, **kwargs))
+
+
+def test_a_fresh_process_loads_and_calls_a_compiled_model_without_torch_compiler_stack(saved, tmp_path):
+    (model, args, kwargs), path = saved
+    torch.save((args, kwargs), tmp_path / "call.pt")
+    code = ("import sys, torch, graphopt\n"
+            "m = graphopt.load(sys.argv[1])\n"
+            "args, kwargs = torch.load(sys.argv[2])\n"
+            "with torch.no_grad():\n    m(*args, **kwargs)\n"
+            "print(sorted(n for n in ('torch._dynamo', 'torch._inductor', 'torch._export.serde') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "call.pt")], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
