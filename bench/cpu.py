@@ -98,7 +98,7 @@ def measure(name: str, batch: int, repeats: int) -> dict:
 
 def fresh_start_text(row: dict) -> str:
     g, c = row["fresh_start"]["graphopt"], row["fresh_start"]["torch.compile"]
-    return (f"graphopt {g['total_s']:.1f} s (import {g['import_s']:.1f} + load {g['load_s']:.1f} + first call "
+    return (f"graphopt {g['total_s']:.1f} s (import {g['import_s']:.1f} + load {g['load_s']:.2f} + first call "
             f"{g['first_call_s']:.1f}), torch.compile {c['total_s']:.1f} s (import {c['import_s']:.1f} + compile "
             f"from its warm cache and first call {c['compile_and_first_call_s']:.1f})")
 
