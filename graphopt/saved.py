@@ -220,8 +220,8 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         inputs, outputs = _to_device(inputs, "cuda"), _to_device(outputs, "cuda")
     dynamic_batch = bool(meta.get("dynamic_batch", True))
 
-    def read_graph() -> CapturedGraph:
-        return _read_graph(path, integrity, call, inputs, outputs, dynamic_batch, guards, verify, target)
+    def read_graph(rehash: bool = True) -> CapturedGraph:
+        return _read_graph(path, integrity, call, inputs, outputs, dynamic_batch, guards, verify, target, rehash)
 
     refused = _package_refused(path, meta) if target == "cpu" and (path / COMPILED).is_file() else None
     if refused == "" and guards is not None and dtype is not None and routing is None:
@@ -232,7 +232,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         module = OptimizedModule(None, report, info=info, deferred=DeferredGraph(head, dtype, torch.device("cpu"),
                                                                                  read_graph))
     else:
-        module = OptimizedModule(read_graph(), report, info=info)
+        module = OptimizedModule(read_graph(rehash=False), report, info=info)  # its file hash was just checked
     module._routing = routing
     if target == "cuda":
         module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(module.captured),
@@ -263,11 +263,13 @@ class DeferredGraph:
 
 def _read_graph(path: Path, integrity: dict[str, Any], call: CallSpec, inputs: tuple[torch.Tensor, ...],
                 outputs: tuple[torch.Tensor, ...], dynamic_batch: bool, saved_guards: InputGuards | None,
-                verify: bool, target: str) -> CapturedGraph:
-    """model.pt2 as a checked CapturedGraph: its hashes, its inputs and outputs against graphopt.json's,
-    and with ``verify`` its outputs on the saved inputs."""
+                verify: bool, target: str, rehash: bool) -> CapturedGraph:
+    """model.pt2 as a checked CapturedGraph: its inputs and outputs against graphopt.json's, with ``verify``
+    its outputs on the saved inputs, and with ``rehash`` its weights and graph against the saved hashes
+    (needless right after the file's own hash matched, as in :func:`load`; not so for a deferred read)."""
     program = _load_program(path / PROGRAM)
-    _check_program(path / PROGRAM, program, integrity)
+    if rehash:
+        _check_program(path / PROGRAM, program, integrity)
     gm = program.module()
     if target == "cuda" and torch.cuda.is_available():
         gm = gm.to("cuda")
