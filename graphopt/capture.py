@@ -179,6 +179,16 @@ class InputGuards:
         ranges = {str(name): (int(lo), None if hi is None else int(hi)) for name, (lo, hi) in data["ranges"].items()}
         return InputGuards(tensors, ranges)
 
+    def same_as(self, other: "InputGuards") -> bool:
+        """Whether both admit the same inputs: equal up to the names of their symbols."""
+        return self._renamed() == other._renamed()
+
+    def _renamed(self) -> tuple:
+        names: dict[str, str] = {}
+        tensors = tuple((g.dtype, g.device, tuple(names.setdefault(s, f"s{len(names)}") if isinstance(s, str) else s
+                                                  for s in g.shape)) for g in self.tensors)
+        return tensors, sorted((names.get(k, k), r) for k, r in self.ranges.items() if k in names)
+
     def describe(self, i: int) -> str:
         """Input ``i``'s expected shape, symbols shown as their range (``[1, inf]x4x32x32``)."""
         parts = []

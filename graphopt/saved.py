@@ -220,8 +220,9 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         inputs, outputs = _to_device(inputs, "cuda"), _to_device(outputs, "cuda")
     dynamic_batch = bool(meta.get("dynamic_batch", True))
 
-    def read_graph(rehash: bool = True) -> CapturedGraph:
-        return _read_graph(path, integrity, call, inputs, outputs, dynamic_batch, guards, verify, target, rehash)
+    def read_graph(deferred: bool = True) -> CapturedGraph:
+        return _read_graph(path, integrity, call, inputs, outputs, dynamic_batch, verify, target,
+                           served_under=guards if deferred else None)
 
     refused = _package_refused(path, meta) if target == "cpu" and (path / COMPILED).is_file() else None
     if refused == "" and guards is not None and dtype is not None and routing is None:
@@ -232,7 +233,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         module = OptimizedModule(None, report, info=info, deferred=DeferredGraph(head, dtype, torch.device("cpu"),
                                                                                  read_graph))
     else:
-        module = OptimizedModule(read_graph(rehash=False), report, info=info)  # its file hash was just checked
+        module = OptimizedModule(read_graph(deferred=False), report, info=info)
     module._routing = routing
     if target == "cuda":
         module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(module.captured),
@@ -262,13 +263,15 @@ class DeferredGraph:
 
 
 def _read_graph(path: Path, integrity: dict[str, Any], call: CallSpec, inputs: tuple[torch.Tensor, ...],
-                outputs: tuple[torch.Tensor, ...], dynamic_batch: bool, saved_guards: InputGuards | None,
-                verify: bool, target: str, rehash: bool) -> CapturedGraph:
-    """model.pt2 as a checked CapturedGraph: its inputs and outputs against graphopt.json's, with ``verify``
-    its outputs on the saved inputs, and with ``rehash`` its weights and graph against the saved hashes
-    (needless right after the file's own hash matched, as in :func:`load`; not so for a deferred read)."""
+                outputs: tuple[torch.Tensor, ...], dynamic_batch: bool, verify: bool, target: str,
+                served_under: InputGuards | None = None) -> CapturedGraph:
+    """model.pt2 as a checked CapturedGraph: its inputs and outputs against graphopt.json's, and with
+    ``verify`` its outputs on the saved inputs. Read right after :func:`load` matched the file's hash, its
+    weights need no second pass; read later for a deferred module that served calls under the guards
+    ``served_under``, the file may have changed since: its weights and graph are checked against the
+    saved hashes again, and it must admit the inputs those guards did."""
     program = _load_program(path / PROGRAM)
-    if rehash:
+    if served_under is not None:
         _check_program(path / PROGRAM, program, integrity)
     gm = program.module()
     if target == "cuda" and torch.cuda.is_available():
@@ -279,7 +282,7 @@ def _read_graph(path: Path, integrity: dict[str, Any], call: CallSpec, inputs: t
     if len(guards.tensors) != len(inputs) or n_outputs != len(outputs):
         raise LoadError(f"{path} has inconsistent metadata: {META} describes {len(inputs)} inputs and "
                         f"{len(outputs)} outputs, {PROGRAM} has {len(guards.tensors)} and {n_outputs}")
-    if saved_guards is not None and saved_guards != guards:
+    if served_under is not None and not served_under.same_as(guards):
         raise LoadError(f"{path} has inconsistent metadata: the input guards in {META} differ from {PROGRAM}'s")
     captured = CapturedGraph(gm, call, guards, inputs, outputs, 0.0, dynamic_batch=dynamic_batch)
     if verify:

@@ -129,3 +129,17 @@ def test_kwargs_and_constants_are_part_of_the_call_spec():
     assert spec == captured.call.in_spec and len(tensors) == 2
     other, _, _ = captured.call.flatten_call(args, {**kwargs, "scale": 2.0})
     assert other != captured.call.in_spec
+
+
+def test_input_guards_round_trip_through_json_and_compare_up_to_symbol_names():
+    from graphopt.capture import InputGuards, TensorGuard
+
+    guards = InputGuards((TensorGuard("float32", "cpu", ("s0", 4, 8)), TensorGuard("int64", "cpu", ("s0",))),
+                         {"s0": (1, None)})
+    assert InputGuards.from_json(guards.to_json()) == guards
+    renamed = InputGuards((TensorGuard("float32", "cpu", ("s77", 4, 8)), TensorGuard("int64", "cpu", ("s77",))),
+                          {"s77": (1, None)})
+    assert renamed != guards and renamed.same_as(guards)
+    narrower = InputGuards(renamed.tensors, {"s77": (2, None)})
+    static = InputGuards((TensorGuard("float32", "cpu", (2, 4, 8)), TensorGuard("int64", "cpu", (2,))), {})
+    assert not narrower.same_as(guards) and not static.same_as(guards)
