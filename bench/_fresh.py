@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
-# argv: saved folder, inputs file (torch.save of a tuple), target. Prints: total, import, load, first call.
-LOAD_SAVED = """
+# argv: saved folder, inputs file (torch.save of a tuple), target. Prints: total, import, load, first call,
+# then the load's phases from its report (LOAD_PHASES; 0 for a phase the load did not have).
+LOAD_PHASES = ("files", "graph", "package", "lowering")
+LOAD_SAVED = f"""
 import sys, time
 start = time.perf_counter()
 import torch, graphopt
@@ -20,7 +22,9 @@ with torch.no_grad():
 if torch.cuda.is_available():
     torch.cuda.synchronize()
 end = time.perf_counter()
-print(end - start, imported - start, loaded - imported, end - loaded)
+phases = module.report.load_s or {{}}
+print(end - start, imported - start, loaded - imported, end - loaded,
+      *(phases.get(k, 0.0) for k in {LOAD_PHASES!r}))
 """
 
 # argv: reference model name, inputs file. Prints: total, import, compile and first call (Inductor's

@@ -18,8 +18,9 @@ In one process, with every ratio taken from the same run:
 2. **Warm start**, once the first batch is measured: the first model saved, then loaded in a fresh
    process with ``target="cuda"`` (tunings and Triton's compiled kernels cached on this machine): seconds
    from ``import graphopt`` to the first call's result (target: under 2 s), split into the import, the
-   load (and, in another fresh process, what reading the saved program with ``torch.export.load`` alone
-   costs) and the first call.
+   load (its phases from the loaded module's report: files and hashes, reading and checking the graph,
+   lowering; and, in another fresh process, what reading the saved program with ``torch.export.load``
+   alone costs) and the first call.
 3. **Whole sampler**, once every batch is measured, for each model at ``--sampler-batch``: an ``--sampler-steps``-step
    Euler loop (flow times for the DiTs, EDM sigmas for the UNet): eager, torch.compile reduce-overhead,
    graphopt with per-call CUDA graphs, and graphopt's :class:`graphopt.SamplerGraph` (the whole loop as one
@@ -82,7 +83,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from _fresh import LOAD_SAVED, READ_PROGRAM, run_fresh  # noqa: E402 - bench/, beside this script
+from _fresh import LOAD_PHASES, LOAD_SAVED, READ_PROGRAM, run_fresh  # noqa: E402 - bench/, beside this script
 from _inputs import DTYPES, denoiser, example_inputs, selection  # noqa: E402
 
 import graphopt  # noqa: E402
@@ -303,13 +304,14 @@ def warm_start(run: ModelRun) -> dict:
         except RuntimeError as err:
             return {"model": run.label, "error": str(err)}
     row = {"model": run.label, "first_s": first[0], "warm_s": warm[0], "import_s": warm[1], "load_s": warm[2],
-           "read_program_s": read_s, "first_call_s": warm[3]}
+           "read_program_s": read_s, "first_call_s": warm[3], "load_phases_s": dict(zip(LOAD_PHASES, warm[4:]))}
     print(f"{run.label} warm start: first load {first[0]:.2f} s, warm {warm[0]:.2f} s ({warm_parts(row)})", flush=True)
     return row
 
 
 def warm_parts(row: dict) -> str:
-    return (f"import {row['import_s']:.2f} s, load {row['load_s']:.2f} s (reading the program alone "
+    phases = ", ".join(f"{k} {v:.2f} s" for k, v in row.get("load_phases_s", {}).items() if v)
+    return (f"import {row['import_s']:.2f} s, load {row['load_s']:.2f} s ({phases}; reading the program alone "
             f"{row['read_program_s']:.2f} s), first call {row['first_call_s']:.2f} s")
 
 

@@ -31,6 +31,11 @@ class OptimizationReport:
     plans made for that model fit this module, also after save and load."""
     compiled: dict[str, Any] | None = None
     """compile=True: the :class:`~graphopt.compiled.CompiledReport` as JSON (backend, seconds, error)."""
+    load_s: dict[str, float] | None = None
+    """A module from :func:`graphopt.load`: seconds per phase of that load: ``files`` (hashes, metadata,
+    example inputs), ``graph`` (reading model.pt2 and, with ``verify``, running it on the saved inputs;
+    absent while the graph is deferred), ``package`` (loading and checking the compiled CPU program),
+    ``lowering`` (target="cuda": partition, kernels and their checks). Not saved."""
 
     @property
     def flops_before(self) -> float:
@@ -74,6 +79,10 @@ class OptimizationReport:
                 "\nlower: replayed as CUDA graphs, one per input layout (a layout whose recording fails "
                 "launches directly, with a warning)" if self.cuda_graphs else
                 "\nlower: kernels launched directly, no CUDA graphs (cuda_graphs=False, or no GPU)"))
+        if self.load_s is not None:
+            lines.append(f"load: {sum(self.load_s.values()):.2f}s (" + ", ".join(
+                f"{k} {v:.2f}s" for k, v in self.load_s.items()) + ")" + (
+                "" if "graph" in self.load_s else "; the graph is read when first needed"))
         if self.compiled is not None:
             from .compiled import CompiledReport
 

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -104,7 +105,8 @@ def save(module: Any, directory: str | os.PathLike, *, overwrite: bool = False, 
         tensors.update({f"output_{i}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
                         for i, t in enumerate(captured.reference_outputs)})
         safetensors.torch.save_file(tensors, str(tmp / EXAMPLES))
-        (tmp / REPORT).write_text(json.dumps(module.report.to_json(), indent=2, default=str))
+        report = dataclasses.replace(module.report, load_s=None)  # how the module was loaded is not saved
+        (tmp / REPORT).write_text(json.dumps(report.to_json(), indent=2, default=str))
         if module._compiled is not None:  # a loaded model starts warm: no compile again
             module._compiled.copy_to(tmp / COMPILED)
         meta["guards"] = _guards(program.module(), program).to_json()
@@ -182,6 +184,8 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     if target == "cuda":
         check_cuda_target()
     cuda_graphs = cudagraphs.resolve(cuda_graphs, target)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}  # the report's load_s: where a load's time goes
     path = Path(directory)
     if not path.is_dir():
         left = _interrupted(path)
@@ -225,6 +229,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
                            served_under=guards if deferred else None)
 
     refused = _package_refused(path, meta) if target == "cpu" and (path / COMPILED).is_file() else None
+    seconds["files"] = time.perf_counter() - started
     if refused == "" and guards is not None and dtype is not None and routing is None:
         if len(guards.tensors) != n_in:
             raise LoadError(f"{path} has inconsistent metadata: {META} describes {n_in} inputs and guards "
@@ -234,16 +239,20 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
                                                                                  read_graph))
     else:
         module = OptimizedModule(read_graph(deferred=False), report, info=info)
+        seconds["graph"] = time.perf_counter() - started - sum(seconds.values())
     module._routing = routing
     if target == "cuda":
         module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(module.captured),
                                              cuda_graphs=cuda_graphs)
         module._graph_runners = [] if cuda_graphs else None
+        seconds["lowering"] = time.perf_counter() - started - sum(seconds.values())
     elif refused:
         saved = dict(report.compiled or {}, note=f"{refused}: running the graph; compile() again")
         module._report = dataclasses.replace(report, compiled=saved)
     elif refused == "":
         _load_compiled(module, path)
+        seconds["package"] = time.perf_counter() - started - sum(seconds.values())
+    module._report = dataclasses.replace(module._report, load_s={k: round(v, 4) for k, v in seconds.items()})
     return module
 
 

@@ -101,6 +101,8 @@ def test_a_loaded_compiled_model_serves_calls_before_reading_its_graph(saved):
     (model, args, kwargs), path = saved
     loaded = graphopt.load(path)
     assert loaded._deferred is not None  # model.pt2 is not read: the package serves the saved range
+    assert set(loaded.report.load_s) == {"files", "package"}
+    assert "the graph is read when first needed" in loaded.report.table()
     assert loaded.dtype == torch.float32 and loaded.device == torch.device("cpu")
     with torch.no_grad():
         for batch in (1, 2, 5):
@@ -127,6 +129,7 @@ def test_a_deferred_model_refuses_calls_outside_its_range_as_a_loaded_one_does(s
 def test_a_deferred_model_saves_again_and_its_graph_is_checked_when_read(saved, tmp_path):
     (model, args, kwargs), path = saved
     again = graphopt.load(path).save(tmp_path / "again")
+    assert json.loads((again / "report.json").read_text())["load_s"] is None  # how it was loaded is not saved
     with torch.no_grad():
         assert_same(graphopt.load(again)(*args, **kwargs), model(*args, **kwargs))
 

@@ -205,6 +205,7 @@ def test_a_saved_model_is_lowered_again_when_loaded_for_cuda(tmp_path):
     graphopt.optimize(model, args, kwargs).save(tmp_path / "dit")
     loaded = graphopt.load(tmp_path / "dit", target="cuda")
     assert loaded.report.target == "cuda" and loaded.report.lowering["regions"]
+    assert list(loaded.report.load_s) == ["files", "graph", "lowering"]  # where a warm start's load goes
     with torch.no_grad():
         _assert_close(loaded(*args, **kwargs), model(*args, **kwargs))
     with pytest.raises(UsageError, match="unknown target"):

@@ -24,6 +24,8 @@ def test_save_and_load_round_trip(optimized_zoo, tmp_path, name):
         big_args, big_kwargs = grow(args, 4), grow(kwargs, 4)
         assert_same(loaded(*big_args, **big_kwargs), model(*big_args, **big_kwargs))
     assert [p.name for p in loaded.report.passes] == [p.name for p in opt.report.passes]
+    assert set(loaded.report.load_s) == {"files", "graph"} and "load: " in loaded.report.table()
+    assert opt.report.load_s is None and "load: " not in opt.report.table()
     assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temp directories left behind
     umask = os.umask(0)
     os.umask(umask)
