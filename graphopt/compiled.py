@@ -69,13 +69,14 @@ class CompiledReport:
 class CompiledProgram:
     """A loaded AOTInductor package: call it with the graph's flat tensor inputs."""
 
-    def __init__(self, package: Path, runner: Any, owner: tempfile.TemporaryDirectory | None = None):
+    def __init__(self, package: Path, run: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]],
+                 owner: tempfile.TemporaryDirectory | None = None):
         self.package = package
-        self._runner = runner
+        self._run = run
         self._owner = owner  # keeps a package compiled into a temporary folder alive with this object
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tuple(self._runner.boxed_run(list(tensors)))  # the graph's flat inputs and outputs
+        return tuple(self._run(list(tensors)))  # the graph's flat inputs and outputs
 
     def copy_to(self, path: Path) -> None:
         shutil.copyfile(self.package, path)
@@ -114,8 +115,33 @@ def load_compiled(path: Path, captured: Any, graph: Callable[[], Any] | None = N
     return compiled, _checked(compiled, captured, 0.0, warm=True, graph=graph)
 
 
-def _load_runner(path: Path) -> Any:
-    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+def _load_runner(path: Path) -> Callable[[list[torch.Tensor]], Sequence[torch.Tensor]]:
+    """The package's run function: torch's C++ loader where :func:`unsupported` can check the CPU and the
+    loader takes the arguments given here (torch 2.13's); else torch's own loader, which probes the CPU
+    itself (and only warns on a mismatch)."""
+    if _can_check():
+        try:
+            return _aoti_loader()(str(path), "model", False, 1, -1).boxed_run
+        except (TypeError, AttributeError):  # another torch's loader signature
+            pass
+    with warnings.catch_warnings(), quiet("torch._inductor"):
+        warnings.simplefilter("ignore")
+        model = torch._inductor.aoti_load_package(str(path))
+
+    def run(tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        out = model(*tensors)
+        return out if isinstance(out, (tuple, list)) else (out,)
+
+    return run
+
+
+def _aoti_loader() -> Any:
+    return getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+
+
+def _can_check() -> bool:
+    """Whether this torch lets graphopt read a package's metadata and the CPU's flags."""
+    return hasattr(_aoti_loader(), "load_metadata_from_package") and hasattr(torch.cpu, "get_capabilities")
 
 
 # The vector ISAs Inductor names in a CPU package's metadata, and the CPU flag each needs
@@ -126,8 +152,11 @@ _NO_ISA = {"", "invalid_vec_isa"}
 
 def unsupported(path: Path) -> str:
     """Why this machine cannot run the CPU package at ``path`` ('' when it can): another platform or
-    architecture, or vector instructions this CPU lacks."""
-    meta = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model")
+    architecture, or vector instructions this CPU lacks. '' too where this torch gives no way to read them:
+    then torch's own loader checks (:func:`_load_runner`)."""
+    if not _can_check():
+        return ""
+    meta = _aoti_loader().load_metadata_from_package(str(path), "model")
     built = f"{meta.get('AOTI_PLATFORM', '?')}/{meta.get('AOTI_MACHINE', '?')}"
     if built != f"{sys.platform}/{platform.machine()}":
         return f"the saved program was compiled for {built}, this is {sys.platform}/{platform.machine()}"

@@ -170,3 +170,22 @@ def test_a_fresh_process_loads_and_calls_a_compiled_model_without_torch_compiler
     out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "call.pt")], capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_torch_whose_package_loader_differs_loads_through_torch_s_own(saved, monkeypatch):
+    (model, args, kwargs), path = saved
+
+    class OlderLoader:  # another torch's C++ loader: other constructor arguments
+        load_metadata_from_package = staticmethod(torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package)
+
+        def __init__(self, path, name):
+            pass
+
+    monkeypatch.setattr(graphopt.compiled, "_aoti_loader", lambda: OlderLoader)
+    with torch.no_grad():
+        assert_same(graphopt.load(path)(*args, **kwargs), model(*args, **kwargs))
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # a torch without it: no check of ours, torch's own
+    loaded = graphopt.load(path)
+    assert loaded.report.compiled["warm"]
+    with torch.no_grad():
+        assert_same(loaded(*args, **kwargs), model(*args, **kwargs))
