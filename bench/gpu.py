@@ -91,6 +91,7 @@ from graphopt.autotune.model_tuning import tune_model  # noqa: E402
 from graphopt.autotune.configs import is_aten  # noqa: E402
 from graphopt.autotune.gemm import is_template  # noqa: E402
 from graphopt.models.samplers import Sampler, edm_sigmas, flow_times  # noqa: E402
+from graphopt.saved import PROGRAM  # noqa: E402
 from graphopt.verify import compare  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -300,7 +301,7 @@ def warm_start(run: ModelRun) -> dict:
         try:
             first = run_fresh(LOAD_SAVED, model, saved_inputs, "cuda")  # fills what a cold machine lacks (Triton)
             warm = run_fresh(LOAD_SAVED, model, saved_inputs, "cuda")
-            (read_s,) = run_fresh(READ_PROGRAM, next(model.glob("*.pt2")))
+            (read_s,) = run_fresh(READ_PROGRAM, model / PROGRAM)
         except RuntimeError as err:
             return {"model": run.label, "error": str(err)}
     row = {"model": run.label, "first_s": first[0], "warm_s": warm[0], "import_s": warm[1], "load_s": warm[2],
