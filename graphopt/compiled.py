@@ -15,9 +15,10 @@ CPU without the vector instructions the package was compiled for (AVX-512 code o
 would stop at its first illegal instruction), runs the saved graph and the report says why. Compiling
 takes tens of seconds to minutes (a C++ compiler is needed); the report gives the time.
 
-A package is loaded with torch's C++ loader directly: ``torch._inductor.aoti_load_package`` first
-compiles test programs to find this CPU's best vector ISA (about 2 s per process, for a warning on a
-mismatch), while the check here reads the CPU's flags (:func:`unsupported`) and refuses the package.
+A package is loaded with torch's C++ loader directly where this torch allows it:
+``torch._inductor.aoti_load_package`` first compiles test programs to find this CPU's best vector ISA
+(about 2 s per process, for a warning on a mismatch), while the check here reads the CPU's flags
+(:func:`unsupported`) and refuses the package. Elsewhere (older torch releases) that function loads it.
 """
 
 from __future__ import annotations
