@@ -44,7 +44,6 @@ import torch
 from . import cudagraphs, structure
 from .capture import CallSpec, CapturedGraph, InputGuards, _annotate_modules, _guards
 from .errors import LoadError, OutputPathError, SaveError, UsageError, first_line, no_folder
-from .variants import Routing
 from .logs import quiet
 
 FORMAT = "graphopt-optimized"
@@ -215,7 +214,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         inputs = tuple(tensors[f"input_{i}"] for i in range(n_in))
         outputs = tuple(tensors[f"output_{i}"] for i in range(n_out))
         info = SourceInfo.from_json(meta["source"]) if "source" in meta else None
-        routing = Routing.from_json(meta["routing"]) if "routing" in meta else None
+        routing = _routing(meta["routing"]) if "routing" in meta else None
         guards = InputGuards.from_json(meta["guards"]) if "guards" in meta else None
         dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -254,6 +253,12 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         seconds["package"] = time.perf_counter() - started - sum(seconds.values())
     module._report = dataclasses.replace(module._report, load_s={k: round(v, 4) for k, v in seconds.items()})
     return module
+
+
+def _routing(data: Any) -> Any:
+    from .variants import Routing  # imported here: it needs the graph analyses (and sympy), most loads do not
+
+    return Routing.from_json(data)
 
 
 @dataclasses.dataclass(frozen=True)
