@@ -18,7 +18,7 @@ nn.Module or ONNX::
 
 import importlib
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import ops  # noqa: F401 - registers torch.ops.graphopt.*, which saved programs may hold
 from .capture import CapturedGraph, capture
@@ -44,6 +44,15 @@ _LAZY = {
     "SamplingPlan": "plan",
     "QualityCost": "quality", "QualityEvaluator": "quality",
 }
+
+if TYPE_CHECKING:  # what static tools and editors see: every public name, as if imported here
+    from .approx import ApproxContext, ApproxPass, Budget, QualityBudgetError
+    from .autodiffusion import EvolutionConfig, search
+    from .cudagraphs import SamplerGraph
+    from .onnx import OnnxReport, export_onnx
+    from .pipelines import PipelineReport, optimize_pipeline, plan_scheduler, plan_steps
+    from .plan import SamplingPlan
+    from .quality import QualityCost, QualityEvaluator
 
 
 def __getattr__(name: str) -> Any:
