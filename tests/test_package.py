@@ -23,9 +23,10 @@ def test_an_unknown_name_is_an_attribute_error():
 
 
 def test_importing_graphopt_leaves_the_heavy_stacks_for_first_use():
-    # a process that loads and calls a saved model needs none of these (sympy alone is about 0.5 s);
-    # the names that need them import them on first use, and subpackages resolve as attributes
-    code = ("import sys, graphopt\n"
+    # a process that loads and calls a saved model, or a CLI start, needs none of these (sympy alone is
+    # about 0.5 s, networkx 0.2 s); the names that need them import them on first use, and subpackages
+    # resolve as attributes
+    code = ("import sys, graphopt, graphopt.cli\n"
             "heavy = ('sympy', 'onnx', 'onnxscript', 'networkx', 'graphopt.autodiffusion')\n"
             "heavy = [m for m in heavy if m in sys.modules]\n"
             "assert not heavy, heavy\n"

@@ -36,15 +36,12 @@ concatenation is derived from the other): where the structure is ambiguous the a
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
+import networkx as nx
 import sympy
 from torch import fx
 
-from .graph import CONVS, LAYOUT, SDPA, ancestors, common_module, in_graph_order, is_scalar_scale, op_name
-
-if TYPE_CHECKING:
-    import networkx as nx
+from .graph import CONVS, LAYOUT, SDPA, common_module, in_graph_order, is_scalar_scale, op_name
 
 _SCORES = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm"})
 _SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
@@ -204,10 +201,10 @@ def _derived_from(g: nx.DiGraph, root: str, n: str) -> bool:
     (``root`` dominates ``n`` on the inputs' paths; parameters and constants are not inputs)."""
     if n == root:
         return True
-    above = ancestors(g, n)
-    if root not in above:
+    ancestors = nx.ancestors(g, n)
+    if root not in ancestors:
         return False
-    bypass = ancestors(g.subgraph((above - {root}) | {n}), n)
+    bypass = nx.ancestors(g.subgraph((ancestors - {root}) | {n}), n)
     return not any(g.nodes[a]["op"] == "placeholder" for a in bypass)
 
 

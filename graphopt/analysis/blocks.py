@@ -40,12 +40,10 @@ of 2.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
-from .graph import CONVS, HEAVY, RESAMPLE, ancestors, arg, common_module, descendants, in_graph_order
+import networkx as nx
 
-if TYPE_CHECKING:
-    import networkx as nx
+from .graph import CONVS, HEAVY, RESAMPLE, arg, common_module, in_graph_order
 
 Signature = tuple[tuple[str, tuple[int | str, ...] | None, str | None], ...]
 
@@ -123,10 +121,10 @@ def find_blocks(g: nx.DiGraph) -> tuple[tuple[ResidualBlock, ...], tuple[SkipEdg
             continue
         operands = [p.name for p in g.nodes[n]["fx"].args[0] if hasattr(p, "name") and p.name in g]
         for h in operands:
-            above = ancestors(g, h)
+            ancestors = nx.ancestors(g, h)
             for s in operands:
-                if s != h and s in above:
-                    interior = (descendants(g, s) & above) | {h}
+                if s != h and s in ancestors:
+                    interior = (nx.descendants(g, s) & ancestors) | {h}
                     if _is_long(g, s, h, interior, candidates):
                         skips.append(_skip(g, s, h, n, "concat"))
     skips.sort(key=lambda e: g.nodes[e.join]["index"])
@@ -161,22 +159,22 @@ def _residual_candidate(g: nx.DiGraph, n: str, dependent: set[str]) -> ResidualB
     if len(operands) != 2:
         return None
     a, b = operands
-    above = {a: ancestors(g, a), b: ancestors(g, b)}
+    ancestors = {a: nx.ancestors(g, a), b: nx.ancestors(g, b)}
     found = None
     for x_op, f_op in ((a, b), (b, a)):  # x itself before a projection of x
-        if x_op in above[f_op]:
+        if x_op in ancestors[f_op]:
             found = (x_op, None, f_op)
             break
     else:
         for x_op, f_op in ((a, b), (b, a)):
             src = _projection_input(g, x_op)
-            if src is not None and src in above[f_op]:
+            if src is not None and src in ancestors[f_op]:
                 found = (src, x_op, f_op)
                 break
     if found is None:
         return None
     entry, shortcut, branch = found
-    region = (descendants(g, entry) & above[branch]) | {entry, branch, n}
+    region = (nx.descendants(g, entry) & ancestors[branch]) | {entry, branch, n}
     heavy = [m for m in region - {entry} if _is_heavy(g, m)]
     if not heavy:
         return None
@@ -204,7 +202,7 @@ def _projection_input(g: nx.DiGraph, n: str) -> str | None:
                              or name.endswith("convolution") and bool(arg(fx_node, 6, "transposed", False))):
         return None
     weight = fx_node.args[1].name
-    if any(g.nodes[p]["op"] == "placeholder" for p in ancestors(g, weight) | {weight}):
+    if any(g.nodes[p]["op"] == "placeholder" for p in nx.ancestors(g, weight) | {weight}):
         return None
     if name != "linear" and any(k != 1 for k in g.nodes[weight]["shape"][2:]):
         return None
@@ -238,7 +236,7 @@ def _skip(g: nx.DiGraph, s: str, h: str, join: str, kind: str) -> SkipEdge:
 def _input_dependent(g: nx.DiGraph) -> set[str]:
     """Nodes whose data depends on a graph input: parameters and constants are not operands of note."""
     placeholders = [n for n, d in g.nodes(data=True) if d["op"] == "placeholder"]
-    return set(placeholders).union(*(descendants(g, p) for p in placeholders))
+    return set(placeholders).union(*(nx.descendants(g, p) for p in placeholders))
 
 
 def _predecessor(g: nx.DiGraph, block: ResidualBlock, by_exit: dict[str, ResidualBlock],

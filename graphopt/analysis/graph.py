@@ -10,14 +10,12 @@ users) is left out. Everything here reads the graph's structure; module paths ar
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import networkx as nx
 import sympy
 import torch
 from torch import fx
-
-if TYPE_CHECKING:  # networkx takes 0.2 s to import: only the analyses that build a view load it
-    import networkx as nx
 
 # Operator families, by ATen op name (the overload packet's name, so "add" covers add.Tensor).
 HEAVY = frozenset({
@@ -130,8 +128,6 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     ``shape``, ``dtype``, ``module`` (the producing module's dotted path, a label), ``parameter``,
     ``index`` (position in the FX graph, a topological order) and ``fx`` (the node itself, for its
     arguments); an edge per tensor read, from producer to reader."""
-    import networkx as nx
-
     g = nx.DiGraph()
     for index, node in enumerate(gm.graph.nodes):
         if _skipped(node):
@@ -153,20 +149,6 @@ def input_dependent(gm: fx.GraphModule) -> set[str]:
         if node.op == "placeholder" or any(src.name in dependent for src in node.all_input_nodes):
             dependent.add(node.name)
     return dependent
-
-
-def ancestors(g: nx.DiGraph, n: str) -> set[str]:
-    """The vertices ``n`` is computed from (networkx's ``ancestors``)."""
-    import networkx as nx
-
-    return nx.ancestors(g, n)
-
-
-def descendants(g: nx.DiGraph, n: str) -> set[str]:
-    """The vertices computed from ``n`` (networkx's ``descendants``)."""
-    import networkx as nx
-
-    return nx.descendants(g, n)
 
 
 def in_graph_order(g: nx.DiGraph, names: Iterable[str]) -> tuple[str, ...]:

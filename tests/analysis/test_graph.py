@@ -105,12 +105,3 @@ def test_json_is_plain_data(analysed):
     assert data["stacks"][0]["units"][0] == [b.exit for b in a.stacks[0].units[0]]
     assert data["cost"]["flops"] == str(a.cost.flops) and data["ops"]["scaled_dot_product_attention"] == 3
 
-
-def test_importing_graphopt_leaves_networkx_unimported():
-    # networkx costs 0.2 s to import (a CLI start pays it); only the analyses that build a view need it
-    import subprocess
-    import sys
-
-    code = "import sys, graphopt, graphopt.cli\nassert 'networkx' not in sys.modules, 'imported'"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
