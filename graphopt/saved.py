@@ -185,6 +185,10 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     cuda_graphs = cudagraphs.resolve(cuda_graphs, target)
     started = time.perf_counter()
     seconds: dict[str, float] = {}  # the report's load_s: where a load's time goes
+
+    def lap(phase: str) -> None:  # the time since the previous phase ended
+        seconds[phase] = time.perf_counter() - started - sum(seconds.values())
+
     path = Path(directory)
     if not path.is_dir():
         left = _interrupted(path)
@@ -228,7 +232,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
                            served_under=guards if deferred else None)
 
     refused = _package_refused(path, meta) if target == "cpu" and (path / COMPILED).is_file() else None
-    seconds["files"] = time.perf_counter() - started
+    lap("files")
     if refused == "" and guards is not None and dtype is not None and routing is None:
         if len(guards.tensors) != n_in:
             raise LoadError(f"{path} has inconsistent metadata: {META} describes {n_in} inputs and guards "
@@ -238,19 +242,19 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
                                                                                  read_graph))
     else:
         module = OptimizedModule(read_graph(deferred=False), report, info=info)
-        seconds["graph"] = time.perf_counter() - started - sum(seconds.values())
+        lap("graph")
     module._routing = routing
     if target == "cuda":
         module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(module.captured),
                                              cuda_graphs=cuda_graphs)
         module._graph_runners = [] if cuda_graphs else None
-        seconds["lowering"] = time.perf_counter() - started - sum(seconds.values())
+        lap("lowering")
     elif refused:
         saved = dict(report.compiled or {}, note=f"{refused}: running the graph; compile() again")
         module._report = dataclasses.replace(report, compiled=saved)
     elif refused == "":
         _load_compiled(module, path)
-        seconds["package"] = time.perf_counter() - started - sum(seconds.values())
+        lap("package")
     module._report = dataclasses.replace(module._report, load_s={k: round(v, 4) for k, v in seconds.items()})
     return module
 
