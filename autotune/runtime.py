@@ -31,7 +31,10 @@ generated forward. A ``tune()`` of any call site retires the forwards that baked
 With ``GRAPHOPT_DUMP_KERNELS=dir`` each forward's source is written to ``dir`` beside the kernels,
 and its tracebacks point into that file.
 
-Not done here: buffer reuse (every kernel output is a fresh tensor from PyTorch's caching allocator).
+Buffers are reused (:mod:`.buffers`): a kernel output or workspace whose last view has died serves
+the next allocation of its size instead of a new tensor from PyTorch's caching allocator
+(``Runtime(reuse_buffers=False)`` allocates every one). On a GPU such a forward, too, runs once on the
+generating call's inputs and is written again without reuse if its outputs differ.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from torch import fx
 
 from graphopt.verify import compare
 
+from .buffers import BufferPlanner, BufferStats, StorageKey, storage_keys
 from .launches import AtenCall, DirectLaunch, LaunchBinder, Ref, Streams, triton_streams
 from .sites import SitePlan, _Tuned
 
@@ -89,6 +93,8 @@ class GeneratedForward:
     """Kernel launches in the source."""
     direct_launches: int = 0
     """Those that call Triton's compiled launcher directly (the others go through ``kernel[grid]``)."""
+    buffers: BufferStats = dataclasses.field(default_factory=BufferStats)
+    """Its allocations, and how many of them take over a dead buffer (:mod:`.buffers`)."""
 
 
 @dataclasses.dataclass
@@ -111,14 +117,17 @@ class Runtime:
     layouts get a forward of their own. ``direct_launch``: launch compiled kernels through their launchers
     (``True``: where the inputs are on a GPU and ``GRAPHOPT_DIRECT_LAUNCH`` is not ``0``; ``False``:
     always through ``kernel[grid]``; a :class:`~.launches.Streams`: with that device and stream source).
+    ``reuse_buffers``: a dead buffer serves the next allocation of its size (:mod:`.buffers`).
     """
 
     def __init__(self, graph_module: fx.GraphModule, *, dump_dir: str | os.PathLike | None = None,
-                 max_forwards: int = MAX_FORWARDS, direct_launch: bool | Streams = True):
+                 max_forwards: int = MAX_FORWARDS, direct_launch: bool | Streams = True,
+                 reuse_buffers: bool = True):
         self.graph_module = graph_module
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
         self.max_forwards = max_forwards
         self.direct_launch = direct_launch
+        self.reuse_buffers = reuse_buffers
         self.stats = RuntimeStats()
         self._forwards: dict[Layout, GeneratedForward] = {}
         self._last: Callable[..., tuple[torch.Tensor, ...] | None] | None = None
@@ -153,7 +162,8 @@ class Runtime:
             self.stats.general += 1
             return tuple(self.graph_module(*tensors))
         out, forward = generate_forward(self.graph_module, tensors, name=f"forward_{len(self._forwards)}",
-                                        dump_dir=self.dump_dir, streams=self._streams(tensors))
+                                        dump_dir=self.dump_dir, streams=self._streams(tensors),
+                                        reuse_buffers=self.reuse_buffers)
         self._forwards[layout] = forward
         self._last = forward.fn
         self.stats.generated += 1
@@ -184,26 +194,30 @@ class Runtime:
 
 
 def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, name: str = "forward",
-                     dump_dir: str | os.PathLike | None = None,
-                     streams: Streams | None = None) -> tuple[tuple[torch.Tensor, ...], GeneratedForward]:
+                     dump_dir: str | os.PathLike | None = None, streams: Streams | None = None,
+                     reuse_buffers: bool = True) -> tuple[tuple[torch.Tensor, ...], GeneratedForward]:
     """Run ``gm`` once on ``tensors`` through its call sites and write its forward for their layout.
 
     Returns the outputs of that run and the forward. Every call site chooses its config here, as on
     the general path (from the tuning cache, by tuning, or the default). With ``streams``, compiled
-    kernels are launched through their launchers (:class:`~.launches.LaunchBinder`); such a forward is
-    run once on ``tensors`` and kept only if it gives the same outputs, else written again without.
+    kernels are launched through their launchers (:class:`~.launches.LaunchBinder`); with
+    ``reuse_buffers``, dead buffers serve later allocations (:mod:`.buffers`). A forward with direct
+    launches, or on a GPU with reused buffers, is run once on ``tensors`` and kept only if it gives the
+    same outputs, else written again without either, with a warning.
     """
     recorder = _Recorder(gm, streams)
     with torch.no_grad():
         outputs = tuple(recorder.run(*tensors))
     layout = layout_of(tensors)
-    forward = _compile(_Writer(gm, recorder, layout, name, streams), name, layout, dump_dir)
-    if forward.direct_launches:
-        why = _direct_mismatch(forward, tensors, outputs)
+    forward = _compile(_Writer(gm, recorder, layout, name, streams, reuse_buffers), name, layout, dump_dir)
+    if _needs_check(forward, tensors):
+        why = _mismatch(forward, tensors, outputs)
         if why is not None:
-            warnings.warn(f"graphopt: {name}'s direct launches of the compiled kernels {why}; it launches "
-                          "through kernel[grid] instead", RuntimeWarning, stacklevel=2)
-            forward = _compile(_Writer(gm, recorder, layout, name, None), name, layout, dump_dir)
+            done = [w for w, n in (("direct launches of the compiled kernels", forward.direct_launches),
+                                   ("buffer reuse", forward.buffers.reused)) if n]
+            warnings.warn(f"graphopt: {name} with {' and '.join(done)} {why}; it is written again without "
+                          "(kernel[grid] launches, a buffer per allocation)", RuntimeWarning, stacklevel=2)
+            forward = _compile(_Writer(gm, recorder, layout, name, None, False), name, layout, dump_dir)
     return outputs, forward
 
 
@@ -219,12 +233,21 @@ def _compile(writer: _Writer, name: str, layout: Layout, dump_dir: str | os.Path
         filename = str(path)
     code = compile(source, filename, "exec")
     exec(code, namespace)  # noqa: S102 - our own generated source, written just above
-    return GeneratedForward(name, source, namespace[name], layout, path, writer.launches, writer.direct_launches)
+    return GeneratedForward(name, source, namespace[name], layout, path, writer.launches, writer.direct_launches,
+                            writer.buffers.stats)
 
 
-def _direct_mismatch(forward: GeneratedForward, tensors: Sequence[torch.Tensor],
+def _needs_check(forward: GeneratedForward, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``forward`` is run once against the generating run before it is used: with direct launches,
+    and on a GPU with reused buffers (elsewhere, i.e. under Triton's interpreter, that run would cost
+    as much as the call itself)."""
+    return bool(forward.direct_launches or (forward.buffers.reused and any(t.is_cuda for t in tensors)))
+
+
+def _mismatch(forward: GeneratedForward, tensors: Sequence[torch.Tensor],
                      outputs: Sequence[torch.Tensor]) -> str | None:
-    """Why ``forward`` (with direct launches) cannot stand in for the generating run, or ``None``."""
+    """Why ``forward`` (with direct launches or reused buffers) cannot stand in for the generating run,
+    or ``None``."""
     try:
         with torch.no_grad():
             got = forward.fn(*tensors)
@@ -246,6 +269,10 @@ class _Recorder(fx.Interpreter):
         self.sites: dict[fx.Node, tuple[_Tuned, SitePlan, tuple[torch.Tensor, ...]]] = {}
         self.launches: dict[fx.Node, list[DirectLaunch | None]] = {}
         self.sizes: dict[fx.Node, int] = {}
+        self.storages: dict[fx.Node, tuple[StorageKey | None, ...]] = {}
+        """Each node's tensors' storages (:func:`~.buffers.storage_keys`): which values view which."""
+        self.tensors: set[fx.Node] = set()
+        """The nodes whose value is one tensor."""
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_module" and isinstance(site := self.fetch_attr(n.target), _Tuned):
@@ -253,29 +280,41 @@ class _Recorder(fx.Interpreter):
             planned = site.plan_for(*args)
             self.sites[n] = (site, planned, args)
             if self.streams is None:
-                return planned.run(site, args)
-            binder = LaunchBinder(self.streams)
-            out = planned.run(site, args, binder)
-            self.launches[n] = binder.launches
-            return out
-        out = super().run_node(n)
-        if n.op == "call_function" and type(out) is int and (
-                n.target in _SIZE_OPS or (n.target in _INT_OPS and all(a in self.sizes for a in n.all_input_nodes))):
-            self.sizes[n] = out
+                out = planned.run(site, args)
+            else:
+                binder = LaunchBinder(self.streams)
+                out = planned.run(site, args, binder)
+                self.launches[n] = binder.launches
+        else:
+            out = super().run_node(n)
+            if n.op == "call_function" and type(out) is int and (n.target in _SIZE_OPS or (
+                    n.target in _INT_OPS and all(a in self.sizes for a in n.all_input_nodes))):
+                self.sizes[n] = out
+        self.storages[n] = storage_keys(out)
+        if isinstance(out, torch.Tensor):
+            self.tensors.add(n)
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kept:
+    """Where the last view of a dead buffer was kept for reuse, not deleted."""
+
+    name: str
 
 
 class _Writer:
     """Writes a lowered graph as the source of one Python function for one input layout."""
 
     def __init__(self, gm: fx.GraphModule, recorder: _Recorder, layout: Layout, name: str,
-                 streams: Streams | None = None):
+                 streams: Streams | None = None, reuse_buffers: bool = True):
         self.gm, self.recorder, self.layout, self.name = gm, recorder, layout, name
         self.streams = streams
+        self.buffers = BufferPlanner(reuse_buffers)
         self.namespace: dict[str, Any] = {"torch": torch}
         self._const_names: dict[object, str] = {}
         self._taken: set[str] = {"torch", name, "_compiled_kernels"} | {n.name for n in gm.graph.nodes}
-        self.lines: list[str] = []
+        self.lines: list[str | _Kept] = []
         self.launches = 0
         self.direct_launches = 0
         self._device: int | None = None  # the device the direct launches were bound on
@@ -349,10 +388,11 @@ class _Writer:
                 self.lines.append(f"return {self.expr(tuple(_flat_outputs(node)), env)}")
                 break
             self._node(node, env)
+            if env.get(node) == node.name and node in self.recorder.storages:
+                self.buffers.alias(node.name, self.recorder.storages[node], node in self.recorder.tensors)
             dead = [env[a] for a in last_use.get(node, ()) if a.op not in ("placeholder", "get_attr")
                     and a in env and env[a].isidentifier() and not self._is_const(env[a])]
-            if dead:
-                self.lines.append(f"del {', '.join(dict.fromkeys(dead))}")
+            self._delete(list(dict.fromkeys(dead)))
         if self._device is not None:
             assert self.streams is not None
             device = self.const(self.streams.device, "current_device")
@@ -366,11 +406,21 @@ class _Writer:
                 "# a call in another layout returns None at the guard and the runtime takes another path;",
                 "# torch.export's input guards and metadata assertions are left out: the entry guard implies them",
                 "", "", f"def {self.name}({', '.join(env[p] for p in placeholders)}):"]
-        body = ["    " + line if line else "" for line in self.lines]
+        lines = [(None if line.name in self.buffers.taken else f"del {line.name}") if isinstance(line, _Kept)
+                 else line for line in self.lines]
+        body = ["    " + line if line else "" for line in lines if line is not None]
         return "\n".join(head + body) + "\n", self.namespace
 
     def _is_const(self, name: str) -> bool:
         return name in self.namespace
+
+    def _delete(self, names: Sequence[str]) -> None:
+        """``del`` of ``names`` at their last use, but for buffers kept for reuse (a :class:`_Kept`
+        line, a ``del`` after all if no allocation takes the buffer over)."""
+        deleted, kept = self.buffers.release(names)
+        if deleted:
+            self.lines.append(f"del {', '.join(deleted)}")
+        self.lines += [_Kept(name) for name in kept]
 
     def _guard(self, placeholders: Sequence[fx.Node]) -> None:
         if len(placeholders) != len(self.layout):
@@ -438,9 +488,12 @@ class _Writer:
             config = " ".join(f"{k}={v}" for k, v in planned.config.items())
             self.lines.append(f"# {site_name}: {site.kernel_name} [{config}]")
             launches = self.recorder.launches.get(node, []) if self.streams is not None else []
-            self._plan(planned, inputs, outs, site_name, args, launches)
-        if unused:
-            self.lines.append(f"del {', '.join(unused)}")
+            self._plan(planned, inputs, outs, site_name, args, launches, self.recorder.storages.get(node, ()))
+        storages = self.recorder.storages.get(node, ())
+        for j, out in enumerate(outs):  # an output of the region's ATen ops may view a planned buffer
+            if j < len(storages):
+                self.buffers.alias(out, storages[j:j + 1], True)
+        self._delete(unused)
 
     def _inline(self, fallback: fx.GraphModule, inputs: list[str], outs: list[str], prefix: str) -> None:
         """The region's own ATen nodes, their results named for the site's outputs."""
@@ -474,7 +527,8 @@ class _Writer:
         self.lines += aliases
 
     def _plan(self, planned: SitePlan, inputs: list[str], outs: list[str], prefix: str,
-              args: Sequence[torch.Tensor], launches: Sequence[DirectLaunch | None]) -> None:
+              args: Sequence[torch.Tensor], launches: Sequence[DirectLaunch | None],
+              storages: Sequence[StorageKey | None]) -> None:
         plan = planned.plan
         assert plan is not None
         names = {name: inputs[i] for name, i in zip(plan.inputs, planned.inputs)}
@@ -485,14 +539,16 @@ class _Writer:
             names[name] = self.local(f"{prefix}_{name}")
             scratch.append(names[name])
             self.lines.append(f"{names[name]} = {names[source]}.to({self.expr(dtype, {})}).contiguous()")
-        device = self.expr(args[planned.inputs[0]].device if planned.inputs else args[0].device, {})
+        device = args[planned.inputs[0]].device if planned.inputs else args[0].device
+        output = {name: j for j, name in enumerate(plan.outputs)}
         for b in plan.buffers:
             if b.name not in names:
                 names[b.name] = self.local(f"{prefix}_{b.name}")
                 scratch.append(names[b.name])
-            zero = ".zero_()" if b.zero else ""
-            self.lines.append(f"{names[b.name]} = torch.empty_strided({b.shape!r}, {b.strides!r}, "
-                              f"dtype={self.expr(b.dtype, {})}, device={device}){zero}")
+            j = output.get(b.name)
+            recorded = storages[j] if j is not None and j < len(storages) else None
+            self.lines += self.buffers.allocate(names[b.name], b.shape, b.strides, b.dtype, device,
+                                                lambda v: self.expr(v, {}), zero=b.zero, recorded=recorded)
         kernel_calls = 0
         for call in plan.calls:
             if isinstance(call, AtenCall):
@@ -519,8 +575,7 @@ class _Writer:
             call_args = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in call.args]
             constexprs = [f"{k}={self.expr(v, {})}" for k, v in call.constexprs]
             self.lines.append(f"{kernel}[{call.grid!r}]({', '.join(call_args + constexprs)})")
-        if scratch:
-            self.lines.append(f"del {', '.join(scratch)}")
+        self._delete(scratch)
 
 
 def _implied_by_guard(node: fx.Node) -> bool:

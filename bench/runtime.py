@@ -163,20 +163,37 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, object]:
     gm, runtime = opt.lowered[0], opt._runtimes[0]
     sites = sum(isinstance(m, _Tuned) for m in gm.modules())
     jit = Runtime(gm, direct_launch=False)  # its forward launches through kernel[grid], which can be skipped
-    paths: dict[str, Callable[[], object]] = {"general": lambda: gm(*tensors), "generated": lambda: jit(tensors)}
+    unplanned = Runtime(gm, direct_launch=False, reuse_buffers=False)  # a new buffer per allocation
+    paths: dict[str, Callable[[], object]] = {"general": lambda: gm(*tensors), "generated": lambda: jit(tensors),
+                                              "generated, no reuse": lambda: unplanned(tensors)}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.no_grad():
         for fn in (*paths.values(), lambda: runtime(tensors)):  # forwards are written; kernels compile on a GPU
             fn()
         with launches_skipped():
             host = interleaved(paths, args.calls, args.rounds)
-        whole = None
+        whole, peak = None, None
         if cuda:  # the module's own forward launches through the compiled launchers
             whole = interleaved({"general": paths["general"], "generated": lambda: runtime(tensors),
-                                 "generated, kernel[grid]": lambda: jit(tensors)}, args.calls, args.rounds, sync)
+                                 "generated, kernel[grid]": lambda: jit(tensors),
+                                 "generated, no reuse": paths["generated, no reuse"]}, args.calls, args.rounds, sync)
+            peak = {name: peak_bytes(fn) for name, fn in (("generated", lambda: jit(tensors)),
+                                                          ("generated, no reuse", paths["generated, no reuse"]))}
     assert runtime.stats.generated == 1 and jit.stats.generated == 1, (runtime.stats, jit.stats)
     launch = all_launches(gm, tensors, args.calls, args.rounds)
-    return {"label": label, "sites": sites, "host": host, "whole": whole, "launch": launch}
+    (forward,) = jit.forwards
+    return {"label": label, "sites": sites, "host": host, "whole": whole, "launch": launch, "peak": peak,
+            "buffers": forward.buffers}
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """GPU memory one call allocates at its peak, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def conditions(args: argparse.Namespace) -> str:
@@ -207,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
           "both paths; graphopt's Python and the ATen ops counted")
     rows = [("model", "sites", "general us", "generated us", "general / generated", "saved per site us",
              "whole call general ms", "whole call generated ms", "whole ratio", "generated, kernel[grid] ms")]
+    reuse = [("model", "allocations (reused)", "no reuse us", "reuse us", "no reuse / reuse",
+              "whole call ms no reuse / reuse", "peak MB no reuse / reuse")]
     launches = [("model", "launches (kernels)", "kernel[grid] us", "launchers us", "saved per launch us",
                  "kernel[grid] / launchers")]
     for key in keys:
@@ -218,12 +237,24 @@ def main(argv: list[str] | None = None) -> int:
                      f"{whole['general'] / 1e3:.3f}" if whole else "-", f"{whole['generated'] / 1e3:.3f}" if whole else "-",
                      f"{whole['general'] / whole['generated']:.2f}x" if whole else "- (no GPU)",
                      f"{whole['generated, kernel[grid]'] / 1e3:.3f}" if whole else "-"))
+        buffers, peak = r["buffers"], r["peak"]
+        reuse.append((r["label"], f"{buffers.allocations} ({buffers.reused})",
+                      f"{host['generated, no reuse']:.0f}", f"{host['generated']:.0f}",
+                      f"{host['generated, no reuse'] / host['generated']:.2f}x",
+                      f"{whole['generated, no reuse'] / 1e3:.3f} / {whole['generated, kernel[grid]'] / 1e3:.3f}"
+                      if whole else "- (no GPU)",
+                      f"{peak['generated, no reuse'] / 2**20:.1f} / {peak['generated'] / 2**20:.1f}" if peak else "-"))
         us = launch["us"]
         n = launch["launches"]
         launches.append((r["label"], f"{n} ({launch['kernels']})", f"{us['kernel[grid]']:.0f}",
                          f"{us['launcher']:.0f}", f"{(us['kernel[grid]'] - us['launcher']) / n:.2f}",
                          f"{us['kernel[grid]'] / us['launcher']:.1f}x"))
     table(rows)
+    print()
+    gpu = "; whole call and peak memory on the GPU, through kernel[grid]" if torch.cuda.is_available() else ""
+    print("buffer reuse in the generated forward (graphopt.autotune.buffers): dead buffers serve later allocations "
+          f"of their size; host overhead as above, kernel[grid] launches skipped{gpu}")
+    table(reuse)
     print()
     print("the kernel launches of one call alone, through kernel[grid] against the launchers they are bound to"
           + ("" if torch.cuda.is_available() else " (compiled kernels stood in for: their launchers return at once)"))

@@ -146,3 +146,26 @@ def test_generated_forwards_launch_every_compiled_kernel_through_its_launcher():
     for a, b, c in zip(first, second, third):
         torch.testing.assert_close(b, a, atol=0, rtol=0)
         torch.testing.assert_close(c, a, atol=0, rtol=0)
+
+
+def test_generated_forwards_reuse_buffers_on_the_gpu_and_compute_what_a_buffer_per_allocation_does():
+    import warnings
+
+    from graphopt.autotune.runtime import Runtime
+
+    model, args, kwargs = _on_gpu("dit")
+    opt = graphopt.optimize(model, args, kwargs, target="cuda", cuda_graphs=False)
+    inputs = list(opt.captured.example_inputs)
+    (runtime,) = opt._runtimes
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reusing = Runtime(runtime.graph_module)
+        reusing(inputs)  # writes the forward and, on the GPU, checks it against that run
+        got = reusing(inputs)
+        plain = Runtime(runtime.graph_module, reuse_buffers=False)
+        plain(inputs)
+        want = plain(inputs)
+    assert not [w for w in caught if "buffer reuse" in str(w.message)]
+    assert reusing.forwards[0].buffers.reused > 0 and plain.forwards[0].buffers.reused == 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
