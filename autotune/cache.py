@@ -345,12 +345,18 @@ def cache_dir(directory: str | os.PathLike[str] | None = None) -> Path:
     """
     if directory is not None:
         return Path(directory).expanduser()
+    return cache_root() / "autotune"
+
+
+def cache_root() -> Path:
+    """graphopt's cache root: ``$GRAPHOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphopt`` when that is an
+    absolute path, else ``~/.cache/graphopt``."""
     root = os.environ.get("GRAPHOPT_CACHE_DIR")
     if root:
-        return Path(root).expanduser() / "autotune"
+        return Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "graphopt" / "autotune"
+    return base / "graphopt"
 
 
 # --------------------------------------------------------------------------------------------- one device

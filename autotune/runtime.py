@@ -49,7 +49,7 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
@@ -58,7 +58,9 @@ from graphopt.verify import compare
 
 from .buffers import BufferPlanner, BufferStats, StorageKey, storage_keys
 from .launches import AtenCall, DirectLaunch, LaunchBinder, Ref, Streams, triton_streams
-from .sites import SitePlan, _Tuned
+
+if TYPE_CHECKING:
+    from .sites import SitePlan, _Tuned
 
 Layout = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device], ...]
 
@@ -95,6 +97,20 @@ class GeneratedForward:
     """Those that call Triton's compiled launcher directly (the others go through ``kernel[grid]``)."""
     buffers: BufferStats = dataclasses.field(default_factory=BufferStats)
     """Its allocations, and how many of them take over a dead buffer (:mod:`.buffers`)."""
+    portable: Portable | None = None
+    """The same forward launching through ``kernel[grid]``, to be stored (:mod:`.stored`); when asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Portable:
+    """A forward's source with every kernel launched through ``kernel[grid]`` (nothing bound to this
+    process's compiled launchers), its namespace, and the graph attribute each weight in it came from."""
+
+    name: str
+    source: str
+    namespace: dict[str, Any]
+    attrs: dict[str, str]
+    layout: Layout
 
 
 @dataclasses.dataclass
@@ -128,9 +144,13 @@ class Runtime:
         self.max_forwards = max_forwards
         self.direct_launch = direct_launch
         self.reuse_buffers = reuse_buffers
+        self.on_generated: Callable[[GeneratedForward], None] | None = None
+        """Called with each forward written, which then carries its :attr:`~GeneratedForward.portable` form."""
         self.stats = RuntimeStats()
         self._forwards: dict[Layout, GeneratedForward] = {}
         self._last: Callable[..., tuple[torch.Tensor, ...] | None] | None = None
+        from .sites import _Tuned  # here: the sites pull in the kernel library, a stored forward needs none of it
+
         self._epochs = tuple({id(m.epoch): m.epoch for m in graph_module.modules() if isinstance(m, _Tuned)}.values())
         self._epoch_values = self._read_epochs()
 
@@ -163,16 +183,18 @@ class Runtime:
             return tuple(self.graph_module(*tensors))
         out, forward = generate_forward(self.graph_module, tensors, name=f"forward_{len(self._forwards)}",
                                         dump_dir=self.dump_dir, streams=self._streams(tensors),
-                                        reuse_buffers=self.reuse_buffers)
+                                        reuse_buffers=self.reuse_buffers, portable=self.on_generated is not None)
         self._forwards[layout] = forward
         self._last = forward.fn
         self.stats.generated += 1
+        if self.on_generated is not None:
+            self.on_generated(forward)
         return out
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy holds copied parameters: it writes forwards of its own rather than share these
         state = dict(self.__dict__)
-        state["_forwards"], state["_last"] = {}, None
+        state["_forwards"], state["_last"], state["on_generated"] = {}, None, None
         return state
 
     def _streams(self, tensors: Sequence[torch.Tensor]) -> Streams | None:
@@ -195,7 +217,8 @@ class Runtime:
 
 def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, name: str = "forward",
                      dump_dir: str | os.PathLike | None = None, streams: Streams | None = None,
-                     reuse_buffers: bool = True) -> tuple[tuple[torch.Tensor, ...], GeneratedForward]:
+                     reuse_buffers: bool = True, portable: bool = False
+                     ) -> tuple[tuple[torch.Tensor, ...], GeneratedForward]:
     """Run ``gm`` once on ``tensors`` through its call sites and write its forward for their layout.
 
     Returns the outputs of that run and the forward. Every call site chooses its config here, as on
@@ -203,7 +226,8 @@ def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, nam
     kernels are launched through their launchers (:class:`~.launches.LaunchBinder`); with
     ``reuse_buffers``, dead buffers serve later allocations (:mod:`.buffers`). A forward with direct
     launches, or on a GPU with reused buffers, is run once on ``tensors`` and kept only if it gives the
-    same outputs, else written again without either, with a warning.
+    same outputs, else written again without either, with a warning. With ``portable``, the forward
+    also carries its :class:`Portable` form.
     """
     recorder = _Recorder(gm, streams)
     with torch.no_grad():
@@ -218,6 +242,11 @@ def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, nam
             warnings.warn(f"graphopt: {name} with {' and '.join(done)} {why}; it is written again without "
                           "(kernel[grid] launches, a buffer per allocation)", RuntimeWarning, stacklevel=2)
             forward = _compile(_Writer(gm, recorder, layout, name, None, False), name, layout, dump_dir)
+            reuse_buffers = False
+    if portable:
+        writer = _Writer(gm, recorder, layout, name, None, reuse_buffers)
+        source, namespace = writer.source()
+        forward = dataclasses.replace(forward, portable=Portable(name, source, namespace, writer.attrs, layout))
     return outputs, forward
 
 
@@ -275,6 +304,8 @@ class _Recorder(fx.Interpreter):
         """The nodes whose value is one tensor."""
 
     def run_node(self, n: fx.Node) -> Any:
+        from .sites import _Tuned
+
         if n.op == "call_module" and isinstance(site := self.fetch_attr(n.target), _Tuned):
             args = tuple(self.env[a] if isinstance(a, fx.Node) else a for a in n.args)
             planned = site.plan_for(*args)
@@ -312,6 +343,7 @@ class _Writer:
         self.streams = streams
         self.buffers = BufferPlanner(reuse_buffers)
         self.namespace: dict[str, Any] = {"torch": torch}
+        self.attrs: dict[str, str] = {}  # namespace name -> the graph attribute (a weight) it is bound to
         self._const_names: dict[object, str] = {}
         self._taken: set[str] = {"torch", name, "_compiled_kernels"} | {n.name for n in gm.graph.nodes}
         self.lines: list[str | _Kept] = []
@@ -437,6 +469,7 @@ class _Writer:
             return
         if node.op == "get_attr":
             env[node] = self.const(_fetch(self.gm, node.target), f"p_{node.target}")
+            self.attrs[env[node]] = str(node.target)
         elif node.op == "call_module":
             if node in self.recorder.sites:
                 self._site(node, env)

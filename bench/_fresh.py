@@ -8,7 +8,7 @@ import sys
 
 # argv: saved folder, inputs file (torch.save of a tuple), target. Prints: total, import, load, first call,
 # then the load's phases from its report (LOAD_PHASES; 0 for a phase the load did not have).
-LOAD_PHASES = ("files", "graph", "package", "lowering")
+LOAD_PHASES = ("files", "graph", "package", "lowering", "forwards")
 LOAD_SAVED = f"""
 import sys, time
 start = time.perf_counter()

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -131,11 +132,12 @@ class OptimizedModule(nn.Module):
     ``config`` from the saved copy of the original's config (a plain dict or a diffusers config,
     saved as JSON) and ``dtype`` and ``device`` from its weights; other names raise AttributeError.
 
-    A loaded module whose saved CPU program serves its calls may defer its graph
+    A loaded module whose saved CPU program, or whose forwards stored on this machine
+    (:mod:`graphopt.autotune.stored`, ``target="cuda"``), serve its calls may defer its graph
     (:class:`graphopt.saved.DeferredGraph`, given as ``deferred`` instead of ``captured``): the graph is
-    read from the save the first time anything needs it (its weights, ``.to()``, ``graph_module``,
-    ``save``, a call the program does not serve), so a process that only calls the model never pays
-    for reading it.
+    read from the save (and for the GPU lowered) the first time anything needs it (its weights,
+    ``.to()``, ``graph_module``, ``save``, a call they do not serve), so a process that only calls the
+    model never pays for reading it.
     """
 
     def __init__(self, captured: CapturedGraph | None, report: OptimizationReport, *,
@@ -163,6 +165,9 @@ class OptimizedModule(nn.Module):
         # (variant, skipped ids, caches freed) -> its graph, or for a lowered variant the Runtime of its lowered graph
         self._skip_graphs: dict[tuple[int, frozenset[int], bool], Any] = {}
         self._compiled: Any = None  # compile(): the main variant as Inductor's CPU program
+        self._served: Any = None  # a deferred GPU load: the stored forwards (graphopt.autotune.stored.StoredForwards)
+        self._served_runner: Any = None  # and their CUDA graphs (cudagraphs.CudaGraphRunner) with cuda_graphs
+        self._store_as: Any = None  # a GPU load without stored forwards: (entry name, model.pt2) to store them as
         self._routing: Any = None  # a subnet's per-call routing (graphopt.variants.Routing)
 
     @property
@@ -194,6 +199,11 @@ class OptimizedModule(nn.Module):
         self.__dict__["_modules"] = {"variants": nn.ModuleList([captured.graph_module]), **self.__dict__["_modules"]}
         self.__dict__["_captured_list"] = [captured]
         self.__dict__["_deferred"] = None
+        if self.__dict__.get("_served") is not None:  # stored forwards served the GPU: now lower as usual
+            self._served = self._served_runner = None
+            self._report = dataclasses.replace(self._report, lowering=self._lower_variant(captured))
+            if self._graph_runners is not None:
+                self._graph_runners = []
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -270,8 +280,37 @@ class OptimizedModule(nn.Module):
 
         gm, report = lower_captured(captured)
         self.lowered.append(gm)
-        self._runtimes.append(Runtime(gm, dump_dir=report.get("dump_dir")))
+        runtime = Runtime(gm, dump_dir=report.get("dump_dir"))
+        if self._store_as is not None and not self._runtimes:  # a GPU load: store its first forward
+            runtime.on_generated = functools.partial(self._store_forwards, runtime, report)
+        self._runtimes.append(runtime)
         return report
+
+    def _store_forwards(self, runtime: Any, lowering: dict[str, Any], forward: Any) -> None:
+        """Store the first forward a loaded module wrote, with one for its example inputs, for the next
+        load on this machine (:mod:`graphopt.autotune.stored`). Never fails the call: a forward that
+        cannot be stored is not, and a warning says why when something went wrong."""
+        from graphopt.autotune import stored
+        from graphopt.autotune.runtime import generate_forward, layout_of
+
+        runtime.on_generated = None
+        name, program = self._store_as
+        self._store_as = None
+        examples = list(self.captured.example_inputs)
+        try:
+            if layout_of(examples) == forward.layout:
+                first, outputs = forward, forward.fn(*examples)
+            else:
+                _, first = generate_forward(runtime.graph_module, examples, name="forward_examples",
+                                            reuse_buffers=runtime.reuse_buffers, portable=True)
+                outputs = first.fn(*examples)
+            portables = [first.portable] + ([forward.portable] if first is not forward else [])
+            stored.write(name, portables, program, outputs, lowering)
+        except stored.NotStored:
+            pass  # e.g. a weight made by a pass: nothing in the save holds it; the next load lowers again
+        except Exception as e:  # noqa: BLE001 - a cache write must never fail the user's call
+            warnings.warn(f"graphopt: could not store the generated forward for the next load "
+                          f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=3)
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # .to() / .half() / .cuda() may replace the parameters a generated forward or a recorded CUDA graph
@@ -311,6 +350,10 @@ class OptimizedModule(nn.Module):
             spec, tensors, objects = deferred.head.flatten_call(args, kwargs)
             if not _mismatch(deferred.head, spec, tensors, objects):
                 return deferred.head.call.rebuild_output(self._compiled(tensors))
+        if deferred is not None and self._served is not None:  # loaded warm onto the GPU: stored forwards serve
+            spec, tensors, objects = deferred.head.flatten_call(args, kwargs)
+            if not _mismatch(deferred.head, spec, tensors, objects) and self._served.accepts(tensors):
+                return deferred.head.call.rebuild_output(self._serve(tensors))
         main = self._captured[0]
         spec, tensors, objects = main.flatten_call(args, kwargs)
         i = self._variant_for(args, kwargs, spec, tensors, objects)
@@ -347,6 +390,16 @@ class OptimizedModule(nn.Module):
         self._compiled, report = compile_captured(self.captured)
         self._report = dataclasses.replace(self._report, compiled=dataclasses.asdict(report))
         return report
+
+    def _serve(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        served = self._served
+        if self._graph_runners is None:
+            return served(tensors)
+        if self._served_runner is None:
+            from .cudagraphs import CudaGraphRunner
+
+            self._served_runner = CudaGraphRunner(lambda *t: served(t))
+        return self._served_runner(tensors)
 
     def _run(self, i: int, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if i == 0 and self._compiled is not None:

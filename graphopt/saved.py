@@ -12,7 +12,9 @@ anything, so a flipped byte, a truncated or deleted file or an edited input spec
 :class:`~graphopt.errors.LoadError` naming what changed (the weight, the file, the metadata); then
 it runs the program on the saved example inputs, a second line of defence. A compiled CPU program
 (``model.aoti.pt2``) that this machine runs serves calls as soon as it has reproduced the saved
-outputs; the program in ``model.pt2`` is read, with the same checks, when something first needs it.
+outputs, and so do the GPU forwards an earlier load stored on this machine
+(:mod:`graphopt.autotune.stored`); the program in ``model.pt2`` is read, with the same checks, when
+something first needs it.
 
 A save is written under a temporary name and swapped in atomically (Linux's RENAME_EXCHANGE where
 available), so a save that fails or is killed leaves the previous one intact; leftovers of a killed
@@ -171,7 +173,10 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     A save holding a CPU program this machine runs (:mod:`graphopt.compiled`) loads that program,
     checks it against the saved outputs and leaves the graph in ``model.pt2`` unread
     (:class:`DeferredGraph`): reading it (about 2 s, most of it importing torch's compiler stack)
-    happens, with the checks above, the first time something needs it.
+    happens, with the checks above, the first time something needs it. So does a ``target="cuda"``
+    load that finds forwards an earlier load of this save stored on this machine
+    (:mod:`graphopt.autotune.stored`, checked with ``verify`` against the outputs they gave then); a
+    load that finds none stores its first call's forward for the next.
     """
     from .driver import TARGETS, _to_device
     from .emit import OptimizedModule, SourceInfo
@@ -223,7 +228,8 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
-    if target == "cuda" and torch.cuda.is_available():
+    on_gpu = target == "cuda" and torch.cuda.is_available()
+    if on_gpu:
         inputs, outputs = _to_device(inputs, "cuda"), _to_device(outputs, "cuda")
     dynamic_batch = bool(meta.get("dynamic_batch", True))
 
@@ -232,19 +238,28 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
                            served_under=guards if deferred else None)
 
     refused = _package_refused(path, meta) if target == "cpu" and (path / COMPILED).is_file() else None
+    deferrable = guards is not None and dtype is not None and routing is None
+    if deferrable and len(guards.tensors) != n_in:  # type: ignore[union-attr]
+        raise LoadError(f"{path} has inconsistent metadata: {META} describes {n_in} inputs and guards "
+                        f"for {len(guards.tensors)}")  # type: ignore[union-attr]
     lap("files")
-    if refused == "" and guards is not None and dtype is not None and routing is None:
-        if len(guards.tensors) != n_in:
-            raise LoadError(f"{path} has inconsistent metadata: {META} describes {n_in} inputs and guards "
-                            f"for {len(guards.tensors)}")
+    device = inputs[0].device if inputs else torch.device("cuda" if on_gpu else "cpu")
+    served, entry = (_stored_forwards(path, meta, inputs, device, verify)
+                     if target == "cuda" and deferrable and "sha256" in meta else (None, None))
+    if deferrable and (refused == "" or served is not None):
         head = CapturedGraph(None, call, guards, inputs, outputs, 0.0, dynamic_batch=dynamic_batch)  # type: ignore
-        module = OptimizedModule(None, report, info=info, deferred=DeferredGraph(head, dtype, torch.device("cpu"),
-                                                                                 read_graph))
+        module = OptimizedModule(None, report, info=info, deferred=DeferredGraph(head, dtype, device, read_graph))
     else:
         module = OptimizedModule(read_graph(deferred=False), report, info=info)
         lap("graph")
     module._routing = routing
-    if target == "cuda":
+    if served is not None:
+        module._served = served
+        module._report = dataclasses.replace(report, target="cuda", lowering=served.lowering, cuda_graphs=cuda_graphs)
+        module._graph_runners = [] if cuda_graphs else None
+        lap("forwards")
+    elif target == "cuda":
+        module._store_as = None if entry is None else (entry, path / PROGRAM)
         module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(module.captured),
                                              cuda_graphs=cuda_graphs)
         module._graph_runners = [] if cuda_graphs else None
@@ -257,6 +272,33 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         lap("package")
     module._report = dataclasses.replace(module._report, load_s={k: round(v, 4) for k, v in seconds.items()})
     return module
+
+
+def _stored_forwards(path: Path, meta: dict[str, Any], inputs: tuple[torch.Tensor, ...], device: torch.device,
+                     verify: bool) -> tuple[Any, str | None]:
+    """(the forwards stored on this machine for this save, or None; the name of their entry). With
+    ``verify`` they must reproduce, on the saved example inputs, the outputs they gave when stored; an
+    entry that cannot be used is passed over with a warning (the load then reads the program)."""
+    from graphopt.autotune import stored
+
+    from .verify import compare
+
+    name = stored.entry_name(str(meta["sha256"]))
+    try:
+        served = stored.read(name, path / PROGRAM, device)
+        if served is not None and verify:
+            with torch.no_grad():
+                got = served(inputs)
+            if got is None:
+                raise ValueError("none of them takes the saved example inputs")
+            cmp = compare(got, stored.expected_outputs(served))
+            if not cmp.within:
+                raise ValueError(f"they do not reproduce their outputs on the saved examples ({cmp.line()})")
+    except Exception as e:  # noqa: BLE001 - a cache entry that cannot be used is passed over
+        warnings.warn(f"graphopt: the forwards stored for {path} in {stored.store_dir() / name} cannot be used "
+                      f"({first_line(e)}); loading the program instead", RuntimeWarning, stacklevel=3)
+        served = None
+    return served, name
 
 
 def _routing(data: Any) -> Any:

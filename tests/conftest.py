@@ -26,6 +26,14 @@ def _seed_and_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_root(tmp_path_factory, monkeypatch):
+    """Every test gets a private cache root (tunings, stored forwards), so none can touch the real ~/.cache."""
+    root = tmp_path_factory.mktemp("cache-root")
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(root / "graphopt"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+
+
 @pytest.fixture(scope="session")
 def optimized_zoo():
     """Every test-zoo model with its example call and its optimized module (exact passes), built once."""

@@ -34,3 +34,20 @@ def test_importing_graphopt_leaves_the_heavy_stacks_for_first_use():
             "assert 'sympy' in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_graphopt_autotune_names_its_parts_on_first_use():
+    import graphopt.autotune as autotune
+
+    for name in autotune.__all__:
+        assert not isinstance(getattr(autotune, name), types.ModuleType), name
+    assert isinstance(autotune.kernels, types.ModuleType)  # submodules resolve as attributes
+    with pytest.raises(AttributeError, match="module 'graphopt.autotune' has no attribute 'tuning'"):
+        autotune.tuning  # noqa: B018
+    # a GPU load served by stored forwards needs neither the lowering nor sympy
+    code = ("import sys, graphopt.autotune.stored\n"
+            "assert 'sympy' not in sys.modules and 'graphopt.autotune.lower' not in sys.modules\n"
+            "import graphopt.autotune\n"
+            "assert graphopt.autotune.TuningOptions and 'graphopt.autotune.lower' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

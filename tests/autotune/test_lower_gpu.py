@@ -169,3 +169,20 @@ def test_generated_forwards_reuse_buffers_on_the_gpu_and_compute_what_a_buffer_p
     assert reusing.forwards[0].buffers.reused > 0 and plain.forwards[0].buffers.reused == 0
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_a_second_gpu_load_serves_from_the_forwards_the_first_stored(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    model, args, kwargs = zoo.ZOO["dit"]()
+    folder = graphopt.save(graphopt.optimize(model, args, kwargs), tmp_path / "dit")
+    cuda_args = tuple(a.to("cuda") for a in args)
+    first = graphopt.load(folder, target="cuda")
+    with torch.no_grad():
+        want = first(*cuda_args, **kwargs)
+    again = graphopt.load(folder, target="cuda")
+    assert set(again.report.load_s) == {"files", "forwards"} and again._served is not None
+    with torch.no_grad():
+        got = again(*cuda_args, **kwargs)
+        twice = again(*cuda_args, **kwargs)  # replayed from its CUDA graph
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(twice, want)

@@ -1,0 +1,333 @@
+"""Generated forwards stored per machine: a saved model's next GPU load starts from them.
+
+Where it belongs: between :func:`graphopt.load` (``target="cuda"``) and :mod:`.runtime`. Loading a
+save onto the GPU reads its program (``torch.export.load``, about 2 s, most of it importing torch's
+compiler stack), lowers it (region analysis, Triton source, each kernel checked against its ATen ops)
+and, on the first call, writes a Python forward for the call's input layout. None of that changes
+between two loads of the same save on the same machine, so the first such load stores what it made:
+
+- the forwards (:class:`~.runtime.Portable`: every kernel launched through ``kernel[grid]``), for the
+  first call's layout and the saved example inputs' layout, as Python source;
+- what each name in them stands for: a weight (where its bytes lie in ``model.pt2``, found and
+  checked byte for byte when stored), an ATen or graphopt op, a dtype, a device, a Triton kernel
+  (graphopt's own, by module and name, or a generated one, whose source is stored beside);
+- the forward's outputs on the example inputs, and the lowering report.
+
+A forward that needs anything else (a Python module of the model, a constant no file holds) is not
+stored. The entry's name is a SHA-256 over the save's own digest (graphopt.json's ``sha256``, which
+covers every file and weight) and the machine: GPU, CUDA, torch, Triton, graphopt (and a digest of its
+code), the tuning cache's content. Any change to either gives another name, so a stale entry is never
+read; entries are written whole or not at all (a temporary folder renamed into place).
+
+The next load finds the entry, reads the weights straight from ``model.pt2`` (after the save's hashes
+matched, as always), executes the stored sources, and runs the forward for the example inputs against
+the outputs stored with it. Calls in a stored layout are served from then on; the program is read and
+lowered as before the first time anything else needs it (another layout, the weights as parameters,
+tuning). An entry that cannot be used (unreadable, or not reproducing its outputs) is ignored with a
+warning and the load goes the long way.
+
+The cache is this user's, as Triton's kernel cache is: its sources are executed. It lives under
+graphopt's cache root (``$GRAPHOPT_CACHE_DIR``, else ``~/.cache/graphopt``) in ``forwards/``; removing
+that folder is always safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from .cache import cache_dir, cache_root
+from .runtime import Layout, Portable, layout_of
+
+FORMAT = 1
+ENTRY = "entry.json"
+OUTPUTS = "outputs.safetensors"
+GENERATED = "graphopt_generated."  # the module prefix of kernels loaded from generated source (sites.KernelLibrary)
+
+
+class NotStored(Exception):
+    """Why a forward or its weights cannot be stored (the reason is the message)."""
+
+
+def store_dir() -> Path:
+    """Where entries live: ``forwards/`` under graphopt's cache root."""
+    return cache_root() / "forwards"
+
+
+def entry_name(save_digest: str) -> str:
+    """The entry for the save with graphopt.json digest ``save_digest`` on this machine."""
+    canonical = json.dumps({"format": FORMAT, "save": save_digest, "machine": machine()}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def machine() -> dict[str, Any]:
+    """What a stored forward depends on besides the save."""
+    import triton
+
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        device = {"gpu": props.name, "capability": list(torch.cuda.get_device_capability()),
+                  "sm_count": props.multi_processor_count, "cuda": torch.version.cuda}
+    else:
+        device = {"gpu": "Triton interpreter"}
+    return {**device, "torch": torch.__version__, "triton": triton.__version__, "graphopt": _code_digest(),
+            "tuning": _tuning_digest()}
+
+
+@cache
+def _code_digest() -> str:
+    """graphopt's version and a digest of its own code: a development install changes without a release."""
+    from graphopt import __version__
+
+    digest = hashlib.sha256(__version__.encode())
+    roots = {Path(folder) for p in ("graphopt", "graphopt.autotune", "graphopt.passes")
+             for folder in (importlib.util.find_spec(p).submodule_search_locations or ())}  # type: ignore[union-attr]
+    for root in sorted(roots):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:16]}"
+
+
+def _tuning_digest() -> str:
+    """The tuning cache's content: a new tuning changes the configs a forward bakes in."""
+    digest = hashlib.sha256()
+    folder = cache_dir()
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.json")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def describe(portable: Portable, weights: dict[str, dict[str, Any]], sources: dict[str, str]) -> dict[str, Any]:
+    """What each name of ``portable``'s namespace stands for, as JSON; the weights it needs are added
+    to ``weights`` (by graph attribute) and generated kernel sources to ``sources``. Raises
+    :class:`NotStored` for a name that cannot be rebuilt."""
+    names: dict[str, Any] = {}
+    for name, value in portable.namespace.items():
+        if name in ("__builtins__", portable.name, "torch"):
+            continue
+        if name in portable.attrs and isinstance(value, torch.Tensor):
+            names[name] = {"weight": portable.attrs[name]}
+            weights.setdefault(portable.attrs[name], {})
+        elif isinstance(value, torch.dtype):
+            names[name] = {"dtype": str(value).removeprefix("torch.")}
+        elif isinstance(value, torch.device):
+            names[name] = {"device": str(value)}
+        elif isinstance(value, torch._ops.OpOverload):
+            names[name] = {"op": [value.namespace, value._opname, value._overloadname]}
+        elif callable(getattr(value, "fn", None)) and hasattr(value, "run"):  # a Triton kernel
+            names[name] = _kernel(value, sources)
+        else:
+            raise NotStored(f"{name} is a {type(value).__name__}, which a stored forward cannot rebuild")
+    return names
+
+
+def _kernel(kernel: Any, sources: dict[str, str]) -> dict[str, str]:
+    fn = kernel.fn
+    module = fn.__module__
+    if module.startswith(GENERATED):
+        stem = module.removeprefix(GENERATED)
+        sources[stem] = Path(inspect.getsourcefile(fn) or "").read_text()
+        return {"kernel": fn.__name__, "generated": stem}
+    if getattr(importlib.import_module(module), fn.__name__, None) is not kernel:
+        raise NotStored(f"kernel {fn.__name__} is not {module}.{fn.__name__}")
+    return {"kernel": fn.__name__, "module": module}
+
+
+def locate_weights(program: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Where each of ``tensors`` (by graph attribute, the program's state-dict names) lies in the
+    archive ``program`` as raw bytes, checked byte for byte; :class:`NotStored` when one does not."""
+    located: dict[str, dict[str, Any]] = {}
+    with zipfile.ZipFile(program) as archive:
+        table: dict[str, str] = {}
+        for config in archive.namelist():
+            if config.endswith(("/model_weights_config.json", "/model_constants_config.json")):
+                folder = config.rsplit("/", 1)[0]
+                for fqn, spec in json.loads(archive.read(config)).get("config", {}).items():
+                    if isinstance(spec, dict) and not spec.get("use_pickle", True) and "path_name" in spec:
+                        table[fqn] = f"{folder}/{spec['path_name']}"
+        for attr, tensor in tensors.items():
+            entry = table.get(attr)
+            if entry is None:
+                raise NotStored(f"weight {attr} is not held in {program.name} as raw bytes")
+            want = tensor.detach().cpu()
+            raw = _raw(archive, entry, want.dtype)
+            for strides, offset in ((want.stride(), want.storage_offset()), (_contiguous(want.shape), 0)):
+                try:
+                    got = raw.as_strided(want.shape, strides, offset)
+                except RuntimeError:
+                    continue
+                if torch.equal(got, want):
+                    located[attr] = {"entry": entry, "dtype": str(want.dtype).removeprefix("torch."),
+                                     "shape": list(want.shape), "strides": list(strides), "offset": offset,
+                                     "device_strides": list(tensor.stride())}
+                    break
+            else:
+                raise NotStored(f"weight {attr}: the bytes of {entry} in {program.name} are not its values")
+    return located
+
+
+def _raw(archive: zipfile.ZipFile, entry: str, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of ``entry`` as a flat tensor of ``dtype``, read once into memory torch can own."""
+    data = bytearray(archive.getinfo(entry).file_size)
+    with archive.open(entry) as f:
+        f.readinto(data)  # type: ignore[attr-defined]
+    whole = len(data) // dtype.itemsize * dtype.itemsize
+    if not whole:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(data, dtype=torch.uint8, count=whole).view(dtype)
+
+
+def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def write(name: str, portables: Sequence[Portable], program: Path, outputs: Sequence[torch.Tensor],
+          lowering: dict[str, Any] | None) -> Path:
+    """Store ``portables`` (the first is for the example inputs, whose forward gave ``outputs``) as
+    entry ``name``; returns its folder. Raises :class:`NotStored` (nothing written) when they cannot be."""
+    weights: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    forwards = [{"name": p.name, "layout": _layout_json(p.layout), "names": describe(p, weights, sources)}
+                for p in portables]
+    values = {attr: value for p in portables for n, attr in p.attrs.items()
+              if isinstance(value := p.namespace.get(n), torch.Tensor)}
+    weights = locate_weights(program, {attr: values[attr] for attr in weights})
+    root = store_dir()
+    final = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        (tmp / "kernels").mkdir()
+        for stem, text in sources.items():
+            (tmp / "kernels" / f"{stem}.py").write_text(text)
+        for p in portables:
+            (tmp / f"{p.name}.py").write_text(p.source)
+        safetensors.torch.save_file({f"output_{i}": t.detach().cpu().contiguous() for i, t in enumerate(outputs)},
+                                    str(tmp / OUTPUTS))
+        entry = {"format": FORMAT, "forwards": forwards, "weights": weights, "lowering": lowering,
+                 "outputs": len(outputs)}
+        (tmp / ENTRY).write_text(json.dumps(entry, indent=1))  # last: a folder without it is no entry
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process stored the same entry first: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _layout_json(layout: Layout) -> list[list[Any]]:
+    return [[list(shape), list(strides), str(dtype).removeprefix("torch."), str(device)]
+            for shape, strides, dtype, device in layout]
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass
+class StoredForwards:
+    """Calls served by stored forwards: ``served(tensors)`` gives the outputs, or ``None`` for inputs
+    in a layout none was written for. ``lowering`` is the report of the lowering they came from."""
+
+    forwards: dict[Layout, Any]
+    lowering: dict[str, Any] | None
+    folder: Path
+
+    def accepts(self, tensors: Sequence[torch.Tensor]) -> bool:
+        return layout_of(tensors) in self.forwards
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
+        fn = self.forwards.get(layout_of(tensors))
+        return None if fn is None else fn(*tensors)
+
+
+def read(name: str, program: Path, device: torch.device) -> StoredForwards | None:
+    """Entry ``name``'s forwards, their weights read from ``program`` onto ``device``; ``None`` when there
+    is no such entry. Raises on an entry that is there but unusable."""
+    folder = store_dir() / name
+    if not (folder / ENTRY).is_file():
+        return None
+    entry = json.loads((folder / ENTRY).read_text())
+    if entry.get("format") != FORMAT:
+        raise ValueError(f"entry format {entry.get('format')!r}, this graphopt reads {FORMAT}")
+    weights = _read_weights(program, entry["weights"], device)
+    forwards: dict[Layout, Any] = {}
+    modules: dict[str, Any] = {}
+    for forward in entry["forwards"]:
+        namespace: dict[str, Any] = {"torch": torch}
+        for n, spec in forward["names"].items():
+            namespace[n] = _rebuild(spec, weights, folder, modules)
+        path = folder / f"{forward['name']}.py"
+        exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - this user's own cache
+        layout = tuple((tuple(shape), tuple(strides), getattr(torch, dtype), torch.device(dev))
+                       for shape, strides, dtype, dev in forward["layout"])
+        forwards[layout] = namespace[forward["name"]]
+    return StoredForwards(forwards, entry.get("lowering"), folder)
+
+
+def expected_outputs(stored: StoredForwards) -> tuple[torch.Tensor, ...]:
+    """The outputs the example inputs' forward gave when it was stored."""
+    tensors = safetensors.torch.load_file(str(stored.folder / OUTPUTS))
+    return tuple(tensors[f"output_{i}"] for i in range(len(tensors)))
+
+
+def _read_weights(program: Path, weights: dict[str, dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
+    out = {}
+    with zipfile.ZipFile(program) as archive:
+        for attr, spec in weights.items():
+            dtype = getattr(torch, spec["dtype"])
+            value = _raw(archive, spec["entry"], dtype).as_strided(spec["shape"], spec["strides"], spec["offset"])
+            placed = torch.empty_strided(spec["shape"], spec["device_strides"], dtype=dtype, device=device)
+            out[attr] = placed.copy_(value)
+    return out
+
+
+def _rebuild(spec: dict[str, Any], weights: dict[str, torch.Tensor], folder: Path, modules: dict[str, Any]) -> Any:
+    if "weight" in spec:
+        return weights[spec["weight"]]
+    if "dtype" in spec:
+        return getattr(torch, spec["dtype"])
+    if "device" in spec:
+        return torch.device(spec["device"])
+    if "op" in spec:
+        namespace, op, overload = spec["op"]
+        if namespace == "graphopt":
+            import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.*
+        return getattr(getattr(getattr(torch.ops, namespace), op), overload)
+    if "generated" in spec:
+        stem = spec["generated"]
+        if stem not in modules:
+            path = folder / "kernels" / f"{stem}.py"
+            loader = importlib.util.spec_from_file_location(f"{GENERATED}{stem}", path)
+            assert loader is not None and loader.loader is not None
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+            modules[stem] = module
+        return getattr(modules[stem], spec["kernel"])
+    if "module" in spec:
+        return getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    raise ValueError(f"unknown name in a stored forward: {spec}")
