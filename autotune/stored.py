@@ -52,6 +52,7 @@ import safetensors.torch
 import torch
 
 from .cache import cache_dir, cache_root
+from .launches import contiguous_strides
 from .runtime import Layout, Portable, layout_of
 
 FORMAT = 1
@@ -170,7 +171,7 @@ def locate_weights(program: Path, tensors: dict[str, torch.Tensor]) -> dict[str,
                 raise NotStored(f"weight {attr} is not held in {program.name} as raw bytes")
             want = tensor.detach().cpu()
             raw = _raw(archive, entry, want.dtype)
-            for strides, offset in ((want.stride(), want.storage_offset()), (_contiguous(want.shape), 0)):
+            for strides, offset in ((want.stride(), want.storage_offset()), (contiguous_strides(want.shape), 0)):
                 try:
                     got = raw.as_strided(want.shape, strides, offset)
                 except RuntimeError:
@@ -194,14 +195,6 @@ def _raw(archive: zipfile.ZipFile, entry: str, dtype: torch.dtype) -> torch.Tens
     if not whole:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(data, dtype=torch.uint8, count=whole).view(dtype)
-
-
-def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def write(name: str, portables: Sequence[Portable], program: Path, outputs: Sequence[torch.Tensor],

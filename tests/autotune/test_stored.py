@@ -1,4 +1,4 @@
-"""Generated forwards stored per machine: the next target="cuda" load serves from them (Triton's interpreter on the CPU)."""
+"""Generated forwards stored per machine: the next target="cuda" load serves from them (interpreted here)."""
 
 import json
 import subprocess
