@@ -20,7 +20,7 @@ Graph outputs are never deleted, so a storage an output views never comes free.
 Only the forward's own allocations are planned. Matmuls keep ATen's functional calls: their ``out=``
 forms (``addmm`` / ``mm`` into a planned buffer, on the input viewed as a matrix, which is what
 ``aten.linear`` computes) were tried and cost more host time than the allocation they save (two
-``view`` calls per matmul: 4-9% more per call for a DiT-S/2 on a CPU, ``bench/runtime.py``).
+``view`` calls per matmul: 4-9% more host time per call for a DiT-S/2 on a CPU, ``bench/runtime.py``).
 """
 
 from __future__ import annotations
