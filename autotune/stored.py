@@ -233,6 +233,19 @@ def write(name: str, portables: Sequence[Portable], program: Path, outputs: Sequ
     return final
 
 
+def clear() -> int:
+    """Delete every stored entry (and what a killed writer left); returns how many entries there were."""
+    root = store_dir()
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for folder in root.iterdir():
+        if folder.is_dir():
+            removed += not folder.name.startswith(".") and (folder / ENTRY).is_file()
+            shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
 def _layout_json(layout: Layout) -> list[list[Any]]:
     return [[list(shape), list(strides), str(dtype).removeprefix("torch."), str(device)]
             for shape, strides, dtype, device in layout]

@@ -354,8 +354,12 @@ def _cmd_autotune(ns: argparse.Namespace) -> int:
     elif ns.import_:
         count = import_bundle(ns.import_, ns.cache_dir)
         print(f"imported {count} entries from {ns.import_}")
-    else:
+    elif ns.cache_dir is not None:
         print(f"removed {clear(ns.cache_dir)} cache file(s)")
+    else:  # the forwards stored for saved models' GPU loads bake in the tunings: they go with them
+        from .autotune import stored
+
+        print(f"removed {clear()} cache file(s) and {stored.clear()} stored forward(s)")
     return 0
 
 
@@ -640,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--list", action="store_true", help="list every cached kernel, shape bucket and best config")
     action.add_argument("--export", metavar="FILE", help="write all device caches into one bundle file")
     action.add_argument("--import", dest="import_", metavar="FILE", help="merge a bundle into the cache")
-    action.add_argument("--clear", action="store_true", help="delete the cache files")
+    action.add_argument("--clear", action="store_true", help="delete the cache files (without --cache-dir, also "
+                        "the forwards stored for saved models' GPU loads)")
     p.add_argument("--cache-dir", default=None, help="use this cache folder instead of the default")
     p.set_defaults(run=_cmd_autotune)
 
