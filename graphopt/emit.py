@@ -298,12 +298,13 @@ class OptimizedModule(nn.Module):
         self._store_as = None
         examples = list(self.captured.example_inputs)
         try:
-            if layout_of(examples) == forward.layout:
-                first, outputs = forward, forward.fn(*examples)
-            else:
-                _, first = generate_forward(runtime.graph_module, examples, name="forward_examples",
-                                            reuse_buffers=runtime.reuse_buffers, portable=True)
-                outputs = first.fn(*examples)
+            with torch.no_grad():
+                if layout_of(examples) == forward.layout:
+                    first, outputs = forward, forward.fn(*examples)
+                else:
+                    _, first = generate_forward(runtime.graph_module, examples, name="forward_examples",
+                                                reuse_buffers=runtime.reuse_buffers, portable=True)
+                    outputs = first.fn(*examples)
             portables = [first.portable] + ([forward.portable] if first is not forward else [])
             stored.write(name, portables, program, outputs, lowering)
         except stored.NotStored:

@@ -82,7 +82,9 @@ class OptimizationReport:
         if self.load_s is not None:
             lines.append(f"load: {sum(self.load_s.values()):.2f}s (" + ", ".join(
                 f"{k} {v:.2f}s" for k, v in self.load_s.items()) + ")" + (
-                "" if "graph" in self.load_s else "; the graph is read when first needed"))
+                "" if "graph" in self.load_s else "; the graph is read when first needed") + (
+                "; calls in the stored layouts run the forwards an earlier load stored on this machine "
+                "(kernel[grid] launches)" if "forwards" in self.load_s else ""))
         if self.compiled is not None:
             from .compiled import CompiledReport
 

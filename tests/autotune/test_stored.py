@@ -56,6 +56,7 @@ def test_a_gpu_load_stores_its_forwards_and_the_next_load_serves_calls_from_them
 
     again = graphopt.load(folder, target="cuda")
     assert set(again.report.load_s) == {"files", "forwards"}  # neither the program read nor lowered
+    assert "calls in the stored layouts run the forwards an earlier load stored" in again.report.table()
     assert again.report.lowering == json.loads(json.dumps(first.report.lowering)) and again.report.target == "cuda"
     with torch.no_grad():
         assert torch.equal(again(x3), want3)
