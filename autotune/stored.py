@@ -26,9 +26,11 @@ lowered as before the first time anything else needs it (another layout, the wei
 tuning). An entry that cannot be used (unreadable, or not reproducing its outputs) is ignored with a
 warning and the load goes the long way.
 
-The cache is this user's, as Triton's kernel cache is: its sources are executed. It lives under
-graphopt's cache root (``$GRAPHOPT_CACHE_DIR``, else ``~/.cache/graphopt``) in ``forwards/``; removing
-that folder is always safe.
+The cache is this user's, as Triton's kernel cache is: its sources are executed, so an entry is
+written owner-only and one anyone else could have changed (another owner, writable by group or others,
+a symlink) is not read. It lives under graphopt's cache root (``$GRAPHOPT_CACHE_DIR``, else
+``~/.cache/graphopt``) in ``forwards/``; removing that folder is always safe (``graphopt autotune
+--clear`` does).
 """
 
 from __future__ import annotations
@@ -223,6 +225,8 @@ def write(name: str, portables: Sequence[Portable], program: Path, outputs: Sequ
         entry = {"format": FORMAT, "forwards": forwards, "weights": weights, "lowering": lowering,
                  "outputs": len(outputs)}
         (tmp / ENTRY).write_text(json.dumps(entry, indent=1))  # last: a folder without it is no entry
+        for path in (tmp, *tmp.rglob("*")):  # this user's alone to change: its sources are executed
+            path.chmod(0o700 if path.is_dir() else 0o600)
         try:
             os.replace(tmp, final)
         except OSError:  # another process stored the same entry first: theirs is as good
@@ -277,6 +281,7 @@ def read(name: str, program: Path, device: torch.device) -> StoredForwards | Non
     folder = store_dir() / name
     if not (folder / ENTRY).is_file():
         return None
+    _check_own(folder)
     entry = json.loads((folder / ENTRY).read_text())
     if entry.get("format") != FORMAT:
         raise ValueError(f"entry format {entry.get('format')!r}, this graphopt reads {FORMAT}")
@@ -293,6 +298,15 @@ def read(name: str, program: Path, device: torch.device) -> StoredForwards | Non
                        for shape, strides, dtype, dev in forward["layout"])
         forwards[layout] = namespace[forward["name"]]
     return StoredForwards(forwards, entry.get("lowering"), folder)
+
+
+def _check_own(folder: Path) -> None:
+    """Refuse an entry someone else could have written: its sources are executed."""
+    for path in (folder, *folder.rglob("*")):
+        st = path.lstat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022 or path.is_symlink():
+            raise PermissionError(f"{path} is not this user's alone (owner {st.st_uid}, mode {st.st_mode & 0o777:o}); "
+                                  "a stored forward is executed, so it is not read")
 
 
 def expected_outputs(stored: StoredForwards) -> tuple[torch.Tensor, ...]:

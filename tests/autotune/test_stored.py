@@ -53,6 +53,7 @@ def test_a_gpu_load_stores_its_forwards_and_the_next_load_serves_calls_from_them
     (name,) = entries()
     entry = json.loads((stored.store_dir() / name / stored.ENTRY).read_text())
     assert [f["layout"][0][0] for f in entry["forwards"]] == [[2, 4, 16], [3, 4, 16]]
+    assert {p.stat().st_mode & 0o777 for p in (stored.store_dir() / name).rglob("*")} <= {0o600, 0o700}
 
     again = graphopt.load(folder, target="cuda")
     assert set(again.report.load_s) == {"files", "forwards"}  # neither the program read nor lowered
@@ -109,7 +110,7 @@ def test_a_new_tuning_or_another_save_names_another_entry(save, tmp_path):
     assert stored.entry_name(digest) != name
 
 
-@pytest.mark.parametrize("damage", ["source", "outputs", "format"])
+@pytest.mark.parametrize("damage", ["source", "outputs", "format", "writable"])
 def test_an_entry_that_cannot_be_used_is_passed_over_with_a_warning(save, damage):
     folder, _ = save
     x = torch.randn(2, 4, 16)
@@ -127,10 +128,13 @@ def test_an_entry_that_cannot_be_used_is_passed_over_with_a_warning(save, damage
         tensors = safetensors.torch.load_file(str(where / stored.OUTPUTS))
         safetensors.torch.save_file({k: torch.randn_like(v) for k, v in tensors.items()}, str(where / stored.OUTPUTS))
         message = "do not reproduce"
-    else:
+    elif damage == "format":
         entry = json.loads((where / stored.ENTRY).read_text())
         (where / stored.ENTRY).write_text(json.dumps({**entry, "format": 99}))
         message = "entry format 99"
+    else:  # anyone could have replaced its sources
+        (where / "forward_0.py").chmod(0o666)
+        message = "not this user's alone"
     with pytest.warns(RuntimeWarning, match=f"cannot be used .*{message}.*loading the program instead"):
         module = graphopt.load(folder, target="cuda")
     assert module._served is None and "lowering" in module.report.load_s
