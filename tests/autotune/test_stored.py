@@ -188,3 +188,24 @@ def test_weights_are_located_byte_for_byte_in_the_program(save):
         assert torch.equal(read[k], v) and read[k].stride() == v.stride()
     with pytest.raises(stored.NotStored, match="are not its values"):
         stored.locate_weights(program, {"model.proj.bias": weights["model.proj.bias"] + 1})
+
+
+def test_graphopts_own_kernels_are_stored_by_name_and_served(tmp_path):
+    """LiT's linear attention, VAR's block-causal attention and ATConv's dynamic depthwise conv: kernels
+    of graphopt's library, stored as module and name rather than as source."""
+    from tests.autotune.test_runtime import Family
+
+    x, kernels = torch.randn(2, 16, 24), torch.randn(2, 24, 3, 3)
+    folder = graphopt.save(graphopt.optimize(Family().eval(), (x, kernels), dynamic_batch=False), tmp_path / "family")
+    with torch.no_grad():
+        want = graphopt.load(folder, target="cuda")(x, kernels)
+    (name,) = entries()
+    entry = json.loads((stored.store_dir() / name / stored.ENTRY).read_text())
+    modules = {spec.get("module") for f in entry["forwards"] for spec in f["names"].values() if "kernel" in spec}
+    assert {"graphopt.autotune.kernels.linear_attention", "graphopt.autotune.kernels.attention",
+            "graphopt.autotune.kernels.dynamic_dwconv"} <= modules
+    again = graphopt.load(folder, target="cuda")
+    assert again._served is not None
+    with torch.no_grad():
+        got = again(x, kernels)
+    assert torch.equal(got, want)
