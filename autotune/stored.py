@@ -23,8 +23,9 @@ The next load finds the entry, reads the weights straight from ``model.pt2`` (af
 matched, as always), executes the stored sources, and runs the forward for the example inputs against
 the outputs stored with it. Calls in a stored layout are served from then on; the program is read and
 lowered as before the first time anything else needs it (another layout, the weights as parameters,
-tuning). An entry that cannot be used (unreadable, or not reproducing its outputs) is ignored with a
-warning and the load goes the long way.
+tuning), and the forward then written for a new layout joins the entry (:func:`extend`, up to eight). An
+entry that cannot be used (unreadable, not reproducing its outputs, not this user's alone) is passed
+over with a warning, the load goes the long way, and its first forward replaces the entry.
 
 The cache is this user's, as Triton's kernel cache is: its sources are executed, so an entry is
 written owner-only and one anyone else could have changed (another owner, writable by group or others,
@@ -45,7 +46,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -200,37 +201,91 @@ def _raw(archive: zipfile.ZipFile, entry: str, dtype: torch.dtype) -> torch.Tens
 
 
 def write(name: str, portables: Sequence[Portable], program: Path, outputs: Sequence[torch.Tensor],
-          lowering: dict[str, Any] | None) -> Path:
+          lowering: dict[str, Any] | None, *, replace: bool = False) -> Path:
     """Store ``portables`` (the first is for the example inputs, whose forward gave ``outputs``) as
-    entry ``name``; returns its folder. Raises :class:`NotStored` (nothing written) when they cannot be."""
-    weights: dict[str, dict[str, Any]] = {}
-    sources: dict[str, str] = {}
-    forwards = [{"name": p.name, "layout": _layout_json(p.layout), "names": describe(p, weights, sources)}
-                for p in portables]
-    values = {attr: value for p in portables for n, attr in p.attrs.items()
-              if isinstance(value := p.namespace.get(n), torch.Tensor)}
-    weights = locate_weights(program, {attr: values[attr] for attr in weights})
-    root = store_dir()
-    final = root / name
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
-        (tmp / "kernels").mkdir()
-        for stem, text in sources.items():
-            (tmp / "kernels" / f"{stem}.py").write_text(text)
-        for p in portables:
-            (tmp / f"{p.name}.py").write_text(p.source)
+    entry ``name``; returns its folder. An entry of that name already there is kept unless ``replace``
+    (it could not be used). Raises :class:`NotStored` (nothing written) when they cannot be stored."""
+    forwards, files, weights = _described(portables, program, first=0)
+
+    def fill(tmp: Path) -> None:
+        _write_files(tmp, files)
         safetensors.torch.save_file({f"output_{i}": t.detach().cpu().contiguous() for i, t in enumerate(outputs)},
                                     str(tmp / OUTPUTS))
         entry = {"format": FORMAT, "forwards": forwards, "weights": weights, "lowering": lowering,
                  "outputs": len(outputs)}
         (tmp / ENTRY).write_text(json.dumps(entry, indent=1))  # last: a folder without it is no entry
+
+    return _commit(name, fill, replace=replace)
+
+
+def extend(name: str, portable: Portable, program: Path, limit: int = 8) -> bool:
+    """Add ``portable`` (a layout met after entry ``name`` was stored) to that entry, up to ``limit``
+    forwards; whether it was added (not when its layout is there already, or the entry is full or gone).
+    Raises :class:`NotStored` when it cannot be stored."""
+    folder = store_dir() / name
+    if not (folder / ENTRY).is_file():
+        return False
+    _check_own(folder)
+    entry = json.loads((folder / ENTRY).read_text())
+    if entry.get("format") != FORMAT or len(entry["forwards"]) >= limit or \
+            _layout_json(portable.layout) in [f["layout"] for f in entry["forwards"]]:
+        return False
+    forwards, files, weights = _described([portable], program, first=len(entry["forwards"]))
+    entry = {**entry, "forwards": entry["forwards"] + forwards, "weights": {**entry["weights"], **weights}}
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        _write_files(tmp, files)
+        (tmp / ENTRY).write_text(json.dumps(entry, indent=1))
+
+    _commit(name, fill, replace=True)
+    return True
+
+
+def _described(portables: Sequence[Portable], program: Path, first: int
+               ) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, dict[str, Any]]]:
+    """The entry's records of ``portables`` (numbered from ``first``), the files they need by path, and
+    where their weights lie in ``program``."""
+    weights: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    forwards = [{"name": p.name, "file": f"forward_{first + i}.py", "layout": _layout_json(p.layout),
+                 "names": describe(p, weights, sources)} for i, p in enumerate(portables)]
+    values = {attr: value for p in portables for n, attr in p.attrs.items()
+              if isinstance(value := p.namespace.get(n), torch.Tensor)}
+    files = {f"kernels/{stem}.py": text for stem, text in sources.items()}
+    files.update({f["file"]: p.source for f, p in zip(forwards, portables)})
+    return forwards, files, locate_weights(program, {attr: values[attr] for attr in weights})
+
+
+def _write_files(folder: Path, files: dict[str, str]) -> None:
+    for relative, text in files.items():
+        path = folder / relative
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+
+
+def _commit(name: str, fill: Callable[[Path], None], *, replace: bool) -> Path:
+    """Fill a temporary folder, make it this user's alone and put it in place as entry ``name``, whole:
+    ``replace`` swaps out an entry that is there (a reader meanwhile finds none), otherwise one that
+    another process stored first is kept."""
+    root = store_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        fill(tmp)
         for path in (tmp, *tmp.rglob("*")):  # this user's alone to change: its sources are executed
             path.chmod(0o700 if path.is_dir() else 0o600)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process stored the same entry first: theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
+        if replace and final.exists():
+            old = root / f".{name}.old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process stored the same entry first: theirs is as good
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -266,6 +321,7 @@ class StoredForwards:
     forwards: dict[Layout, Any]
     lowering: dict[str, Any] | None
     folder: Path
+    program: Path
 
     def accepts(self, tensors: Sequence[torch.Tensor]) -> bool:
         return layout_of(tensors) in self.forwards
@@ -292,12 +348,12 @@ def read(name: str, program: Path, device: torch.device) -> StoredForwards | Non
         namespace: dict[str, Any] = {"torch": torch}
         for n, spec in forward["names"].items():
             namespace[n] = _rebuild(spec, weights, folder, modules)
-        path = folder / f"{forward['name']}.py"
+        path = folder / forward["file"]
         exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - this user's own cache
         layout = tuple((tuple(shape), tuple(strides), getattr(torch, dtype), torch.device(dev))
                        for shape, strides, dtype, dev in forward["layout"])
         forwards[layout] = namespace[forward["name"]]
-    return StoredForwards(forwards, entry.get("lowering"), folder)
+    return StoredForwards(forwards, entry.get("lowering"), folder, program)
 
 
 def _check_own(folder: Path) -> None:

@@ -167,7 +167,7 @@ class OptimizedModule(nn.Module):
         self._compiled: Any = None  # compile(): the main variant as Inductor's CPU program
         self._served: Any = None  # a deferred GPU load: the stored forwards (graphopt.autotune.stored.StoredForwards)
         self._served_runner: Any = None  # and their CUDA graphs (cudagraphs.CudaGraphRunner) with cuda_graphs
-        self._store_as: Any = None  # a GPU load without stored forwards: (entry name, model.pt2) to store them as
+        self._store_as: Any = None  # a GPU load: (entry name, model.pt2, whether to replace the entry there)
         self._routing: Any = None  # a subnet's per-call routing (graphopt.variants.Routing)
 
     @property
@@ -200,7 +200,8 @@ class OptimizedModule(nn.Module):
         self.__dict__["_captured_list"] = [captured]
         self.__dict__["_deferred"] = None
         if self.__dict__.get("_served") is not None:  # stored forwards served the GPU: now lower as usual
-            self._served = self._served_runner = None
+            served, self._served, self._served_runner = self._served, None, None
+            self._store_as = (served.folder.name, served.program, False)  # the next forward joins the entry
             self._report = dataclasses.replace(self._report, lowering=self._lower_variant(captured))
             if self._graph_runners is not None:
                 self._graph_runners = []
@@ -288,16 +289,20 @@ class OptimizedModule(nn.Module):
 
     def _store_forwards(self, runtime: Any, lowering: dict[str, Any], forward: Any) -> None:
         """Store the first forward a loaded module wrote, with one for its example inputs, for the next
-        load on this machine (:mod:`graphopt.autotune.stored`). Never fails the call: a forward that
-        cannot be stored is not, and a warning says why when something went wrong."""
+        load on this machine (:mod:`graphopt.autotune.stored`); where that load's entry exists (its
+        stored forwards served until a call in another layout), add the forward to it, unless the load
+        found it unusable: then it is replaced. Never fails the call: a forward that cannot be stored is
+        not, and a warning says why when something went wrong."""
         from graphopt.autotune import stored
         from graphopt.autotune.runtime import generate_forward, layout_of
 
         runtime.on_generated = None
-        name, program = self._store_as
+        name, program, replace = self._store_as
         self._store_as = None
         examples = list(self.captured.example_inputs)
         try:
+            if not replace and (stored.extend(name, forward.portable, program) or (stored.store_dir() / name).is_dir()):
+                return
             with torch.no_grad():
                 if layout_of(examples) == forward.layout:
                     first, outputs = forward, forward.fn(*examples)
@@ -306,7 +311,7 @@ class OptimizedModule(nn.Module):
                                                 reuse_buffers=runtime.reuse_buffers, portable=True)
                     outputs = first.fn(*examples)
             portables = [first.portable] + ([forward.portable] if first is not forward else [])
-            stored.write(name, portables, program, outputs, lowering)
+            stored.write(name, portables, program, outputs, lowering, replace=replace)
         except stored.NotStored:
             pass  # e.g. a weight made by a pass: nothing in the save holds it; the next load lowers again
         except Exception as e:  # noqa: BLE001 - a cache write must never fail the user's call

@@ -244,8 +244,8 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
                         f"for {len(guards.tensors)}")  # type: ignore[union-attr]
     lap("files")
     device = inputs[0].device if inputs else torch.device("cuda" if on_gpu else "cpu")
-    served, entry = (_stored_forwards(path, meta, inputs, device, verify)
-                     if target == "cuda" and deferrable and "sha256" in meta else (None, None))
+    served, entry, unusable = (_stored_forwards(path, meta, inputs, device, verify)
+                               if target == "cuda" and deferrable and "sha256" in meta else (None, None, False))
     if deferrable and (refused == "" or served is not None):
         head = CapturedGraph(None, call, guards, inputs, outputs, 0.0, dynamic_batch=dynamic_batch)  # type: ignore
         module = OptimizedModule(None, report, info=info, deferred=DeferredGraph(head, dtype, device, read_graph))
@@ -259,7 +259,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         module._graph_runners = [] if cuda_graphs else None
         lap("forwards")
     elif target == "cuda":
-        module._store_as = None if entry is None else (entry, path / PROGRAM)
+        module._store_as = None if entry is None else (entry, path / PROGRAM, unusable)
         module._report = dataclasses.replace(report, target="cuda", lowering=module._lower_variant(module.captured),
                                              cuda_graphs=cuda_graphs)
         module._graph_runners = [] if cuda_graphs else None
@@ -275,10 +275,11 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
 
 
 def _stored_forwards(path: Path, meta: dict[str, Any], inputs: tuple[torch.Tensor, ...], device: torch.device,
-                     verify: bool) -> tuple[Any, str | None]:
-    """(the forwards stored on this machine for this save, or None; the name of their entry). With
-    ``verify`` they must reproduce, on the saved example inputs, the outputs they gave when stored; an
-    entry that cannot be used is passed over with a warning (the load then reads the program)."""
+                     verify: bool) -> tuple[Any, str, bool]:
+    """(the forwards stored on this machine for this save, or None; the name of their entry; whether an
+    entry is there but unusable). With ``verify`` they must reproduce, on the saved example inputs, the
+    outputs they gave when stored; an entry that cannot be used is passed over with a warning (the load
+    then reads the program, and its first forward replaces the entry)."""
     from graphopt.autotune import stored
 
     from .verify import compare
@@ -297,8 +298,8 @@ def _stored_forwards(path: Path, meta: dict[str, Any], inputs: tuple[torch.Tenso
     except Exception as e:  # noqa: BLE001 - a cache entry that cannot be used is passed over
         warnings.warn(f"graphopt: the forwards stored for {path} in {stored.store_dir() / name} cannot be used "
                       f"({first_line(e)}); loading the program instead", RuntimeWarning, stacklevel=3)
-        served = None
-    return served, name
+        return None, name, True
+    return served, name, False
 
 
 def _routing(data: Any) -> Any:

@@ -70,6 +70,11 @@ def test_a_gpu_load_stores_its_forwards_and_the_next_load_serves_calls_from_them
     assert again.report.lowering["regions"] == first.report.lowering["regions"]
     with torch.no_grad():
         assert torch.equal(again(x3), want3)  # now through the lowered graph's own forward
+    third = graphopt.load(folder, target="cuda")  # batch 5 joined the entry
+    assert third._served is not None and len(third._served.forwards) == 3
+    with torch.no_grad():
+        assert torch.equal(third(torch.ones(5, 4, 16)), got5) and torch.equal(third(x3), want3)
+    assert third._served is not None
 
 
 def test_a_served_module_reads_its_graph_for_its_weights(save):
@@ -139,7 +144,11 @@ def test_an_entry_that_cannot_be_used_is_passed_over_with_a_warning(save, damage
         module = graphopt.load(folder, target="cuda")
     assert module._served is None and "lowering" in module.report.load_s
     with torch.no_grad():
-        assert torch.equal(module(x), want)
+        assert torch.equal(module(x), want)  # and its forward replaces the entry
+    healed = graphopt.load(folder, target="cuda")
+    assert healed._served is not None
+    with torch.no_grad():
+        assert torch.equal(healed(x), want)
 
 
 def test_without_verify_a_load_serves_without_running_anything(save):
@@ -209,3 +218,16 @@ def test_graphopts_own_kernels_are_stored_by_name_and_served(tmp_path):
     with torch.no_grad():
         got = again(x, kernels)
     assert torch.equal(got, want)
+
+
+def test_an_entry_takes_a_new_layout_once_and_at_most_its_limit(tmp_path):
+    layout = (((2, 3), (3, 1), torch.float32, torch.device("cpu")),)
+    portable = Portable("forward_0", "def forward_0(x):\n    return (x,)\n", {}, {}, layout)
+    assert not stored.extend("0" * 32, portable, tmp_path / "none.pt2")  # no such entry
+    folder = stored.store_dir() / ("1" * 32)
+    folder.mkdir(parents=True)
+    known = {"name": "forward_0", "file": "forward_0.py", "layout": [[[2, 3], [3, 1], "float32", "cpu"]], "names": {}}
+    (folder / stored.ENTRY).write_text(json.dumps({"format": stored.FORMAT, "forwards": [known], "weights": {}}))
+    assert not stored.extend("1" * 32, portable, tmp_path / "none.pt2")  # its layout is there already
+    other = Portable("forward_0", portable.source, {}, {}, (((4, 3), (3, 1), torch.float32, torch.device("cpu")),))
+    assert not stored.extend("1" * 32, other, tmp_path / "none.pt2", limit=1)  # full
