@@ -231,3 +231,30 @@ def test_an_entry_takes_a_new_layout_once_and_at_most_its_limit(tmp_path):
     assert not stored.extend("1" * 32, portable, tmp_path / "none.pt2")  # its layout is there already
     other = Portable("forward_0", portable.source, {}, {}, (((4, 3), (3, 1), torch.float32, torch.device("cpu")),))
     assert not stored.extend("1" * 32, other, tmp_path / "none.pt2", limit=1)  # full
+
+
+def test_the_stored_form_of_a_forward_bound_to_launchers_launches_through_kernel_grid():
+    """On a GPU the forward a runtime writes calls compiled launchers (bound to this process); the form
+    it stores launches every kernel through kernel[grid] and computes the same outputs."""
+    from graphopt.autotune.runtime import Runtime
+    from tests import zoo
+    from tests.autotune.standin import FakeDevice, interpreted_kernels_through_triton_run
+    from tests.autotune.test_runtime import lowered_runtime
+
+    model, args, kwargs = zoo.ZOO["dit"]()
+    _, gm, tensors = lowered_runtime(model, *args, kwargs=kwargs)
+    written = []
+    with interpreted_kernels_through_triton_run(FakeDevice()) as streams, torch.no_grad():
+        runtime = Runtime(gm, direct_launch=streams)
+        runtime.on_generated = written.append
+        want = runtime(tensors)
+    (forward,) = written
+    assert forward.direct_launches > 0 and "_launcher(" in forward.source
+    portable = forward.portable
+    assert portable is not None and "_launcher(" not in portable.source and "current_stream" not in portable.source
+    assert portable.source.count("](") == forward.launches  # each launch as kernel[grid](...)
+    namespace = dict(portable.namespace)
+    exec(compile(portable.source, "<stored>", "exec"), namespace)  # noqa: S102
+    with torch.no_grad():
+        got = namespace[portable.name](*tensors)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
