@@ -31,7 +31,7 @@ The cache is this user's, as Triton's kernel cache is: its sources are executed,
 written owner-only and one anyone else could have changed (another owner, writable by group or others,
 a symlink) is not read. It lives under graphopt's cache root (``$GRAPHOPT_CACHE_DIR``, else
 ``~/.cache/graphopt``) in ``forwards/``; removing that folder is always safe (``graphopt autotune
---clear`` does).
+--clear`` does), and ``GRAPHOPT_STORED_FORWARDS=0`` leaves it unused.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ GENERATED = "graphopt_generated."  # the module prefix of kernels loaded from ge
 
 class NotStored(Exception):
     """Why a forward or its weights cannot be stored (the reason is the message)."""
+
+
+def enabled() -> bool:
+    """Whether loads read and store forwards (``GRAPHOPT_STORED_FORWARDS=0`` turns both off)."""
+    return os.environ.get("GRAPHOPT_STORED_FORWARDS", "1") != "0"
 
 
 def store_dir() -> Path:

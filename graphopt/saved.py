@@ -245,7 +245,8 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     lap("files")
     device = inputs[0].device if inputs else torch.device("cuda" if on_gpu else "cpu")
     served, entry, unusable = (_stored_forwards(path, meta, inputs, device, verify)
-                               if target == "cuda" and deferrable and "sha256" in meta else (None, None, False))
+                               if target == "cuda" and deferrable and "sha256" in meta and _storing() else
+                               (None, None, False))
     if deferrable and (refused == "" or served is not None):
         head = CapturedGraph(None, call, guards, inputs, outputs, 0.0, dynamic_batch=dynamic_batch)  # type: ignore
         module = OptimizedModule(None, report, info=info, deferred=DeferredGraph(head, dtype, device, read_graph))
@@ -272,6 +273,12 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
         lap("package")
     module._report = dataclasses.replace(module._report, load_s={k: round(v, 4) for k, v in seconds.items()})
     return module
+
+
+def _storing() -> bool:
+    from graphopt.autotune import stored
+
+    return stored.enabled()
 
 
 def _stored_forwards(path: Path, meta: dict[str, Any], inputs: tuple[torch.Tensor, ...], device: torch.device,

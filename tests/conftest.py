@@ -22,7 +22,8 @@ if ONE_THREAD_PER_WORKER:
 @pytest.fixture(autouse=True)
 def _seed_and_env(monkeypatch):
     torch.manual_seed(0)
-    for var in ("GRAPHOPT_DEBUG", "GRAPHOPT_DUMP_GRAPHS", "GRAPHOPT_DISABLE_PASSES", "GRAPHOPT_DUMP_KERNELS"):
+    for var in ("GRAPHOPT_DEBUG", "GRAPHOPT_DUMP_GRAPHS", "GRAPHOPT_DISABLE_PASSES", "GRAPHOPT_DUMP_KERNELS",
+                "GRAPHOPT_STORED_FORWARDS"):
         monkeypatch.delenv(var, raising=False)
 
 

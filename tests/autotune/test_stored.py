@@ -258,3 +258,17 @@ def test_the_stored_form_of_a_forward_bound_to_launchers_launches_through_kernel
     with torch.no_grad():
         got = namespace[portable.name](*tensors)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_graphopt_stored_forwards_0_neither_reads_nor_stores(save, monkeypatch):
+    folder, _ = save
+    with torch.no_grad():
+        graphopt.load(folder, target="cuda")(torch.randn(2, 4, 16))
+    (name,) = entries()
+    monkeypatch.setenv("GRAPHOPT_STORED_FORWARDS", "0")
+    module = graphopt.load(folder, target="cuda")
+    assert module._served is None and "lowering" in module.report.load_s
+    with torch.no_grad():
+        module(torch.randn(3, 4, 16))  # a new layout: it would join the entry
+    entry = json.loads((stored.store_dir() / name / stored.ENTRY).read_text())
+    assert len(entry["forwards"]) == 1
