@@ -237,12 +237,10 @@ def test_the_stored_form_of_a_forward_bound_to_launchers_launches_through_kernel
     """On a GPU the forward a runtime writes calls compiled launchers (bound to this process); the form
     it stores launches every kernel through kernel[grid] and computes the same outputs."""
     from graphopt.autotune.runtime import Runtime
-    from tests import zoo
     from tests.autotune.standin import FakeDevice, interpreted_kernels_through_triton_run
     from tests.autotune.test_runtime import lowered_runtime
 
-    model, args, kwargs = zoo.ZOO["dit"]()
-    _, gm, tensors = lowered_runtime(model, *args, kwargs=kwargs)
+    _, gm, tensors = lowered_runtime(Block(), torch.randn(2, 4, 16))
     written = []
     with interpreted_kernels_through_triton_run(FakeDevice()) as streams, torch.no_grad():
         runtime = Runtime(gm, direct_launch=streams)
