@@ -271,8 +271,10 @@ def _write_files(folder: Path, files: dict[str, str]) -> None:
 
 def _commit(name: str, fill: Callable[[Path], None], *, replace: bool) -> Path:
     """Fill a temporary folder, make it this user's alone and put it in place as entry ``name``, whole:
-    ``replace`` swaps out an entry that is there (a reader meanwhile finds none), otherwise one that
-    another process stored first is kept."""
+    ``replace`` swaps out an entry that is there (as a save replaces a save), otherwise one that another
+    process stored first is kept."""
+    from graphopt.saved import _swap_in
+
     root = store_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
@@ -281,11 +283,8 @@ def _commit(name: str, fill: Callable[[Path], None], *, replace: bool) -> Path:
         fill(tmp)
         for path in (tmp, *tmp.rglob("*")):  # this user's alone to change: its sources are executed
             path.chmod(0o700 if path.is_dir() else 0o600)
-        if replace and final.exists():
-            old = root / f".{name}.old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if replace:
+            _swap_in(tmp, final)
         else:
             try:
                 os.replace(tmp, final)

@@ -245,8 +245,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     lap("files")
     device = inputs[0].device if inputs else torch.device("cuda" if on_gpu else "cpu")
     served, entry, unusable = (_stored_forwards(path, meta, inputs, device, verify)
-                               if target == "cuda" and deferrable and "sha256" in meta and _storing() else
-                               (None, None, False))
+                               if target == "cuda" and deferrable and "sha256" in meta else (None, None, False))
     if deferrable and (refused == "" or served is not None):
         head = CapturedGraph(None, call, guards, inputs, outputs, 0.0, dynamic_batch=dynamic_batch)  # type: ignore
         module = OptimizedModule(None, report, info=info, deferred=DeferredGraph(head, dtype, device, read_graph))
@@ -275,22 +274,19 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     return module
 
 
-def _storing() -> bool:
-    from graphopt.autotune import stored
-
-    return stored.enabled()
-
-
 def _stored_forwards(path: Path, meta: dict[str, Any], inputs: tuple[torch.Tensor, ...], device: torch.device,
-                     verify: bool) -> tuple[Any, str, bool]:
+                     verify: bool) -> tuple[Any, str | None, bool]:
     """(the forwards stored on this machine for this save, or None; the name of their entry; whether an
     entry is there but unusable). With ``verify`` they must reproduce, on the saved example inputs, the
     outputs they gave when stored; an entry that cannot be used is passed over with a warning (the load
-    then reads the program, and its first forward replaces the entry)."""
+    then reads the program, and its first forward replaces the entry). (None, None, False) when
+    ``GRAPHOPT_STORED_FORWARDS=0``."""
     from graphopt.autotune import stored
 
     from .verify import compare
 
+    if not stored.enabled():
+        return None, None, False
     name = stored.entry_name(str(meta["sha256"]))
     try:
         served = stored.read(name, path / PROGRAM, device)
