@@ -198,12 +198,7 @@ class Runtime:
         return state
 
     def _streams(self, tensors: Sequence[torch.Tensor]) -> Streams | None:
-        if isinstance(self.direct_launch, Streams):
-            return self.direct_launch
-        if (not self.direct_launch or os.environ.get("GRAPHOPT_DIRECT_LAUNCH", "1") == "0"
-                or os.environ.get("TRITON_INTERPRET") == "1" or not any(t.is_cuda for t in tensors)):
-            return None
-        return triton_streams()
+        return launch_streams(tensors, self.direct_launch)
 
     def clear(self) -> None:
         """Drop every generated forward (the next call in each layout writes a new one)."""
@@ -213,6 +208,19 @@ class Runtime:
 
     def _read_epochs(self) -> tuple[int, ...]:
         return tuple(e.value for e in self._epochs)
+
+
+def launch_streams(tensors: Sequence[torch.Tensor], direct_launch: bool | Streams = True) -> Streams | None:
+    """Where a forward for ``tensors`` binds its launches to compiled launchers: ``direct_launch`` itself when
+    it is a :class:`~.launches.Streams`, Triton's driver where it is ``True``, the inputs are on a GPU,
+    the kernels are compiled (not interpreted) and ``GRAPHOPT_DIRECT_LAUNCH`` is not ``0``; else ``None``
+    (every launch through ``kernel[grid]``)."""
+    if isinstance(direct_launch, Streams):
+        return direct_launch
+    if (not direct_launch or os.environ.get("GRAPHOPT_DIRECT_LAUNCH", "1") == "0"
+            or os.environ.get("TRITON_INTERPRET") == "1" or not any(t.is_cuda for t in tensors)):
+        return None
+    return triton_streams()
 
 
 def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, name: str = "forward",
@@ -252,6 +260,15 @@ def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, nam
 
 def _compile(writer: _Writer, name: str, layout: Layout, dump_dir: str | os.PathLike | None) -> GeneratedForward:
     source, namespace = writer.source()
+    return compile_forward(source, namespace, name, layout, dump_dir, writer.launches, writer.direct_launches,
+                           writer.buffers.stats)
+
+
+def compile_forward(source: str, namespace: dict[str, Any], name: str, layout: Layout,
+                    dump_dir: str | os.PathLike | None = None, launches: int = 0, direct_launches: int = 0,
+                    buffers: BufferStats | None = None) -> GeneratedForward:
+    """Execute a forward's ``source`` in ``namespace`` (dumped to ``dump_dir`` first, so that tracebacks
+    point into the file) and return it as a :class:`GeneratedForward` for ``layout``."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:8]
     path = None
     filename = f"<graphopt generated {name}_{digest}>"
@@ -262,8 +279,8 @@ def _compile(writer: _Writer, name: str, layout: Layout, dump_dir: str | os.Path
         filename = str(path)
     code = compile(source, filename, "exec")
     exec(code, namespace)  # noqa: S102 - our own generated source, written just above
-    return GeneratedForward(name, source, namespace[name], layout, path, writer.launches, writer.direct_launches,
-                            writer.buffers.stats)
+    return GeneratedForward(name, source, namespace[name], layout, path, launches, direct_launches,
+                            buffers or BufferStats())
 
 
 def _needs_check(forward: GeneratedForward, tensors: Sequence[torch.Tensor]) -> bool:
@@ -382,10 +399,8 @@ class _Writer:
         """``value`` (a node argument) as a Python expression."""
         if isinstance(value, fx.Node):
             return env[value]
-        if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-            return repr(value)
-        if isinstance(value, float):
-            return repr(value) if math.isfinite(value) else f"float({str(value)!r})"
+        if (text := literal(value)) is not None:
+            return text
         if isinstance(value, tuple):
             inner = ", ".join(self.expr(v, env) for v in value)
             return f"({inner},)" if len(value) == 1 else f"({inner})"
@@ -429,9 +444,7 @@ class _Writer:
             assert self.streams is not None
             device = self.const(self.streams.device, "current_device")
             stream = self.const(self.streams.stream, "current_stream")
-            self.lines[guard_end:guard_end] = [
-                f"if {device}() != {self._device}:  # the compiled launchers below were bound on this device",
-                "    return None", f"{self._stream} = {stream}({self._device})"]
+            self.lines[guard_end:guard_end] = launcher_guard(device, stream, self._device, self._stream)
         shapes = ", ".join("x".join(map(str, shape)) or "scalar" for shape, _, _, _ in self.layout)
         head = [f"# graphopt: generated forward of {type(self.gm).__name__} for inputs {shapes}",
                 "# each kernel call site's config, grid, sizes and strides are literals for this layout;",
@@ -602,13 +615,37 @@ class _Writer:
                 self.namespace.setdefault("_compiled_kernels", []).append(direct.compiled)  # kept loaded
                 metadata = self.const(direct.metadata, f"{kernel}_metadata")
                 bound = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in direct.args]
-                head = ", ".join([*map(str, direct.grid), self._stream, self.expr(direct.function, {}), metadata])
-                self.lines.append(f"{launcher}({head}, None, None, None, {', '.join(bound)})  # {kernel}")
+                self.lines.append(direct_launch_line(launcher, direct.grid, self._stream, self.expr(direct.function, {}),
+                                                     metadata, bound, kernel))
                 continue
             call_args = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in call.args]
             constexprs = [f"{k}={self.expr(v, {})}" for k, v in call.constexprs]
             self.lines.append(f"{kernel}[{call.grid!r}]({', '.join(call_args + constexprs)})")
         self._delete(scratch)
+
+
+def literal(value: Any) -> str | None:
+    """``value`` as a Python literal (``None``, a bool, int, str or float), or ``None`` where it is none."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return repr(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else f"float({str(value)!r})"
+    return None
+
+
+def launcher_guard(device_fn: str, stream_fn: str, device: int, stream: str) -> list[str]:
+    """The lines after a forward's entry guard when it calls compiled launchers: they were bound on
+    ``device``, so another current device returns ``None``; ``stream`` is read once for every launch."""
+    return [f"if {device_fn}() != {device}:  # the compiled launchers below were bound on this device",
+            "    return None", f"{stream} = {stream_fn}({device})"]
+
+
+def direct_launch_line(launcher: str, grid: Sequence[int], stream: str, function: str, metadata: str,
+                       args: Sequence[str], kernel: str) -> str:
+    """One :class:`~.launches.DirectLaunch` as a source line: Triton's launcher convention (grid, stream,
+    function, metadata, no launch hooks, the bound arguments), every part already written as source."""
+    head = ", ".join([*map(str, grid), stream, function, metadata])
+    return f"{launcher}({head}, None, None, None, {', '.join(args)})  # {kernel}"
 
 
 def _implied_by_guard(node: fx.Node) -> bool:

@@ -21,7 +21,8 @@ read; entries are written whole or not at all (a temporary folder renamed into p
 
 The next load finds the entry, reads the weights straight from ``model.pt2`` (after the save's hashes
 matched, as always), executes the stored sources, and runs the forward for the example inputs against
-the outputs stored with it. Calls in a stored layout are served from then on; the program is read and
+the outputs stored with it. Calls in a stored layout are served from then on (on a GPU, the first call
+in each layout binds its launches to the compiled kernels, :mod:`.rebind`); the program is read and
 lowered as before the first time anything else needs it (another layout, the weights as parameters,
 tuning), and the forward then written for a new layout joins the entry (:func:`extend`, up to eight). An
 entry that cannot be used (unreadable, not reproducing its outputs, not this user's alone) is passed
@@ -55,8 +56,8 @@ import safetensors.torch
 import torch
 
 from .cache import cache_dir, cache_root
-from .launches import contiguous_strides
-from .runtime import Layout, Portable, layout_of
+from .launches import Streams, contiguous_strides
+from .runtime import GeneratedForward, Layout, Portable, launch_streams, layout_of
 
 FORMAT = 1
 ENTRY = "entry.json"
@@ -320,19 +321,51 @@ def _layout_json(layout: Layout) -> list[list[Any]]:
 @dataclasses.dataclass
 class StoredForwards:
     """Calls served by stored forwards: ``served(tensors)`` gives the outputs, or ``None`` for inputs
-    in a layout none was written for. ``lowering`` is the report of the lowering they came from."""
+    in a layout none was written for. ``lowering`` is the report of the lowering they came from.
 
-    forwards: dict[Layout, Any]
+    On a GPU the first call in each layout binds that forward's launches to the kernels Triton
+    compiled (:func:`~.rebind.bind`), as the runtime's own forwards are; ``direct_launch`` as for
+    :class:`~.runtime.Runtime`. ``bound`` holds the forwards so bound, by layout.
+    """
+
+    portables: dict[Layout, Portable]
     lowering: dict[str, Any] | None
     folder: Path
     program: Path
+    direct_launch: bool | Streams = True
+    bound: dict[Layout, GeneratedForward] = dataclasses.field(default_factory=dict)
+    _unbound: set[Layout] = dataclasses.field(default_factory=set, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._unbound = set(self.portables)
+
+    @property
+    def forwards(self) -> dict[Layout, Any]:
+        """The stored forwards (their ``kernel[grid]`` form) by layout."""
+        return {layout: p.namespace[p.name] for layout, p in self.portables.items()}
 
     def accepts(self, tensors: Sequence[torch.Tensor]) -> bool:
-        return layout_of(tensors) in self.forwards
+        return layout_of(tensors) in self.portables
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
-        fn = self.forwards.get(layout_of(tensors))
-        return None if fn is None else fn(*tensors)
+        layout = layout_of(tensors)
+        portable = self.portables.get(layout)
+        if portable is None:
+            return None
+        if layout in self._unbound:
+            self._unbound.discard(layout)
+            if (streams := launch_streams(tensors, self.direct_launch)) is not None:
+                from .rebind import bind
+
+                out, forward = bind(portable, tensors, streams, dump_dir=os.environ.get("GRAPHOPT_DUMP_KERNELS"))
+                if forward is not None:
+                    self.bound[layout] = forward
+                if out is not None:
+                    return out
+        forward = self.bound.get(layout)
+        if forward is not None and (out := forward.fn(*tensors)) is not None:
+            return out
+        return portable.namespace[portable.name](*tensors)  # bound on another current device: kernel[grid] runs anywhere
 
 
 def read(name: str, program: Path, device: torch.device) -> StoredForwards | None:
@@ -346,18 +379,19 @@ def read(name: str, program: Path, device: torch.device) -> StoredForwards | Non
     if entry.get("format") != FORMAT:
         raise ValueError(f"entry format {entry.get('format')!r}, this graphopt reads {FORMAT}")
     weights = _read_weights(program, entry["weights"], device)
-    forwards: dict[Layout, Any] = {}
+    portables: dict[Layout, Portable] = {}
     modules: dict[str, Any] = {}
     for forward in entry["forwards"]:
         namespace: dict[str, Any] = {"torch": torch}
         for n, spec in forward["names"].items():
             namespace[n] = _rebuild(spec, weights, folder, modules)
         path = folder / forward["file"]
-        exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - this user's own cache
+        source = path.read_text()
+        exec(compile(source, str(path), "exec"), namespace)  # noqa: S102 - this user's own cache
         layout = tuple((tuple(shape), tuple(strides), getattr(torch, dtype), torch.device(dev))
                        for shape, strides, dtype, dev in forward["layout"])
-        forwards[layout] = namespace[forward["name"]]
-    return StoredForwards(forwards, entry.get("lowering"), folder, program)
+        portables[layout] = Portable(forward["name"], source, namespace, {}, layout)
+    return StoredForwards(portables, entry.get("lowering"), folder, program)
 
 
 def _check_own(folder: Path) -> None:

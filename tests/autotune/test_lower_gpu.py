@@ -186,3 +186,24 @@ def test_a_second_gpu_load_serves_from_the_forwards_the_first_stored(tmp_path, m
         twice = again(*cuda_args, **kwargs)  # replayed from its CUDA graph
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(twice, want)
+
+
+def test_a_served_load_without_cuda_graphs_launches_through_the_compiled_launchers(tmp_path, monkeypatch):
+    import warnings
+
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    model, args, kwargs = zoo.ZOO["dit"]()
+    folder = graphopt.save(graphopt.optimize(model, args, kwargs), tmp_path / "dit")
+    cuda_args = tuple(a.to("cuda") for a in args)
+    with torch.no_grad():
+        want = graphopt.load(folder, target="cuda", cuda_graphs=False)(*cuda_args, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = graphopt.load(folder, target="cuda", cuda_graphs=False)  # the examples' forward binds on its check
+        with torch.no_grad():
+            got = again(*cuda_args, **kwargs)
+    assert not [w for w in caught if "kernel[grid] launches" in str(w.message)]
+    assert again._served is not None and again._served.bound
+    for forward in again._served.bound.values():
+        assert forward.launches > 0 and forward.direct_launches == forward.launches, forward.source
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
