@@ -323,7 +323,7 @@ def test_a_training_mode_model_is_optimized_as_in_eval_mode_on_request(model_fil
 def test_optimize_compile_saves_a_program_that_loads_warm(model_file, tmp_path, capsys):
     out_dir = tmp_path / "compiled"
     assert main(["optimize", f"{model_file}:make", "--compile", "--out", str(out_dir)]) == 0
-    assert "compile: inductor (AOTInductor, CPU), compiled in" in capsys.readouterr().out
+    assert "compile: inductor (AOTInductor, CPU, freezing), compiled in" in capsys.readouterr().out
     assert (out_dir / "model.aoti.pt2").is_file()
     assert main(["export", str(out_dir), "--out", str(tmp_path / "c.onnx")]) == 0  # the graph exports as before
 
