@@ -179,6 +179,11 @@ class InputGuards:
         ranges = {str(name): (int(lo), None if hi is None else int(hi)) for name, (lo, hi) in data["ranges"].items()}
         return InputGuards(tensors, ranges)
 
+    def on(self, device: str) -> "InputGuards":
+        """These guards for inputs on ``device`` (a device type): a graph captured on one device and
+        moved to another (:func:`graphopt.fxgraph.move_to`) takes its inputs there."""
+        return dataclasses.replace(self, tensors=tuple(dataclasses.replace(g, device=device) for g in self.tensors))
+
     def same_as(self, other: "InputGuards") -> bool:
         """Whether both admit the same inputs: equal up to the names of their symbols."""
         return self._renamed() == other._renamed()

@@ -59,3 +59,21 @@ def drop_guards(gm: fx.GraphModule) -> None:
         if node.op == "call_module" and not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
+
+
+def move_to(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """``gm``, captured on another device, moved to ``device`` in place: its parameters and buffers, and
+    every device its ops name. An exported graph spells out the device of each tensor it creates
+    (``arange``, ``full``) and asserts the device of each ``.to()`` result (``_assert_tensor_metadata``),
+    so moving the weights alone leaves ops that make tensors on, or insist on, the capture's device."""
+    gm.to(device)
+
+    def retarget(value: object) -> object:
+        return device if isinstance(value, torch.device) and value != device else value
+
+    for node in gm.graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, retarget)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, retarget)
+    gm.recompile()
+    return gm
+

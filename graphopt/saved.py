@@ -45,6 +45,7 @@ import torch
 
 from . import cudagraphs, structure
 from .capture import CallSpec, CapturedGraph, InputGuards, _annotate_modules, _guards
+from .fxgraph import move_to
 from .errors import LoadError, OutputPathError, SaveError, UsageError, first_line, no_folder
 from .logs import quiet
 
@@ -229,8 +230,9 @@ def load(directory: str | os.PathLike, *, verify: bool = True, target: str = "cp
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise LoadError(f"{path} has inconsistent metadata ({type(e).__name__}: {e})") from e
     on_gpu = target == "cuda" and torch.cuda.is_available()
-    if on_gpu:
+    if on_gpu:  # a save made on another device (a CPU) takes its inputs on the GPU from now on
         inputs, outputs = _to_device(inputs, "cuda"), _to_device(outputs, "cuda")
+        guards = None if guards is None else guards.on("cuda")
     dynamic_batch = bool(meta.get("dynamic_batch", True))
 
     def read_graph(deferred: bool = True) -> CapturedGraph:
@@ -338,10 +340,11 @@ def _read_graph(path: Path, integrity: dict[str, Any], call: CallSpec, inputs: t
     if served_under is not None:
         _check_program(path / PROGRAM, program, integrity)
     gm = program.module()
-    if target == "cuda" and torch.cuda.is_available():
-        gm = gm.to("cuda")
+    on_gpu = target == "cuda" and torch.cuda.is_available()
+    if on_gpu:
+        gm = move_to(gm, torch.device("cuda"))
     _annotate_modules(gm)
-    guards = _guards(gm, program)
+    guards = _guards(gm, program).on("cuda") if on_gpu else _guards(gm, program)
     n_outputs = len(program.graph_signature.user_outputs)
     if len(guards.tensors) != len(inputs) or n_outputs != len(outputs):
         raise LoadError(f"{path} has inconsistent metadata: {META} describes {len(inputs)} inputs and "

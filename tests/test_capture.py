@@ -143,3 +143,6 @@ def test_input_guards_round_trip_through_json_and_compare_up_to_symbol_names():
     narrower = InputGuards(renamed.tensors, {"s77": (2, None)})
     static = InputGuards((TensorGuard("float32", "cpu", (2, 4, 8)), TensorGuard("int64", "cpu", (2,))), {})
     assert not narrower.same_as(guards) and not static.same_as(guards)
+    on_gpu = guards.on("cuda")  # a graph captured on the CPU, moved to the GPU
+    assert [g.device for g in on_gpu.tensors] == ["cuda", "cuda"] and on_gpu.ranges == guards.ranges
+    assert not on_gpu.same_as(guards) and on_gpu.on("cpu") == guards
