@@ -21,11 +21,13 @@ from torch import nn
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding; the frequencies depend on no input, so constant folding can precompute them."""
+    """Sinusoidal embedding; the frequencies depend on no input, so constant folding can precompute them.
+    Computed in fp32, returned in ``t``'s dtype when that is a float one (a model cast to bf16 gets bf16)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return emb.to(t.dtype) if t.is_floating_point() else emb
 
 
 # ---------------------------------------------------------------- UNet with concatenated skips
