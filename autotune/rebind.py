@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from .launches import DirectLaunch, KernelCall, LaunchBinder, Ref, Streams
-from .runtime import (GeneratedForward, Portable, _mismatch, compile_forward, direct_launch_line, launcher_guard,
-                      literal)
+from .runtime import (GeneratedForward, Portable, _mismatch, aligned_inputs, compile_forward, direct_launch_line,
+                      launcher_guard, literal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,12 +132,14 @@ def bind(portable: Portable, tensors: Sequence[torch.Tensor], streams: Streams, 
         metadata = names.const(namespace, direct.metadata, f"{launch.kernel}_metadata")
         args = [a.name if isinstance(a, Ref) else names.expr(namespace, a) for a in direct.args]
         indent = re.match(r"\s*", lines[launch.line]).group(0)  # type: ignore[union-attr]
-        text[launch.line] = indent + direct_launch_line(launcher, direct.grid, stream, names.expr(namespace, direct.function),
-                                                        metadata, args, launch.kernel)
-    at, indent = _after_guard(portable)
-    text[at:at] = [indent + line for line in launcher_guard(names.const(namespace, streams.device, "current_device"),
-                                                            names.const(namespace, streams.stream, "current_stream"),
-                                                            device, stream)]
+        function = names.expr(namespace, direct.function)
+        text[launch.line] = indent + direct_launch_line(launcher, direct.grid, stream, function, metadata, args,
+                                                        launch.kernel)
+    at, indent, params = _after_guard(portable)
+    guard = launcher_guard(names.const(namespace, streams.device, "current_device"),
+                           names.const(namespace, streams.stream, "current_stream"), device, stream,
+                           [params[i] for i in aligned_inputs(tensors) if i < len(params)])
+    text[at:at] = [indent + line for line in guard]
     forward = compile_forward("\n".join(text) + "\n", namespace, portable.name, portable.layout, dump_dir,
                               len(launches), n_direct)
     why = _mismatch(forward, tensors, outputs)
@@ -161,16 +163,17 @@ def _splice(line: str, start: int, end: int, text: str) -> str:
     return (raw[:start] + text.encode() + raw[end:]).decode()
 
 
-def _after_guard(portable: Portable) -> tuple[int, str]:
-    """Where the launcher guard goes (a line index: after the entry guard, else first in the body) and
-    the body's indentation."""
+def _after_guard(portable: Portable) -> tuple[int, str, list[str]]:
+    """Where the launcher guard goes (a line index: after the entry guard, else first in the body), the
+    body's indentation and the function's parameters."""
     fn = next(n for n in ast.parse(portable.source).body if isinstance(n, ast.FunctionDef) and n.name == portable.name)
     first = fn.body[0]
     line = portable.source.splitlines()[first.lineno - 1]
     indent = line[:len(line) - len(line.lstrip())]
     guard = (isinstance(first, ast.If) and len(first.body) == 1 and isinstance(first.body[0], ast.Return)
              and isinstance(first.body[0].value, ast.Constant) and first.body[0].value.value is None)
-    return (first.end_lineno if guard else first.lineno - 1), indent  # type: ignore[return-value]
+    at = first.end_lineno if guard else first.lineno - 1
+    return at, indent, [a.arg for a in fn.args.args]  # type: ignore[return-value]
 
 
 class _Names:

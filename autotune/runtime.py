@@ -241,7 +241,8 @@ def generate_forward(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], *, nam
     with torch.no_grad():
         outputs = tuple(recorder.run(*tensors))
     layout = layout_of(tensors)
-    forward = _compile(_Writer(gm, recorder, layout, name, streams, reuse_buffers), name, layout, dump_dir)
+    aligned = tuple(aligned_inputs(tensors))
+    forward = _compile(_Writer(gm, recorder, layout, name, streams, reuse_buffers, aligned), name, layout, dump_dir)
     if _needs_check(forward, tensors):
         why = _mismatch(forward, tensors, outputs)
         if why is not None:
@@ -355,9 +356,10 @@ class _Writer:
     """Writes a lowered graph as the source of one Python function for one input layout."""
 
     def __init__(self, gm: fx.GraphModule, recorder: _Recorder, layout: Layout, name: str,
-                 streams: Streams | None = None, reuse_buffers: bool = True):
+                 streams: Streams | None = None, reuse_buffers: bool = True, aligned: Sequence[int] = ()):
         self.gm, self.recorder, self.layout, self.name = gm, recorder, layout, name
         self.streams = streams
+        self.aligned = aligned  # the inputs whose data was 16-byte aligned at generation, by position
         self.buffers = BufferPlanner(reuse_buffers)
         self.namespace: dict[str, Any] = {"torch": torch}
         self.attrs: dict[str, str] = {}  # namespace name -> the graph attribute (a weight) it is bound to
@@ -444,7 +446,8 @@ class _Writer:
             assert self.streams is not None
             device = self.const(self.streams.device, "current_device")
             stream = self.const(self.streams.stream, "current_stream")
-            self.lines[guard_end:guard_end] = launcher_guard(device, stream, self._device, self._stream)
+            self.lines[guard_end:guard_end] = launcher_guard(device, stream, self._device, self._stream,
+                                                             [env[placeholders[i]] for i in self.aligned])
         shapes = ", ".join("x".join(map(str, shape)) or "scalar" for shape, _, _, _ in self.layout)
         head = [f"# graphopt: generated forward of {type(self.gm).__name__} for inputs {shapes}",
                 "# each kernel call site's config, grid, sizes and strides are literals for this layout;",
@@ -615,8 +618,9 @@ class _Writer:
                 self.namespace.setdefault("_compiled_kernels", []).append(direct.compiled)  # kept loaded
                 metadata = self.const(direct.metadata, f"{kernel}_metadata")
                 bound = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in direct.args]
-                self.lines.append(direct_launch_line(launcher, direct.grid, self._stream, self.expr(direct.function, {}),
-                                                     metadata, bound, kernel))
+                function = self.expr(direct.function, {})
+                self.lines.append(direct_launch_line(launcher, direct.grid, self._stream, function, metadata, bound,
+                                                     kernel))
                 continue
             call_args = [names[a.name] if isinstance(a, Ref) else self.expr(a, {}) for a in call.args]
             constexprs = [f"{k}={self.expr(v, {})}" for k, v in call.constexprs]
@@ -633,10 +637,18 @@ def literal(value: Any) -> str | None:
     return None
 
 
-def launcher_guard(device_fn: str, stream_fn: str, device: int, stream: str) -> list[str]:
+def aligned_inputs(tensors: Sequence[Any]) -> list[int]:
+    """The positions of the tensors whose data is 16-byte aligned: Triton compiles a kernel for pointers
+    so aligned (and another for others), so a launcher bound for aligned inputs must not take others."""
+    return [i for i, t in enumerate(tensors) if isinstance(t, torch.Tensor) and t.data_ptr() % 16 == 0]
+
+
+def launcher_guard(device_fn: str, stream_fn: str, device: int, stream: str, aligned: Sequence[str] = ()) -> list[str]:
     """The lines after a forward's entry guard when it calls compiled launchers: they were bound on
-    ``device``, so another current device returns ``None``; ``stream`` is read once for every launch."""
-    return [f"if {device_fn}() != {device}:  # the compiled launchers below were bound on this device",
+    ``device``, for the inputs ``aligned`` (by name) at 16 bytes, so another current device or an
+    unaligned view of one of those inputs returns ``None``; ``stream`` is read once for every launch."""
+    misaligned = "".join(f" or {name}.data_ptr() % 16" for name in aligned)
+    return [f"if {device_fn}() != {device}{misaligned}:  # the compiled launchers below were bound for this",
             "    return None", f"{stream} = {stream_fn}({device})"]
 
 

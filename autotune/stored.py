@@ -365,7 +365,8 @@ class StoredForwards:
         forward = self.bound.get(layout)
         if forward is not None and (out := forward.fn(*tensors)) is not None:
             return out
-        return portable.namespace[portable.name](*tensors)  # bound on another current device: kernel[grid] runs anywhere
+        # bound for another current device or aligned inputs: kernel[grid] launches run anywhere
+        return portable.namespace[portable.name](*tensors)
 
 
 def read(name: str, program: Path, device: torch.device) -> StoredForwards | None:

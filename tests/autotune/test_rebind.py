@@ -58,7 +58,8 @@ def test_a_forward_is_bound_where_it_can_be_and_computes_what_its_stored_form_do
     assert_same(out, want)
     assert forward is not None and (forward.launches, forward.direct_launches) == (2, 2)
     lines = forward.source.splitlines()
-    assert lines[4:7] == ["    if current_device() != 1:  # the compiled launchers below were bound on this device",
+    assert lines[4:7] == ["    if current_device() != 1 or x.data_ptr() % 16:  # the compiled launchers below "
+                          "were bound for this",
                           "        return None", "    stream = current_stream(1)"]
     assert ("    axpb_launcher(2, 1, 1, stream, 61453, axpb_metadata, None, None, None, x, out, 10, 3.0, 128)"
             "  # axpb") in lines
@@ -68,6 +69,7 @@ def test_a_forward_is_bound_where_it_can_be_and_computes_what_its_stored_form_do
     device.current = 42
     assert_same(forward.fn(x), want)
     assert kernel.launched[launched:] == [((2, 1, 1), 42)] * 3  # two through the launchers, one kernel[grid]
+    assert forward.fn(torch.randn(11)[1:].view(2, 5)) is None  # not aligned as x was
     device.index = 0  # launchers bound on device 1
     assert forward.fn(x) is None
 
@@ -110,5 +112,9 @@ def test_a_served_forward_binds_on_its_first_call_on_a_gpu_and_launches_through_
         with pytest.MonkeyPatch.context() as patch:  # no launch goes through kernel[grid] now
             patch.setattr(JITFunction, "run", lambda *a, **k: pytest.fail("launched through kernel[grid]"))
             second = served([x])
+        unaligned = torch.randn(x.numel() + 1)[1:].view(x.shape)  # x's layout, its data off alignment
+        moved = served([unaligned])  # refused by the bound forward's guard: the stored form runs
     assert_same(first, want)
     assert_same(second, want)
+    with torch.no_grad():
+        assert_same(moved, plain([unaligned]))

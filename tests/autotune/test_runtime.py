@@ -245,18 +245,21 @@ def test_compiled_kernels_are_launched_through_their_launchers_on_the_current_st
         (forward,) = runtime.forwards
         assert (forward.launches, forward.direct_launches) == (1, 1)
         lines = forward.source.splitlines()
-        assert lines.index("    if current_device() != 1:  # the compiled launchers below were bound on this device") \
-            == lines.index("    stream = current_stream(1)") - 2
+        assert lines.index("    if current_device() != 1 or x.data_ptr() % 16:  # the compiled launchers below were "
+                           "bound for this") == lines.index("    stream = current_stream(1)") - 2
         assert ("    axpb_launcher(2, 1, 1, stream, 61453, axpb_metadata, None, None, None, x, getitem, 10, 3.0, 128)"
                 "  # axpb") in lines
         launched = len(kernel.launched)
         device.current = 42  # another stream is current: the launch goes there
         assert_same(runtime([x]), want)
         assert kernel.launched[launched:] == [((2, 1, 1), 42)] and runtime.stats.hits == 1
+        unaligned = torch.randn(11)[1:].view(2, 5)  # the same layout, its data 4 bytes off alignment
+        assert forward.fn(unaligned) is None  # its launchers were compiled for aligned pointers
+        assert_same(runtime([unaligned]), ((unaligned * 3 + 1) * unaligned,))  # the general path
         device.index = 0  # another current device: its launchers were not bound here, the general path runs
         assert forward.fn(x) is None
         assert_same(runtime([x]), want)
-    assert (runtime.stats.generated, runtime.stats.hits, runtime.stats.general) == (1, 1, 1)
+    assert (runtime.stats.generated, runtime.stats.hits, runtime.stats.general) == (1, 1, 2)
 
 
 @pytest.mark.parametrize("fault", ["wrong", "fails"])
