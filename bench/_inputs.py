@@ -89,8 +89,8 @@ def example_inputs(name: str, model: nn.Module, batch: int, device: str, dtype: 
     """A noisy batch for model ``name`` (a "dit..." takes times and ImageNet labels, a UNet sigmas)."""
     res, ch = model.config.resolution, model.config.in_channels
     x = torch.randn(batch, ch, res, res, device=device, dtype=dtype)
-    if name.startswith("dit"):
-        return x, torch.rand(batch, device=device), torch.randint(0, 1000, (batch,), device=device)
+    if name.startswith("dit"):  # times in x's dtype, as the samplers pass them: the same capture serves both
+        return x, torch.rand(batch, device=device, dtype=dtype), torch.randint(0, 1000, (batch,), device=device)
     if name == "diffusers-unet":  # a DDPM time step
         return x, torch.randint(0, 1000, (batch,), device=device).to(dtype)
     return x, torch.rand(batch, device=device, dtype=dtype) * 10 + 0.1

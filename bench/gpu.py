@@ -29,7 +29,8 @@ In one process, with every ratio taken from the same run:
 Times are medians of CUDA-event-bracketed calls, back to back with a warm L2 as in a sampling loop
 (the events include the host's launch time wherever the GPU waits for it). Phases run in that order
 (so what is asked for first is measured first; the models stay on the GPU throughout) until
-``--budget-s`` is spent (torch.compile cannot be interrupted, so a phase that starts finishes); what
+``--budget-s`` is spent, or until what is left is less than the model's previous batch took (torch.compile
+cannot be interrupted, so a phase that starts finishes); what
 was skipped is listed, and so is a phase that failed (its traceback printed; the run goes on and exits 1).
 Writes the tables, conditions included, to ``--out`` and the raw figures to the same name with ``.json``,
 after every phase, so a run cut short keeps what it measured. Weights are random: speed does not depend on them.
@@ -90,6 +91,7 @@ import graphopt  # noqa: E402
 from graphopt.autotune.model_tuning import tune_model  # noqa: E402
 from graphopt.autotune.configs import is_aten  # noqa: E402
 from graphopt.autotune.gemm import is_template  # noqa: E402
+from graphopt.cudagraphs import direct_launches  # noqa: E402
 from graphopt.models.samplers import Sampler, edm_sigmas, flow_times  # noqa: E402
 from graphopt.saved import PROGRAM  # noqa: E402
 from graphopt.verify import compare  # noqa: E402
@@ -105,9 +107,11 @@ class Clock:
         self.skipped: list[str] = []
         self.failed: list[str] = []
 
-    def attempt(self, phase: str, fn: Callable[[], object]) -> None:
-        """Runs a phase that is allowed to start; one that raises is listed as failed and the run goes on."""
-        if not self.allows(phase):
+    def attempt(self, phase: str, fn: Callable[[], object], need_s: float = 0.0) -> None:
+        """Runs a phase that is allowed to start (``need_s``: about what it will take, so that a phase
+        the budget cannot hold is skipped rather than cut off); one that raises is listed as failed and
+        the run goes on."""
+        if not self.allows(phase, need_s):
             return
         try:
             fn()
@@ -118,11 +122,13 @@ class Clock:
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.start)
 
-    def allows(self, phase: str) -> bool:
-        if self.left() > 0:
+    def allows(self, phase: str, need_s: float = 0.0) -> bool:
+        left = self.left()
+        if left > max(need_s, 0.0):
             return True
         self.skipped.append(phase)
-        print(f"skipped (budget spent): {phase}", flush=True)
+        why = "budget spent" if left <= 0 else f"{left:.0f} s left, about {need_s:.0f} s needed"
+        print(f"skipped ({why}): {phase}", flush=True)
         return False
 
 
@@ -177,7 +183,7 @@ class ModelRun:
         self.dtype = torch.float32 if args.smoke else DTYPES[args.dtype]
         self.model = model.to(self.device, self.dtype)
         self.compiled: dict[str, Callable] = {}
-        self.direct = self.graphed = None
+        self.module = self.graphed = None
         self.optimize_s = math.nan
 
     def inputs(self, batch: int) -> tuple:
@@ -185,13 +191,19 @@ class ModelRun:
         return example_inputs(self.key, self.model, batch, self.device, self.dtype)
 
     def graphopt_modules(self, inputs: tuple) -> None:
-        if self.direct is not None:
+        """One optimized module: on a GPU it replays a CUDA graph per layout, and :meth:`direct` calls
+        it without them (the same lowering, tunings and generated forwards)."""
+        if self.module is not None:
             return
         start = time.perf_counter()
-        self.direct = graphopt.optimize(self.model, inputs, target="cuda", cuda_graphs=False)
+        self.module = graphopt.optimize(self.model, inputs, target="cuda")
         self.optimize_s = time.perf_counter() - start
-        if not self.smoke:  # the same lowering and (cached) tunings, replayed as a CUDA graph per layout
-            self.graphed = graphopt.optimize(self.model, inputs, target="cuda")
+        self.graphed = None if self.smoke else self.module
+
+    def direct(self, fn: Callable[[], object]) -> object:
+        """``fn()`` with the module's calls launching their kernels directly, no CUDA graphs."""
+        with direct_launches(self.module):
+            return fn()
 
     def compile_mode(self, mode: str, inputs: tuple) -> tuple[Callable, float]:
         """torch.compile(model, mode) and the seconds its first call at these inputs took (a new batch
@@ -213,28 +225,26 @@ def per_call(run: ModelRun, batch: int, args: argparse.Namespace, clock: Clock) 
     run.graphopt_modules(inputs)
     start = time.perf_counter()
     if run.smoke:  # the wall clock stands in for CUDA events
-        tuned = tune_model(run.direct, [batch], timer=lambda fn, **_: timed_ms(fn, 2, True), cache=None,
+        tuned = tune_model(run.module, [batch], timer=lambda fn, **_: timed_ms(fn, 2, True), cache=None,
                            budget_s=args.tune_s, progress=False)
-    else:
-        tuned = tune_model(run.direct, [batch], budget_s=args.tune_s, progress=False)
+    else:  # without CUDA graphs: no graph is recorded for the configs tuning is about to replace
+        tuned = run.direct(lambda: tune_model(run.module, [batch], budget_s=args.tune_s, progress=False))
     row["tune_s"], row["optimize_s"] = time.perf_counter() - start, run.optimize_s
-    if run.graphed is not None:  # its sites chose configs when it was lowered: take the tuned ones (cache hits)
-        tune_model(run.graphed, [batch], progress=False)
     # GEMM-epilogue sites: the untuned default (cuBLAS + the epilogue kernel; eager for a one-op epilogue),
     # which candidate won, by how much
     row["gemm"] = [{"kernel": t.kernel, "shape": list(t.shape), "won": gemm_choice(t.config),
                     "default": gemm_choice(t.default or {}), "vs_default": t.speedup}
                    for t in tuned if t.kind == "gemm"]
-    row["graphopt_ms"] = timed_ms(lambda: run.direct(*inputs), args.repeats, run.smoke)
-    forwards = [f for r in run.direct._runtimes for f in r.forwards if f.layout[0][0][0] == batch]
+    row["graphopt_ms"] = run.direct(lambda: timed_ms(lambda: run.module(*inputs), args.repeats, run.smoke))
+    forwards = [f for r in run.module._runtimes for f in r.forwards if f.layout[0][0][0] == batch]
     row["launches"] = [sum(f.direct_launches for f in forwards), sum(f.launches for f in forwards)]
-    row["jit_launch_ms"] = without_direct_launches(
-        run.direct, lambda: timed_ms(lambda: run.direct(*inputs), args.repeats, run.smoke))
+    row["jit_launch_ms"] = run.direct(lambda: without_direct_launches(
+        run.module, lambda: timed_ms(lambda: run.module(*inputs), args.repeats, run.smoke)))
     row["graphs_ms"] = (timed_ms(lambda: run.graphed(*inputs), args.repeats, run.smoke)
                         if run.graphed is not None else math.nan)
     with torch.no_grad():
         want = run.model(*inputs)
-        row["max_rel_err"] = compare((run.direct(*inputs),), (want,)).max_rel_error
+        row["max_rel_err"] = compare((run.direct(lambda: run.module(*inputs)),), (want,)).max_rel_error
         if run.graphed is not None:
             row["max_rel_err"] = max(row["max_rel_err"], compare((run.graphed(*inputs),), (want,)).max_rel_error)
     best = min((c["ms"] for c in row["compile"].values()), default=math.nan)
@@ -276,7 +286,7 @@ def whole_sampler(run: ModelRun, args: argparse.Namespace, clock: Clock) -> dict
             and clock.allows(f"{run.label} sampler: torch.compile reduce-overhead"):
         fn, _ = run.compile_mode("reduce-overhead", inputs)
         loops["torch.compile reduce-overhead"] = lambda: sampler.sample(fn, noise, labels)
-    loops["graphopt"] = lambda: sampler.sample(run.direct, noise, labels)
+    loops["graphopt"] = lambda: run.direct(lambda: sampler.sample(run.module, noise, labels))
     if run.graphed is not None:
         loops["graphopt, per-call CUDA graphs"] = lambda: sampler.sample(run.graphed, noise, labels)
         whole = graphopt.SamplerGraph(run.graphed, sampler)
@@ -296,7 +306,7 @@ def warm_start(run: ModelRun) -> dict:
     run.graphopt_modules(inputs)
     with tempfile.TemporaryDirectory() as tmp:
         model, saved_inputs = Path(tmp) / "model", Path(tmp) / "inputs.pt"
-        run.direct.save(model)
+        run.module.save(model)
         torch.save(inputs, saved_inputs)
         try:
             first = run_fresh(LOAD_SAVED, model, saved_inputs, "cuda")  # fills what a cold machine lacks (Triton)
@@ -407,9 +417,15 @@ def main(args: argparse.Namespace) -> int:
     # Batch by batch across the models, in the order given, then the warm start, then the samplers: a
     # budget that runs out leaves the figures asked for first (every model at the first batch) measured.
     runs = {key: ModelRun(key, args) for key in keys}
+    took: dict[str, float] = {}  # per model: its last batch's seconds, less the one-off optimize
     for batch in batches:
         for run in runs.values():
-            clock.attempt(f"{run.label} batch {batch}", lambda: rows.append(per_call(run, batch, args, clock)))
+            phase, start = f"{run.label} batch {batch}", time.perf_counter()
+            clock.attempt(phase, lambda: rows.append(per_call(run, batch, args, clock)), need_s=took.get(run.key, 0.0))
+            if phase not in clock.skipped:
+                spent = time.perf_counter() - start
+                took[run.key] = spent - (run.optimize_s if run.key not in took and math.isfinite(run.optimize_s)
+                                         else 0.0)
             save()
         if batch == batches[0]:
             first = runs[keys[0]]

@@ -12,8 +12,10 @@
 #   kernels  the kernel library's tests compiled for this GPU (every config family, three dtypes)          300 s
 # BUDGET_S bounds the whole run in seconds: a phase gets the smaller of its limit and what is left (bench
 # gives bench/gpu.py its share less 100 s, so that it stops starting phases in time), and a phase left
-# with under 60 s is skipped and listed. Within ten minutes, the benchmark first:
-#   bash bench/gpu_checks.sh OUTDIR bench,tests 600
+# with under 60 s is skipped and listed. graphopt is installed first (without dependencies, from this
+# checkout) unless it imports already. On a machine lent for 15 minutes, in two runs of under ten:
+#   bash bench/gpu_checks.sh OUTDIR bench 480
+#   bash bench/gpu_checks.sh OUTDIR2 tests,runtime 240
 set -uo pipefail
 
 usage="usage: bash bench/gpu_checks.sh OUTDIR [PHASES [BUDGET_S]], PHASES comma-separated of \
@@ -75,9 +77,16 @@ phase() {
 'triton', triton.__version__, 'GPU', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1
 } | tee "$out/summary.txt"
 
+if ! "$python" -c "import graphopt.autotune" >/dev/null 2>&1; then
+    echo "== install: $python -m pip install --no-deps --no-build-isolation -e ." | tee -a "$out/summary.txt"
+    "$python" -m pip install --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 ||
+        { tail -n 4 "$out/install.log" | sed 's/^/   | /' | tee -a "$out/summary.txt"; exit 1; }
+fi
+
 for name in "${asked[@]}"; do
     case "$name" in
-        tests) phase tests 240 "$python" -m pytest -q -m gpu -p no:cacheprovider tests ;;
+        tests) phase tests 240 "$python" -m pytest -q -m gpu -p no:cacheprovider tests/autotune/test_lower_gpu.py \
+            tests/autotune/test_tuner.py tests/test_readme.py ;;
         runtime) phase runtime 150 "$python" bench/runtime.py --models dit-s,unet ;;
         bench) phase bench 520 "$python" bench/gpu.py --out "$out/RESULTS-gpu.md" ;;
         kernels) phase kernels 300 "$python" -m pytest -q -p no:cacheprovider tests/autotune/kernels ;;

@@ -38,3 +38,16 @@ def test_phases_run_in_the_order_given_and_a_spent_budget_skips_them(tmp_path):
     assert "== bench: skipped" in summary and "== tests: skipped" in summary
     assert summary.index("== bench") < summary.index("== tests") and "runtime" not in summary
     assert not list((tmp_path / "logs").glob("*.log"))  # nothing ran
+
+
+def test_graphopt_is_installed_first_where_it_does_not_import_and_a_failed_install_stops_the_run(tmp_path):
+    fake = tmp_path / "python"  # a Python without graphopt whose pip cannot install it (no registry)
+    fake.write_text('#!/usr/bin/env bash\nif [ "$1" = -m ] && [ "$2" = pip ]; then echo "no index reachable"; fi\n'
+                    "exit 1\n")
+    fake.chmod(0o755)
+    run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "logs"), "tests", "300"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120, env={**os.environ, "PYTHON": str(fake)})
+    assert run.returncode == 1
+    summary = (tmp_path / "logs" / "summary.txt").read_text()
+    assert "== install: " in summary and "pip install --no-deps --no-build-isolation -e ." in summary
+    assert "no index reachable" in summary and "== tests" not in summary
