@@ -5,7 +5,7 @@
 For each reference denoiser, in one run on the same inputs: the latency of one denoiser call at
 ``--batch`` for the original model in eager mode, ``torch.compile`` of the original model (Inductor,
 default mode, dynamic batch off; and again with Inductor's ``freezing``, the option graphopt's package
-is compiled with), graphopt's optimized module (exact passes noop, fold, dce; the graph
+is compiled with), graphopt's optimized module (the exact pipeline, ``graphopt passes`` lists it; the graph
 runs in eager ATen) and the same compiled for the CPU (``optimize(..., compile=True)``: AOTInductor on
 the optimized graph), as medians of interleaved runs (each round times every variant once, so drift
 hits them alike), with ratios to eager and to torch.compile. Also: the compile time of torch.compile
@@ -33,6 +33,7 @@ from _sections import replace_section
 
 import graphopt
 from graphopt.models import load
+from graphopt.passes import DEFAULT_PIPELINE
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
              "with freezing: the same with Inductor's `freezing` option (weights as constants), which "
              "graphopt's package uses, so the last ratio column is against the faster of the two (it compiles "
              "second, with some of Inductor's caches warm from the first). "
-             "graphopt: exact passes (noop, fold, dce), the graph in eager ATen; + compile: the same graph "
+             f"graphopt: exact passes ({', '.join(DEFAULT_PIPELINE)}), the graph in eager ATen; + compile: the "
+             "same graph "
              "compiled ahead of time by AOTInductor with freezing (dynamic batch from 1); loaded warm: that "
              "package read back from a save, no compile. Weights: the shipped checkpoints. Exact passes: no "
              "quality cost (max error against eager in the last column).", "",

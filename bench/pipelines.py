@@ -1,6 +1,6 @@
 """diffusers pipelines on this CPU: the original denoiser against graphopt's, per call and per pipeline run.
 
-    python bench/pipelines.py [--repeats 11] [--steps 10] [--batch 4] [--passes noop,fold,dce]
+    python bench/pipelines.py [--repeats 11] [--steps 10] [--batch 4] [--passes noop,fold,cse,merge-linears,dce]
 
 Two pipelines built from config with random weights (nothing is downloaded): a DiTPipeline (a
 DiT-S-width transformer: 4 blocks, 6 heads of 64, 16x16x4 latents, patch 2; small AutoencoderKL;
@@ -27,6 +27,7 @@ import torch
 
 import graphopt
 from graphopt.pipelines import record_denoiser_call
+from graphopt.passes import DEFAULT_PIPELINE
 
 
 def dit_pipeline():
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
           f"torch threads {torch.get_num_threads()}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
           f"graphopt {graphopt.__version__}")
-    print(f"passes: {ns.passes or 'noop,fold,dce (default)'}; {ns.steps} steps, {ns.batch} images per call, "
+    default = ",".join(DEFAULT_PIPELINE) + " (default)"
+    print(f"passes: {ns.passes or default}; {ns.steps} steps, {ns.batch} images per call, "
           f"medians of {ns.repeats} interleaved rounds\n")
     cases = [
         ("DiTPipeline, guidance 4", dit_pipeline(),

@@ -18,19 +18,22 @@ from graphopt.approx import ApproxPass
 from graphopt.pipeline import Pass
 
 from .atconv import ATCONV, ATConvOptions, atconv_pass
+from .cse import CSE
 from .dce import DCE
 from .fold import FOLD
 from .linear_attention import LINEAR_ATTENTION, LinearAttentionOptions, linear_attention_pass
+from .merge_linears import MERGE_LINEARS
 from .noop import NOOP
 from .skip_scale import SKIP_SCALE
 from .skip_tune import SKIP_TUNE
 from .subnet import SUBNET, SubnetOptions, subnet_pass
 
 REGISTRY: Mapping[str, Pass | ApproxPass] = MappingProxyType(
-    {p.name: p for p in (NOOP, FOLD, DCE, SKIP_SCALE, SKIP_TUNE, LINEAR_ATTENTION, ATCONV, SUBNET)})
+    {p.name: p for p in (NOOP, FOLD, CSE, MERGE_LINEARS, DCE, SKIP_SCALE, SKIP_TUNE, LINEAR_ATTENTION, ATCONV,
+                         SUBNET)})
 
 # The exact pipeline, in the order each pass's docstring argues for.
-DEFAULT_PIPELINE: tuple[str, ...] = ("noop", "fold", "dce")
+DEFAULT_PIPELINE: tuple[str, ...] = ("noop", "fold", "cse", "merge-linears", "dce")
 
 
 def get(name: str) -> Pass | ApproxPass:

@@ -23,7 +23,7 @@ from graphopt.pipeline import Pass, PassContext
 aten = torch.ops.aten
 
 # Ops whose value is not a function of their inputs, or that must run for their side effect.
-_NONDETERMINISTIC = {
+NONDETERMINISTIC = {
     aten.rand.default, aten.randn.default, aten.randint.low, aten.randint.default, aten.rand_like.default,
     aten.randn_like.default, aten.randint_like.default, aten.bernoulli.default, aten.bernoulli.p,
     aten.normal.Tensor_float, aten.normal.float_Tensor, aten.normal.Tensor_Tensor, aten.multinomial.default,
@@ -36,7 +36,7 @@ _SMALL = 1 << 16
 
 
 def _is_constant_op(node: fx.Node, constant: set[fx.Node]) -> bool:
-    if node.op != "call_function" or node.target in _NONDETERMINISTIC or node.is_impure():
+    if node.op != "call_function" or node.target in NONDETERMINISTIC or node.is_impure():
         return False
     if "val" in node.meta and isinstance(node.meta["val"], (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return False

@@ -1,0 +1,115 @@
+"""merge-linears: one matmul for the linears that project the same per-sample vector.
+
+Where it belongs: after cse (a DiT's blocks each apply their own ``nn.SiLU`` to the conditioning: one
+node once cse ran) and before dce, which drops the weights merged away.
+
+A DiT computes each block's adaLN modulation with a linear of its own from the same conditioning
+vector (13 for DiT-S/2: 12 blocks and the final layer; 29 for DiT-XL/2), and a UNet's residual blocks
+each project the time embedding. At sampling batch sizes each is a matmul of a few rows whose cost is
+its launch. Linears of one input are merged: their weights are concatenated along the output features
+once, ahead of time (W = [W_1; ...; W_n], b = [b_1; ...; b_n]), one linear computes Y = x W^T + b,
+and output i is the view Y[:, o_i : o_i + n_i], o_i the sum of the n_j before it. That column block is
+x W_i^T + b_i: the same dot products, summed in whatever order the matmul kernel picks for the merged
+shape, so exact within the dtype's tolerance, as any change of a matmul's shape is.
+
+Only 2-D inputs (a row per sample: the conditioning) are merged: token-wise linears (q, k and v of
+diffusers' attention) would become one larger matmul of about the same efficiency, and the attention
+passes look for them one by one. Each output must be read only through views (chunk, unsqueeze,
+reshape, slicing), so that no epilogue the GPU lowering fuses into a matmul ends up behind a slice;
+weights and biases must be the module's own tensors, in one dtype and on one device.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+from torch import fx
+
+from graphopt.pipeline import Pass, PassContext
+
+from ._common import val
+from ._substitution import Builder, attribute
+
+aten = torch.ops.aten
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.chunk.default, aten.split.Tensor,
+          aten.split_with_sizes.default, aten.slice.Tensor, aten.select.int, aten.unflatten.int, aten.expand.default,
+          aten.transpose.int, aten.permute.default, aten.t.default, operator.getitem}
+
+
+def _refusal(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """Why this linear cannot join a merge, or None."""
+    x, weight = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    if not isinstance(val(x), torch.Tensor) or val(x).dim() != 2:
+        return "its input is not a row per sample (2-D)"
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or \
+            (bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+        return "its weight or bias is computed, not one of the module's tensors"
+    readers = {u.target for u in node.users} - _VIEWS
+    if readers:
+        return f"its output is read by {', '.join(sorted(map(str, readers)))}, not through views alone"
+    w = attribute(gm, str(weight.target))
+    if bias is not None and attribute(gm, str(bias.target)).dtype != w.dtype:
+        return "its bias and weight differ in dtype"
+    return None
+
+
+def _merge_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
+    readers: dict[fx.Node, list[fx.Node]] = defaultdict(list)  # each input's linears, in graph order
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.linear.default:
+            readers[node.args[0]].append(node)  # type: ignore[index]
+    groups: dict[tuple, list[fx.Node]] = defaultdict(list)
+    for linears in readers.values():
+        for node in linears if len(linears) > 1 else ():
+            why = _refusal(node, gm)
+            if why is not None:
+                ctx.near_miss("shared-input", node, why)
+                continue
+            w = attribute(gm, str(node.args[1].target))  # type: ignore[union-attr]
+            groups[(node.args[0], w.dtype, w.device)].append(node)
+    taken = {name for name, _ in gm.named_buffers()} | {name for name, _ in gm.named_parameters()}
+    index = 0
+    for (x, _, _), linears in groups.items():
+        if len(linears) < 2:
+            continue
+        weights = [attribute(gm, str(n.args[1].target)) for n in linears]
+        biases = [attribute(gm, str(n.args[2].target)) if len(n.args) > 2 and n.args[2] is not None else None
+                  for n in linears]
+        merged_w = torch.cat([w.detach() for w in weights])
+        merged_b = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        names = []
+        for value in (merged_w, merged_b):
+            if value is None:
+                continue
+            while f"_merged_{index}" in taken:
+                index += 1
+            names.append(f"_merged_{index}")
+            taken.add(names[-1])
+            gm.register_buffer(names[-1], value)
+        first = linears[0]
+        with gm.graph.inserting_before(first):
+            attrs = []
+            for name in names:
+                attrs.append(gm.graph.get_attr(name))
+                attrs[-1].meta["val"] = val(x).fake_mode.from_tensor(getattr(gm, name), static_shapes=True) \
+                    if getattr(val(x), "fake_mode", None) is not None else getattr(gm, name)
+            build = Builder(gm.graph, first)
+            merged = build(aten.linear.default, x, *attrs)
+            start = 0
+            for node, w in zip(linears, weights):
+                part = build(aten.slice.Tensor, merged, 1, start, start + w.shape[0])
+                start += w.shape[0]
+                node.replace_all_uses_with(part)
+        for node in linears:
+            gm.graph.erase_node(node)
+        ctx.hit("shared-input", len(linears))
+        ctx.note(f"{len(linears)} linears of {x.name} as one matmul of {start} output features")
+    gm.recompile()
+
+
+MERGE_LINEARS = Pass("merge-linears", exact=True, transform=_merge_linears, doc=__doc__ or "")
