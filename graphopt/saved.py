@@ -45,8 +45,8 @@ import torch
 
 from . import cudagraphs, structure
 from .capture import CallSpec, CapturedGraph, InputGuards, _annotate_modules, _guards
-from .fxgraph import move_to
 from .errors import LoadError, OutputPathError, SaveError, UsageError, first_line, no_folder
+from .fxgraph import move_to
 from .logs import quiet
 
 FORMAT = "graphopt-optimized"
