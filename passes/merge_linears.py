@@ -43,6 +43,8 @@ def _refusal(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """Why this linear cannot join a merge, or None."""
     x, weight = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
+    if node.kwargs:
+        return f"it is given {', '.join(node.kwargs)} by keyword"
     if not isinstance(val(x), torch.Tensor) or val(x).dim() != 2:
         return "its input is not a row per sample (2-D)"
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or \

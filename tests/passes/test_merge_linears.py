@@ -61,3 +61,18 @@ def test_token_wise_linears_and_linears_read_through_an_activation_are_near_miss
 def test_without_cse_each_blocks_own_silu_keeps_its_linear_apart():
     _, reports, linears = run(Conditioned(), torch.randn(2, 5, 8), torch.randn(2, 8), passes=("merge-linears",))
     assert reports[0].hits == 0 and len(linears) == 6
+
+
+def test_a_bias_given_by_keyword_keeps_its_linear_apart():
+    """aten.linear(x, w, bias=b): the merge reads biases positionally, so such a linear stays as it is."""
+    model = Conditioned()
+    captured = graphopt.capture(model.eval(), (torch.randn(2, 5, 8), torch.randn(2, 8)))
+    gm = captured.graph_module
+    ada = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default and len(n.args) == 3
+           and "ada" in str(n.args[1].target)]
+    ada[0].kwargs = {"bias": ada[0].args[2]}
+    ada[0].args = ada[0].args[:2]
+    gm.recompile()
+    reports = run_passes(captured, [get("cse"), get("merge-linears")])
+    assert dict(reports[1].rule_hits) == {"shared-input": 2}
+    assert any("given bias by keyword" in m.reason for m in reports[1].near_misses)
