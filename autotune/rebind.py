@@ -37,7 +37,7 @@ import torch
 
 from .launches import DirectLaunch, KernelCall, LaunchBinder, Ref, Streams
 from .runtime import (GeneratedForward, Portable, _mismatch, aligned_inputs, compile_forward, direct_launch_line,
-                      launcher_guard, literal)
+                      fresh_name, launcher_guard, literal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +52,10 @@ class _Launch:
     call: KernelCall
 
 
-def launches_in(portable: Portable) -> list[_Launch]:
-    """The launch statements of ``portable``'s function that can be bound, in source order."""
-    tree = ast.parse(portable.source)
-    fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == portable.name), None)
+def launches_in(portable: Portable, tree: ast.Module | None = None) -> list[_Launch]:
+    """The launch statements of ``portable``'s function that can be bound, in source order (``tree``:
+    its source parsed, when the caller has it)."""
+    fn = _function(portable, tree or ast.parse(portable.source))
     found = []
     for stmt in fn.body if fn is not None else ():
         call = _kernel_call(stmt, portable.namespace)
@@ -99,13 +99,14 @@ def bind(portable: Portable, tensors: Sequence[torch.Tensor], streams: Streams, 
     bound to the launchers Triton compiled (module docstring). Returns that run's outputs (``None`` when
     its guard refused ``tensors``) and the bound forward, or ``None`` when nothing could be bound or
     the bound forward does not reproduce those outputs (with a warning)."""
-    launches = launches_in(portable)
+    tree = ast.parse(portable.source)
+    launches = launches_in(portable, tree)
     if not launches:
         return portable.namespace[portable.name](*tensors), None
     lines = portable.source.splitlines()
     binder = LaunchBinder(streams)
     bound: dict[int, DirectLaunch | None] = {}
-    recording, names = dict(portable.namespace), _Names(portable)
+    recording, names = dict(portable.namespace), _Names(portable, tree)
     text = list(lines)
     for i, launch in enumerate(launches):
         hook = names.fresh(f"record_{launch.kernel}")
@@ -118,7 +119,7 @@ def bind(portable: Portable, tensors: Sequence[torch.Tensor], streams: Streams, 
     if outputs is None or not directs:
         return outputs, None
     device = directs[min(directs)].device
-    namespace, names = dict(portable.namespace), _Names(portable)
+    namespace, names = dict(portable.namespace), _Names(portable, tree)
     stream = names.fresh("stream")
     names.const(namespace, [d.compiled for d in directs.values()], "_compiled_kernels")  # kept loaded while bound
     text = list(lines)
@@ -135,7 +136,7 @@ def bind(portable: Portable, tensors: Sequence[torch.Tensor], streams: Streams, 
         function = names.expr(namespace, direct.function)
         text[launch.line] = indent + direct_launch_line(launcher, direct.grid, stream, function, metadata, args,
                                                         launch.kernel)
-    at, indent, params = _after_guard(portable)
+    at, indent, params = _after_guard(portable, tree)
     guard = launcher_guard(names.const(namespace, streams.device, "current_device"),
                            names.const(namespace, streams.stream, "current_stream"), device, stream,
                            [params[i] for i in aligned_inputs(tensors) if i < len(params)])
@@ -163,10 +164,15 @@ def _splice(line: str, start: int, end: int, text: str) -> str:
     return (raw[:start] + text.encode() + raw[end:]).decode()
 
 
-def _after_guard(portable: Portable) -> tuple[int, str, list[str]]:
+def _function(portable: Portable, tree: ast.Module) -> ast.FunctionDef | None:
+    return next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == portable.name), None)
+
+
+def _after_guard(portable: Portable, tree: ast.Module) -> tuple[int, str, list[str]]:
     """Where the launcher guard goes (a line index: after the entry guard, else first in the body), the
     body's indentation and the function's parameters."""
-    fn = next(n for n in ast.parse(portable.source).body if isinstance(n, ast.FunctionDef) and n.name == portable.name)
+    fn = _function(portable, tree)
+    assert fn is not None  # it holds the launches found
     first = fn.body[0]
     line = portable.source.splitlines()[first.lineno - 1]
     indent = line[:len(line) - len(line.lstrip())]
@@ -179,17 +185,13 @@ def _after_guard(portable: Portable) -> tuple[int, str, list[str]]:
 class _Names:
     """New module-level names for a forward's namespace, none of them a name its source or namespace uses."""
 
-    def __init__(self, portable: Portable):
-        used = {n.id if isinstance(n, ast.Name) else n.arg for n in ast.walk(ast.parse(portable.source))
+    def __init__(self, portable: Portable, tree: ast.Module):
+        used = {n.id if isinstance(n, ast.Name) else n.arg for n in ast.walk(tree)
                 if isinstance(n, (ast.Name, ast.arg))}
         self.taken = set(portable.namespace) | used | {portable.name}
 
     def fresh(self, hint: str) -> str:
-        name, i = hint, 1
-        while name in self.taken:
-            name, i = f"{hint}_{i}", i + 1
-        self.taken.add(name)
-        return name
+        return fresh_name(hint, self.taken)
 
     def const(self, namespace: dict[str, Any], value: Any, hint: str) -> str:
         name = self.fresh(re.sub(r"\W+", "_", hint))

@@ -381,21 +381,13 @@ class _Writer:
         base = re.sub(r"\W+", "_", hint).strip("_") or "c"
         if base[0].isdigit() or keyword.iskeyword(base):
             base = f"c_{base}"
-        name, i = base, 1
-        while name in self._taken:
-            name, i = f"{base}_{i}", i + 1
-        self._taken.add(name)
+        name = fresh_name(base, self._taken)
         self._const_names[key] = name
         self.namespace[name] = value
         return name
 
     def local(self, hint: str) -> str:
-        base = re.sub(r"\W+", "_", hint)
-        name, i = base, 1
-        while name in self._taken:
-            name, i = f"{base}_{i}", i + 1
-        self._taken.add(name)
-        return name
+        return fresh_name(re.sub(r"\W+", "_", hint), self._taken)
 
     def expr(self, value: Any, env: dict[fx.Node, str]) -> str:
         """``value`` (a node argument) as a Python expression."""
@@ -626,6 +618,15 @@ class _Writer:
             constexprs = [f"{k}={self.expr(v, {})}" for k, v in call.constexprs]
             self.lines.append(f"{kernel}[{call.grid!r}]({', '.join(call_args + constexprs)})")
         self._delete(scratch)
+
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``... : the first not in ``taken``, which it joins."""
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
 
 
 def literal(value: Any) -> str | None:
