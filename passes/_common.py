@@ -9,6 +9,17 @@ import torch
 from torch import fx
 
 
+def new_buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> str:
+    """Register ``value`` on ``gm`` as the buffer ``<stem><i>``, ``i`` the first index no parameter or
+    buffer of ``gm`` uses; returns the name."""
+    taken = {name for name, _ in gm.named_buffers()} | {name for name, _ in gm.named_parameters()}
+    index = 0
+    while f"{stem}{index}" in taken:
+        index += 1
+    gm.register_buffer(f"{stem}{index}", value)
+    return f"{stem}{index}"
+
+
 def val(node: Any) -> Any:
     """The example value (a fake tensor) a node carries, or None."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None

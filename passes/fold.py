@@ -20,6 +20,8 @@ from torch import fx
 
 from graphopt.pipeline import Pass, PassContext
 
+from ._common import new_buffer
+
 aten = torch.ops.aten
 
 # Ops whose value is not a function of their inputs, or that must run for their side effect.
@@ -74,8 +76,6 @@ def _fold(gm: fx.GraphModule, ctx: PassContext) -> None:
             return t.numel() if isinstance(t, torch.Tensor) else 0
         return sum(param_numel(i, seen) for i in node.all_input_nodes)
 
-    taken = {name for name, _ in gm.named_buffers()} | {name for name, _ in gm.named_parameters()}
-    index = 0
     replaced: set[fx.Node] = set()
     for node in frontier:
         value = evaluate(node)
@@ -85,11 +85,7 @@ def _fold(gm: fx.GraphModule, ctx: PassContext) -> None:
         if value.numel() > _SMALL and value.numel() > _GROWTH_LIMIT * max(source, 1):
             ctx.near_miss("fold-constant", node, f"would store {value.numel()} elements computed from {source}")
             continue
-        while f"_folded_{index}" in taken:
-            index += 1
-        name = f"_folded_{index}"
-        taken.add(name)
-        gm.register_buffer(name, value.detach().clone())  # clone keeps strides: same kernels, same bits
+        name = new_buffer(gm, "_folded_", value.detach().clone())  # clone keeps strides: same kernels, same bits
         with gm.graph.inserting_before(node):
             replacement = gm.graph.get_attr(name)
         replacement.meta.update(node.meta)

@@ -29,7 +29,7 @@ from torch import fx
 
 from graphopt.pipeline import Pass, PassContext
 
-from ._common import val
+from ._common import new_buffer, val
 from ._substitution import Builder, attribute
 
 aten = torch.ops.aten
@@ -73,8 +73,6 @@ def _merge_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
                 continue
             w = attribute(gm, str(node.args[1].target))  # type: ignore[union-attr]
             groups[(node.args[0], w.dtype, w.device)].append(node)
-    taken = {name for name, _ in gm.named_buffers()} | {name for name, _ in gm.named_parameters()}
-    index = 0
     for (x, _, _), linears in groups.items():
         if len(linears) < 2:
             continue
@@ -84,15 +82,7 @@ def _merge_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         merged_w = torch.cat([w.detach() for w in weights])
         merged_b = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-        names = []
-        for value in (merged_w, merged_b):
-            if value is None:
-                continue
-            while f"_merged_{index}" in taken:
-                index += 1
-            names.append(f"_merged_{index}")
-            taken.add(names[-1])
-            gm.register_buffer(names[-1], value)
+        names = [new_buffer(gm, "_merged_", value) for value in (merged_w, merged_b) if value is not None]
         first = linears[0]
         with gm.graph.inserting_before(first):
             attrs = []
