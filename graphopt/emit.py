@@ -352,14 +352,14 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         deferred = self._deferred
-        if deferred is not None and self._compiled is not None:  # loaded warm: the saved program serves
+        # loaded warm: the saved CPU program, or on the GPU the stored forwards, serve what the guards admit
+        if deferred is not None and (self._compiled is not None or self._served is not None):
             spec, tensors, objects = deferred.head.flatten_call(args, kwargs)
             if not _mismatch(deferred.head, spec, tensors, objects):
-                return deferred.head.call.rebuild_output(self._compiled(tensors))
-        if deferred is not None and self._served is not None:  # loaded warm onto the GPU: stored forwards serve
-            spec, tensors, objects = deferred.head.flatten_call(args, kwargs)
-            if not _mismatch(deferred.head, spec, tensors, objects) and self._served.accepts(tensors):
-                return deferred.head.call.rebuild_output(self._serve(tensors))
+                if self._compiled is not None:
+                    return deferred.head.call.rebuild_output(self._compiled(tensors))
+                if self._served.accepts(tensors):
+                    return deferred.head.call.rebuild_output(self._serve(tensors))
         main = self._captured[0]
         spec, tensors, objects = main.flatten_call(args, kwargs)
         i = self._variant_for(args, kwargs, spec, tensors, objects)
