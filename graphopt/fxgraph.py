@@ -77,3 +77,28 @@ def move_to(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
     gm.recompile()
     return gm
 
+
+
+def refresh_values(gm: fx.GraphModule) -> None:
+    """Recompute every node's ``val`` (shape, strides, dtype, device) from its inputs' fake values, in place.
+
+    A rewrite that changes what a node's inputs are leaves the values of the nodes downstream as they
+    were: a column slice of a merged matmul keeps the strides of the matmul it replaced, and so does
+    every view of it. Whatever reads strides from the values (the kernel generator's index math)
+    then describes a layout the tensors do not have. The placeholders keep their values (their
+    symbolic batch included); parameters and buffers are read as fake tensors of their own layout.
+    """
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = [n.meta.get("val") for n in placeholders(gm)]
+    mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    if mode is None or any(not isinstance(v, (torch.Tensor, int, float, bool, torch.SymInt)) for v in inputs):
+        return  # a graph without fake values (built by hand): nothing recorded to keep true
+
+    class _Propagation(FakeTensorProp):
+        def get_attr(self, target, args, kwargs):  # type: ignore[no-untyped-def]
+            value = super().get_attr(target, args, kwargs)
+            return mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
+
+    _Propagation(gm, mode).propagate_dont_convert_inputs(*inputs)

@@ -18,6 +18,7 @@ from torch import fx
 
 from .capture import CapturedGraph
 from .errors import UsageError, VerificationError
+from .fxgraph import refresh_values
 
 
 def check_cuda_target() -> None:
@@ -46,6 +47,7 @@ def lower_captured(captured: CapturedGraph) -> tuple[fx.GraphModule, dict[str, A
     from .verify import compare_precise, precise_run
 
     start = time.perf_counter()
+    refresh_values(captured.graph_module)  # kernels index operands by these strides: they must be the real ones
     result = lower(captured.graph_module)
     outputs, errors = check_regions(result.graph_module, captured.example_inputs)
     for region in result.regions:

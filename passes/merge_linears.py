@@ -27,6 +27,7 @@ from collections import defaultdict
 import torch
 from torch import fx
 
+from graphopt.fxgraph import refresh_values
 from graphopt.pipeline import Pass, PassContext
 
 from ._common import new_buffer, val
@@ -102,6 +103,8 @@ def _merge_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         ctx.hit("shared-input", len(linears))
         ctx.note(f"{len(linears)} linears of {x.name} as one matmul of {start} output features")
     gm.recompile()
+    if ctx.hits:
+        refresh_values(gm)  # the slices' readers still carry the strides of the linears they replaced
 
 
 MERGE_LINEARS = Pass("merge-linears", exact=True, transform=_merge_linears, doc=__doc__ or "")

@@ -1,11 +1,11 @@
-"""Small graph operations shared by the layers: moving a captured graph to another device."""
+"""Small graph operations shared by the layers: moving a captured graph to another device, keeping its values true."""
 
 import pytest
 import torch
 from torch import nn
 
 import graphopt
-from graphopt.fxgraph import move_to
+from graphopt.fxgraph import move_to, refresh_values
 from graphopt.saved import PROGRAM
 from tests import zoo
 
@@ -49,3 +49,53 @@ def test_a_saved_programs_weights_and_device_names_move_together(tmp_path):
     assert devices_named(gm) == {torch.device("meta")} and all(p.is_meta for p in gm.parameters())
     out = gm(*[a.to("meta") for a in args], **kwargs)
     assert out[0].is_meta
+
+
+class Projects(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 12)
+
+    def forward(self, x):
+        return self.proj(x).view(x.shape[0], 3, 4).transpose(1, 2) * 2
+
+
+def real_strides(gm, inputs):
+    """Each node's strides as the graph computes them on ``inputs``."""
+    seen = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                seen[n.name] = out.stride()
+            return out
+
+    Recorder(gm).run(*inputs)
+    return seen
+
+
+def test_values_downstream_of_a_rewrite_are_recomputed_with_the_strides_the_tensors_have():
+    """A linear replaced by a column slice of a wider one: the view and transpose reading it keep the
+    strides of the linear's output until the values are refreshed (symbolic batch kept)."""
+    captured = graphopt.capture(Projects().eval(), (torch.randn(5, 8),))
+    gm = captured.graph_module
+    linear = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+    gm.register_buffer("wide_weight", torch.randn(20, 8))
+    with gm.graph.inserting_before(linear):
+        weight = gm.graph.get_attr("wide_weight")
+        wide = gm.graph.call_function(torch.ops.aten.linear.default, (linear.args[0], weight))
+        part = gm.graph.call_function(torch.ops.aten.slice.Tensor, (wide, 1, 4, 16))
+    linear.replace_all_uses_with(part)
+    gm.graph.erase_node(linear)
+    gm.recompile()
+    inputs = (torch.randn(5, 8),)
+    before = {n.name: n.meta["val"].stride() for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+    truth = real_strides(gm, inputs)
+    stale = [name for name, strides in before.items() if name in truth and tuple(map(int, strides)) != truth[name]]
+    assert "view" in stale  # still the (12, 1) rows of the replaced linear's output: (20, 1) really
+    refresh_values(gm)
+    values = {n.name: n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+    assert {name: tuple(map(int, v.stride())) for name, v in values.items() if name in truth} == truth
+    batch = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
+    assert isinstance(batch, torch.SymInt)  # the batch is still a symbol

@@ -10,6 +10,7 @@ from torch import nn
 import graphopt
 from graphopt import VerificationError
 from graphopt.lowering import lower_captured
+from tests import zoo
 
 pytest.importorskip("triton")
 
@@ -61,3 +62,20 @@ def test_a_lowered_graph_further_from_the_fp32_run_than_twice_the_original_is_re
     monkeypatch.setattr(graphopt.autotune.lower, "check_regions", skewed)
     with pytest.raises(VerificationError, match="lowered graph differs.*against an fp32 run of the same graph"):
         lower_captured(_residuals())
+
+
+def test_every_kernel_of_a_dit_whose_adaln_linears_were_merged_serves_other_batches():
+    """merge-linears makes each block's modulation a column slice of one matmul: strides no longer those
+    of the block's own linear. Kernels are generated from the values' strides, so values left as the
+    replaced linears had them sent every norm and gate site to its eager fallback at any batch but 1."""
+    from graphopt.autotune.lower import FusedRegion
+
+    model, args, kwargs = zoo.dit()
+    opt = graphopt.optimize(model, args, kwargs, target="cuda")
+    assert any(p.name == "merge-linears" and p.hits for p in opt.report.passes)
+    for batch in (2, 3):
+        x, t, y = (torch.cat([a] * 2)[:batch] for a in args)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x, t, y, **kwargs), model(x, t, y, **kwargs), rtol=1e-4, atol=1e-5)
+    sites = [m for gm in opt.lowered for m in gm.modules() if isinstance(m, FusedRegion)]
+    assert len(sites) >= 5 and sum(m.fallbacks for m in sites) == 0
