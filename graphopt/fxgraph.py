@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Iterable
 
 import torch
 import torch.utils._pytree as pytree
@@ -79,8 +80,9 @@ def move_to(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
 
 
 
-def refresh_values(gm: fx.GraphModule) -> None:
-    """Recompute every node's ``val`` (shape, strides, dtype, device) from its inputs' fake values, in place.
+def refresh_values(gm: fx.GraphModule, nodes: Iterable[fx.Node] | None = None) -> None:
+    """Recompute node values (shape, strides, dtype, device) from their inputs' fake values, in place:
+    every node's, or only those of ``nodes`` (in graph order, each from its inputs' values as they are).
 
     A rewrite that changes what a node's inputs are leaves the values of the nodes downstream as they
     were: a column slice of a merged matmul keeps the strides of the matmul it replaced, and so does
@@ -95,6 +97,14 @@ def refresh_values(gm: fx.GraphModule) -> None:
     mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
     if mode is None or any(not isinstance(v, (torch.Tensor, int, float, bool, torch.SymInt)) for v in inputs):
         return  # a graph without fake values (built by hand): nothing recorded to keep true
+    if nodes is not None:
+        chosen = set(nodes)
+        for node in gm.graph.nodes:
+            if node in chosen and node.op == "call_function":
+                args, kwargs = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs))
+                with mode:
+                    node.meta["val"] = node.target(*args, **kwargs)
+        return
 
     class _Propagation(FakeTensorProp):
         def get_attr(self, target, args, kwargs):  # type: ignore[no-untyped-def]

@@ -15,8 +15,10 @@ kernel generator's C x C linear rather than after it (the paper's order): each b
 average of affine maps is the affine map of the average, so the result is the same up to rounding and
 the linear costs k^2 C^2 per sample instead of N C^2 (a third of the three linears' work when N is
 well above k^2). The value and output projections are inherited (the value rows of a fused qkv weight are
-sliced, not copied); the kernel generator's C x C linear, the shared k^2 x k^2 linear and lambda
-(zeros) are new, under the graph's ``graphopt_fresh`` submodule, for :func:`graphopt.distill`.
+sliced, not copied: the columns the attention's value operand slices where q, k and v were merged into
+one matmul, in whatever order; the last third of a fused qkv otherwise); the kernel generator's C x C
+linear, the shared k^2 x k^2 linear and lambda (zeros) are new, under the graph's ``graphopt_fresh``
+submodule, for :func:`graphopt.distill`.
 ``hybrid=True`` replaces every second site only (the second, fourth, ...); ``drop_pos_embed=True``
 removes a learned position embedding added to the patch tokens (all-ATConv models drop it upstream).
 Sites it cannot replace are listed with the reason; the row's hits count the sites replaced.
@@ -33,7 +35,7 @@ from torch import fx, nn
 
 import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.dynamic_dwconv
 from graphopt.analysis.attention import AttentionSite
-from graphopt.analysis.graph import op_name
+from graphopt.analysis.graph import LAYOUT, is_scalar_scale, op_name
 from graphopt.approx import ApproxPass
 from graphopt.errors import UsageError
 from graphopt.pipeline import PassContext
@@ -101,7 +103,7 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: ATConvOptions,
     bins = k * k
     build = Builder(gm.graph, out_proj)
     with gm.graph.inserting_before(out_proj):
-        value = _value(build, x, projections, site, channels)
+        value = _value(build, x, site, nodes, channels)
         weight = fresh_parameter(gm, fresh, f"atc{index}_k_weight", (channels, channels), generator, build)
         bias = fresh_parameter(gm, fresh, f"atc{index}_k_bias", (channels,), generator, build, fan_in=channels)
         # pool(Linear(x)) = Linear(pool(x)): a bin's average of an affine map is the map of the bin's
@@ -123,19 +125,45 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: ATConvOptions,
     out_proj.replace_input_with(out_proj.args[0], y)
 
 
-def _value(build: Builder, x: fx.Node, projections: list[fx.Node], site: AttentionSite, channels: int) -> fx.Node:
-    """The value projection of ``x``: its own linear, or the value rows of a fused qkv linear (sliced,
-    so the trained weight is shared, not copied)."""
-    if not site.fused_qkv:
-        return projections[-1]
-    fused = projections[0]
-    weight = fused.args[1]
-    bias = fused.args[2] if len(fused.args) > 2 else None
-    if tuple(weight.meta["val"].shape)[0] != 3 * channels:
-        raise Refused("the fused projection is not [3C, C] (q, k, v stacked)")
-    v_weight = build(aten.slice.Tensor, weight, 0, 2 * channels, 3 * channels)
-    v_bias = build(aten.slice.Tensor, bias, 0, 2 * channels, 3 * channels) if isinstance(bias, fx.Node) else None
+def _value(build: Builder, x: fx.Node, site: AttentionSite, nodes: dict[str, fx.Node], channels: int) -> fx.Node:
+    """The value projection of ``x``: its own linear, or the value rows of a projection it shares with the
+    queries and keys (a fused qkv linear, or q, k and v merged by merge-linears), sliced so the trained
+    weight is shared, not copied."""
+    proj = nodes[site.v]
+    weight = proj.args[1]
+    bias = proj.args[2] if len(proj.args) > 2 else None
+    width = tuple(weight.meta["val"].shape)[0]
+    rows = _value_columns(site, nodes, proj)
+    if rows is None and width == channels and not site.fused_qkv:
+        return proj
+    if rows is None:
+        if width != 3 * channels:
+            raise Refused(f"cannot tell which of the shared projection's {width} outputs are the values")
+        rows = (2 * channels, 3 * channels)  # no slice says otherwise: q, k, v stacked, as in a fused qkv
+    if rows[1] - rows[0] != channels:
+        raise Refused(f"the values are {rows[1] - rows[0]} wide, not the tokens' {channels}")
+    v_weight = build(aten.slice.Tensor, weight, 0, *rows)
+    v_bias = build(aten.slice.Tensor, bias, 0, *rows) if isinstance(bias, fx.Node) else None
     return build(aten.linear.default, x, v_weight, v_bias)
+
+
+def _value_columns(site: AttentionSite, nodes: dict[str, fx.Node], proj: fx.Node) -> tuple[int, int] | None:
+    """The output columns of ``proj`` the attention's values are, where a slice of its last dimension
+    says so on the way from the attention's value operand back to it; else None."""
+    out = nodes[site.node]
+    operands = [out.args[2]] if site.kind == "sdpa" else [a for a in out.args if isinstance(a, fx.Node)][-2:]
+    for node in operands:
+        columns = None
+        while node is not proj and (op_name(node) in LAYOUT or is_scalar_scale(node)) and node.args \
+                and isinstance(node.args[0], fx.Node):
+            dim = node.args[1] if len(node.args) > 1 else 0
+            if node.target is aten.slice.Tensor and node.args[0] is proj and isinstance(dim, int) \
+                    and dim % proj.meta["val"].dim() == proj.meta["val"].dim() - 1:
+                columns = (int(node.args[2]), int(node.args[3]))
+            node = node.args[0]
+        if node is proj:
+            return columns
+    return None
 
 
 def _zeros(gm: fx.GraphModule, fresh: nn.Module, name: str, size: int, build: Builder) -> fx.Node:

@@ -12,13 +12,18 @@ the epilogue of the op's Triton kernel on the GPU (one launch, no V copies; not 
 same ATen ops on the CPU. The scores' rescale is dropped: ReLU linear attention is
 invariant to it. Everything else in the graph is inherited; the q/k/v projections and the
 depthwise conv are freshly initialised (seeded), as LiT does, and the output projection is
-inherited unless asked otherwise. Optionally the linear attention runs with fewer heads than the
-model (LiT's finding: fewer heads cost nothing); q, k and v are regrouped inside the site.
+inherited unless asked otherwise. A projection other layers read too is not: where merge-linears
+made the keys and values of every cross-attention on one context one matmul, the site's own
+columns of it become linears of their own, initialised afresh (``lit<i>_kv0_weight``...); a
+projection read elsewhere in any other way refuses the site (keep q/k/v with ``fresh_qkv=False``).
+Optionally the linear attention runs with fewer heads than the model (LiT's finding: fewer heads
+cost nothing); q, k and v are regrouped inside the site.
 
 Fresh tensors live under the graph's ``graphopt_fresh`` submodule (``lit<i>_q_weight``...), so
 :func:`graphopt.distill` can train the new parameters first. Sites that cannot be substituted
 (cross-attention unless ``cross=True``, masks, causal attention, tokens not on a square grid,
-baddbmm scores, unknown heads, projections that are not linears or convs) are listed in the
+baddbmm scores, unknown heads, projections that are not linears or convs or that other layers
+read) are listed in the
 report's notes with the reason; the row's hits count the sites replaced. Cross-attention sites
 substituted on request get the linear attention alone: their keys lie on no image grid.
 """
@@ -34,7 +39,7 @@ from torch import fx, nn
 
 import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.linear_attention
 from graphopt.analysis.attention import AttentionSite
-from graphopt.analysis.graph import CONVS, op_name
+from graphopt.analysis.graph import CONVS, LAYOUT, is_scalar_scale, op_name
 from graphopt.approx import ApproxPass
 from graphopt.errors import PassError, UsageError
 from graphopt.pipeline import PassContext
@@ -139,8 +144,11 @@ def _substitute(gm: fx.GraphModule, site: AttentionSite, options: LinearAttentio
         raise PassError(f"{site.label}: the substitute's shape {tuple(result.meta['val'].shape)} differs from "
                         f"the attention output's {tuple(out.meta['val'].shape)}")
     out.replace_all_uses_with(result)
-    for i, proj in enumerate(projections):
-        _reinitialise(gm, fresh, proj, f"lit{index}_{'qkv'[i] if len(projections) == 3 else 'qkv'}", generator)
+    for name, node in projections:
+        if node.target is aten.slice.Tensor:
+            _split_off(gm, fresh, node, f"lit{index}_{name}", generator)
+        else:
+            _reinitialise(gm, fresh, node, f"lit{index}_{name}", generator)
     if out_proj is not None:
         _reinitialise(gm, fresh, out_proj, f"lit{index}_out", generator)
 
@@ -287,16 +295,57 @@ def _from_softmax(node: fx.Node, softmax: fx.Node) -> bool | None:
     return flipped
 
 
-def _projections(site: AttentionSite, nodes: dict[str, fx.Node]) -> list[fx.Node]:
-    names = [site.q] if site.fused_qkv else [site.q, site.k, site.v]
-    projections = [nodes[n] for n in names]
-    bad = [p.name for p in projections if op_name(p) not in _PROJECTIONS]
+def _projections(site: AttentionSite, nodes: dict[str, fx.Node]) -> list[tuple[str, fx.Node]]:
+    """(name, node) for what to initialise afresh: each projection q, k and v come from, named by its roles
+    (``"qkv"`` for one fused projection, else ``"q"``, ``"k"``, ``"v"``), when nothing outside this
+    attention reads it. A projection other layers read too (merge-linears makes the keys and values of
+    every cross-attention on one context one matmul) gives its column blocks instead, the last-dim
+    slices only this attention reads, one per role: each gets a linear of its own (:func:`_split_off`)."""
+    roles: dict[str, str] = {}
+    for role, name in zip("qkv", (site.q, site.k, site.v)):
+        roles[name] = roles.get(name, "") + role
+    bad = [name for name in roles if op_name(nodes[name]) not in _PROJECTIONS]
     if bad:
         raise Refused(f"q/k/v do not come from linear or conv projections ({', '.join(bad)}); "
                        "keep them with fresh_qkv=False")
-    if len({p.name for p in projections}) != len(projections):
-        raise Refused("q, k and v share a projection in an unrecognised way")
-    return projections
+    fresh = []
+    for name, named in roles.items():
+        proj = nodes[name]
+        outside, _ = _readers(proj, site)
+        if not outside and all(_readers(u, site)[1] for u in proj.users):
+            fresh.append((named, proj))
+            continue
+        own = [u for u in proj.users if _is_column_block(u, proj) and _readers(u, site) == ([], True)]
+        if len(own) != len(named) or any(_readers(u, site)[1] for u in proj.users if u not in own):
+            raise Refused(f"{proj.name} is also read by {', '.join(outside) or 'columns no attention reads'}: "
+                          "initialising it afresh would change that too; keep q/k/v with fresh_qkv=False")
+        fresh.extend((f"{named}{j}", block) for j, block in enumerate(own))
+    return fresh
+
+
+def _readers(node: fx.Node, site: AttentionSite) -> tuple[list[str], bool]:
+    """(the ops outside ``site``'s core that read ``node`` through layout ops, casts and scalar rescales,
+    whether such a path reaches the core): the paths the attention analysis walks back from q, k, v.
+    A projection read whole by the core (a fused qkv) is its own user: it reaches the core."""
+    core, outside, inside, frontier, seen = set(site.nodes), [], node.name in set(site.nodes), [node], set()
+    while frontier:
+        for user in frontier.pop().users:
+            if user.name in core:
+                inside = True
+            elif user not in seen:
+                seen.add(user)
+                if op_name(user) in LAYOUT or op_name(user) in _PASSTHROUGH or is_scalar_scale(user):
+                    frontier.append(user)
+                else:
+                    outside.append(user.name)
+    return outside, inside
+
+
+def _is_column_block(node: fx.Node, proj: fx.Node) -> bool:
+    """``node`` slices the output features (last dimension) of the linear ``proj``."""
+    rank = proj.meta["val"].dim()
+    return op_name(proj) == "linear" and node.target is aten.slice.Tensor and node.args[0] is proj \
+        and len(node.args) == 4 and isinstance(node.args[1], int) and node.args[1] % rank == rank - 1
 
 
 # ------------------------------------------------------------------------------------- graph building
@@ -317,6 +366,24 @@ def _ungroup(build: Builder, x: fx.Node, heads: int, groups: int, tokens: int, v
         return x
     x = build(aten.reshape.default, build(aten.permute.default, x, [0, 2, 1, 3]), [-1, tokens, heads, value_dim])
     return build(aten.permute.default, x, [0, 2, 1, 3])
+
+
+def _split_off(gm: fx.GraphModule, fresh: nn.Module, block: fx.Node, prefix: str,
+               generator: torch.Generator) -> None:
+    """A linear of its own, initialised afresh, in place of ``block`` (columns of a projection other layers
+    read too): it reads the projection's input; the shared projection and its trained weights stay."""
+    proj = block.args[0]
+    weight = attribute(gm, proj.args[1].target)
+    bias = proj.args[2] if len(proj.args) > 2 and isinstance(proj.args[2], fx.Node) else None
+    columns = len(range(*slice(block.args[2], block.args[3]).indices(weight.shape[0])))
+    build = Builder(gm.graph, block)
+    with gm.graph.inserting_before(block):
+        w = fresh_parameter(gm, fresh, f"{prefix}_weight", (columns, weight.shape[1]), generator, build,
+                            fan_in=weight.shape[1], like=weight)
+        b = None if bias is None else fresh_parameter(gm, fresh, f"{prefix}_bias", (columns,), generator, build,
+                                                      fan_in=weight.shape[1], like=weight)
+        own = build(aten.linear.default, proj.args[0], w, *([b] if b is not None else []))
+    block.replace_all_uses_with(own)
 
 
 def _reinitialise(gm: fx.GraphModule, fresh: nn.Module, proj: fx.Node, prefix: str,

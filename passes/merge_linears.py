@@ -1,4 +1,4 @@
-"""merge-linears: one matmul for the linears that project the same per-sample vector.
+"""merge-linears: one matmul for the linears that read the same tensor.
 
 Where it belongs: after cse (a DiT's blocks each apply their own ``nn.SiLU`` to the conditioning: one
 node once cse ran) and before dce, which drops the weights merged away.
@@ -6,17 +6,24 @@ node once cse ran) and before dce, which drops the weights merged away.
 A DiT computes each block's adaLN modulation with a linear of its own from the same conditioning
 vector (13 for DiT-S/2: 12 blocks and the final layer; 29 for DiT-XL/2), and a UNet's residual blocks
 each project the time embedding. At sampling batch sizes each is a matmul of a few rows whose cost is
-its launch. Linears of one input are merged: their weights are concatenated along the output features
-once, ahead of time (W = [W_1; ...; W_n], b = [b_1; ...; b_n]), one linear computes Y = x W^T + b,
-and output i is the view Y[:, o_i : o_i + n_i], o_i the sum of the n_j before it. That column block is
-x W_i^T + b_i: the same dot products, summed in whatever order the matmul kernel picks for the merged
-shape, so exact within the dtype's tolerance, as any change of a matmul's shape is.
+its launch. Attention written with separate projections (diffusers' ``to_q``, ``to_k``, ``to_v``;
+``to_k`` and ``to_v`` of a cross-attention) reads the same tokens three (two) times: one matmul of
+three times the width fills a GPU better and launches once. Linears of one input are merged: their
+weights are concatenated along the output features once, ahead of time (W = [W_1; ...; W_n],
+b = [b_1; ...; b_n]), one linear computes Y = x W^T + b, and output i is the column block
+Y[..., o_i : o_i + n_i], o_i the sum of the n_j before it. That block is x W_i^T + b_i: the same dot
+products, summed in whatever order the matmul kernel picks for the merged shape, so exact within the
+dtype's tolerance, as any change of a matmul's shape is. The linears keep their graph order in the
+merged weight, so q, k, v merged read like a fused qkv projection (columns q, then k, then v), which
+the attention passes know.
 
-Only 2-D inputs (a row per sample: the conditioning) are merged: token-wise linears (q, k and v of
-diffusers' attention) would become one larger matmul of about the same efficiency, and the attention
-passes look for them one by one. Each output must be read only through views (chunk, unsqueeze,
-reshape, slicing), so that no epilogue the GPU lowering fuses into a matmul ends up behind a slice;
-weights and biases must be the module's own tensors, in one dtype and on one device.
+Each output must be read only through views (chunk, unsqueeze, reshape, slicing), so that no
+epilogue the GPU lowering fuses into a matmul ends up behind a slice; weights and biases must be the
+module's own tensors, in one dtype and on one device. A column block is not contiguous, so a ``view``
+among its readers that would merge its columns with another dimension could fail where it held on
+the linear's own output: every ``view`` reached from a block through views becomes ``reshape``, the
+same tensor wherever a view exists and a copy where none does. The values downstream are recomputed
+(:func:`graphopt.fxgraph.refresh_values`): the kernel generator reads their strides.
 """
 
 from __future__ import annotations
@@ -46,8 +53,8 @@ def _refusal(node: fx.Node, gm: fx.GraphModule) -> str | None:
     bias = node.args[2] if len(node.args) > 2 else None
     if node.kwargs:
         return f"it is given {', '.join(node.kwargs)} by keyword"
-    if not isinstance(val(x), torch.Tensor) or val(x).dim() != 2:
-        return "its input is not a row per sample (2-D)"
+    if not isinstance(val(x), torch.Tensor):
+        return "its input is not a tensor"
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or \
             (bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
         return "its weight or bias is computed, not one of the module's tensors"
@@ -60,12 +67,30 @@ def _refusal(node: fx.Node, gm: fx.GraphModule) -> str | None:
     return None
 
 
+def _reshape_views(block: fx.Node) -> list[fx.Node]:
+    """Every ``aten.view`` reached from ``block`` through views becomes ``aten.reshape`` (see the module
+    docstring): a view of a column block's columns together with another dimension has no strides.
+    Returns the views reached: their values are the ones that change."""
+    reached, frontier = [], [block]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.target not in _VIEWS or user in reached:
+                continue
+            if user.target is aten.view.default:
+                user.target = aten.reshape.default
+            reached.append(user)
+            frontier.append(user)
+    return reached
+
+
 def _merge_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
     readers: dict[fx.Node, list[fx.Node]] = defaultdict(list)  # each input's linears, in graph order
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.linear.default:
             readers[node.args[0]].append(node)  # type: ignore[index]
     groups: dict[tuple, list[fx.Node]] = defaultdict(list)
+    views: list[fx.Node] = []  # the readers whose values the merge changes
     for linears in readers.values():
         for node in linears if len(linears) > 1 else ():
             why = _refusal(node, gm)
@@ -95,16 +120,16 @@ def _merge_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
             merged = build(aten.linear.default, x, *attrs)
             start = 0
             for node, w in zip(linears, weights):
-                part = build(aten.slice.Tensor, merged, 1, start, start + w.shape[0])
+                part = build(aten.slice.Tensor, merged, val(x).dim() - 1, start, start + w.shape[0])
                 start += w.shape[0]
                 node.replace_all_uses_with(part)
+                views += _reshape_views(part)
         for node in linears:
             gm.graph.erase_node(node)
         ctx.hit("shared-input", len(linears))
         ctx.note(f"{len(linears)} linears of {x.name} as one matmul of {start} output features")
     gm.recompile()
-    if ctx.hits:
-        refresh_values(gm)  # the slices' readers still carry the strides of the linears they replaced
+    refresh_values(gm, views)  # they still carry the strides of the linears' own outputs
 
 
 MERGE_LINEARS = Pass("merge-linears", exact=True, transform=_merge_linears, doc=__doc__ or "")

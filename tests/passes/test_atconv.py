@@ -60,6 +60,39 @@ def test_fused_qkv_value_rows_are_shared_and_hybrid_takes_every_second_site():
         ATConvOptions(kernel=2)
 
 
+def test_the_values_are_the_columns_the_attention_reads_from_a_merged_projection():
+    """Values projected first: merge-linears stacks the weights v, q, k in graph order. The value linear
+    is cut from the rows the attention's value operand slices (0:8), not the last third (the keys)."""
+
+    class ValuesFirst(SeparateQKV):
+        def forward(self, x):
+            b, n, c = x.shape
+            values = self.to_v(x)
+            q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+                       for t in (self.to_q(x), self.to_k(x), values))
+            out = F.scaled_dot_product_attention(q, k, v)
+            return x + self.to_out(out.transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    model = ValuesFirst(dim=8, heads=2).eval()
+    x = torch.randn(2, 16, 8)
+    opt = graphopt.optimize(model, (x,))
+    assert any(r.name == "merge-linears" and r.hits == 3 for r in opt.report.passes)
+    gm, replaced = substitute_atconv(opt.captured.graph_module, ATConvOptions(seed=1))
+    assert replaced == 1
+    rows = [n.args[2:] for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor and n.args[1] == 0]
+    assert rows == [(0, 8), (0, 8)]  # the weight's and the bias's value rows
+    f = getattr(gm, FRESH)
+    routed = F.linear(x, f.atc0_k_weight, f.atc0_k_bias).transpose(1, 2)
+    kernels = F.linear(F.gelu(F.adaptive_avg_pool1d(routed, 9), approximate="tanh"), f.atc0_gen_weight,
+                       f.atc0_gen_bias).reshape(2, 8, 3, 3)
+    kernels = kernels - torch.sigmoid(f.atc0_lambda).view(1, 8, 1, 1) * kernels.mean((2, 3), keepdim=True)
+    value = model.to_v(x).transpose(1, 2).reshape(2, 8, 4, 4)
+    y = dynamic_dwconv_reference(value, kernels).reshape(2, 8, 16).transpose(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0], (x + model.to_out(y)).detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_cross_attention_and_other_layouts_are_listed():
     model, args, kwargs = zoo.text_unet()
     ctx = PassContext("atconv")

@@ -167,6 +167,47 @@ def test_cross_attention_is_left_alone_unless_asked():
     assert sorted(len(n.args) for n in _lit_calls(gm)) == [4] * 4 + [6] * 4
 
 
+def test_keys_and_values_merged_across_layers_get_fresh_linears_of_their_own():
+    """The default pipeline merges the key and value projections of the text context into one matmul for
+    all four cross-attention layers: each replaced site gets new linears for its own columns (k, v), the
+    shared matmul is not initialised afresh for one site, and it goes once no site reads it."""
+    model, args, kwargs = zoo.text_unet()
+    opt = graphopt.optimize(model, args, kwargs)
+    merge = next(r for r in opt.report.passes if r.name == "merge-linears")
+    assert any("8 linears" in note for note in merge.notes)  # to_k, to_v of four layers
+    gm, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions(cross=True))
+    assert replaced == 8
+    fresh = {name for name, _ in getattr(gm, FRESH).named_parameters()}
+    split = sorted(n for n in fresh if "_kv" in n)
+    assert len(split) == 8 and all(n.endswith(("_kv0_weight", "_kv1_weight")) for n in split)
+    assert not any(n.endswith("_kv_weight") for n in fresh)
+    merged = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("_merged_")
+              and tuple(n.meta["val"].shape)[0] == 8 * 16]
+    assert merged == []  # every cross-attention reads its own linears now: the shared matmul went
+    assert all(torch.isfinite(t).all() for t in gm(*opt.captured.example_inputs))
+
+
+def test_a_projection_also_read_outside_the_attention_is_not_initialised_afresh():
+    """A fused qkv whose output another layer reads too: initialising it afresh would change that layer."""
+
+    class AlsoRead(SeparateQKV):
+        def forward(self, x):
+            b, n, c = x.shape
+            qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+            fused = F.linear(x, qkv)
+            q, k, v = (t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for t in fused.chunk(3, -1))
+            out = F.scaled_dot_product_attention(q, k, v)
+            return x + self.to_out(out.transpose(1, 2).reshape(b, n, c)) + fused.sum(-1, keepdim=True)
+
+    opt = graphopt.optimize(AlsoRead().eval(), (torch.randn(2, 16, 16),))
+    ctx = PassContext("linear-attention")
+    _, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions(), ctx)
+    assert replaced == 0 and len(ctx.notes) == 1
+    assert "is also read by sum" in ctx.notes[0] and "fresh_qkv=False" in ctx.notes[0]
+    _, replaced = substitute_linear_attention(opt.captured.graph_module, LinearAttentionOptions(fresh_qkv=False))
+    assert replaced == 1
+
+
 @pytest.mark.parametrize("factory, reason", [(zoo.mha, "not a square grid"), (zoo.uvit, "not a square grid")])
 def test_sites_it_cannot_replace_are_listed_with_the_reason(factory, reason):
     model, args, kwargs = factory()

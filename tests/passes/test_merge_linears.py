@@ -1,14 +1,16 @@
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import graphopt
 from graphopt.passes import get
 from graphopt.pipeline import run_passes
+from tests.test_fxgraph import real_strides
 
 
 class Conditioned(nn.Module):
-    """Each block projects SiLU(c) with its own linear (adaLN), one without a bias; the token-wise
-    linears of x and a linear read through an activation stay as they are."""
+    """Each block projects SiLU(c) with its own linear (adaLN), one without a bias; linears read through
+    a product or an activation stay as they are."""
 
     def __init__(self, dim=8, blocks=3):
         super().__init__()
@@ -51,11 +53,67 @@ def test_the_linears_of_one_conditioning_vector_are_one_matmul():
             torch.testing.assert_close(captured.run([xb, cb])[0], model(xb, cb), rtol=1e-5, atol=1e-6)
 
 
-def test_token_wise_linears_and_linears_read_through_an_activation_are_near_misses():
+def test_linears_read_through_anything_but_views_are_near_misses():
     captured, reports, _ = run(Conditioned(), torch.randn(2, 5, 8), torch.randn(2, 8))
     reasons = {m.reason for m in reports[1].near_misses}
-    assert "its input is not a row per sample (2-D)" in reasons  # q and k of the tokens
+    assert "its output is read by aten.mul.Tensor, not through views alone" in reasons  # q and k
     assert any("aten.gelu.default" in r and "not through views alone" in r for r in reasons)
+
+
+class SeparateProjections(nn.Module):
+    """Attention with separate q, k, v projections of the tokens (diffusers' to_q/to_k/to_v); with
+    ``flat``, the keys are also read flattened with the tokens, a view a column block cannot take."""
+
+    def __init__(self, dim=8, heads=2, flat=False):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=i != 1) for i in range(3))
+        self.to_out = nn.Linear(dim, dim)
+        self.heads, self.flat = heads, flat
+
+    def forward(self, x):
+        b, n, c = x.shape
+        keys = self.to_k(x)
+        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+                   for t in (self.to_q(x), keys, self.to_v(x)))
+        out = self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        return out + keys.view(b, n * c).mean(-1)[:, None, None] if self.flat else out
+
+
+def test_token_wise_q_k_v_projections_are_one_matmul_in_their_graph_order():
+    model = SeparateProjections()
+    captured, reports, linears = run(model, torch.randn(2, 6, 8))
+    assert dict(reports[1].rule_hits) == {"shared-input": 3} and len(linears) == 2  # q|k|v, to_out
+    merged = next(n for n in linears if str(n.args[1].target).startswith("_merged_"))
+    buffers = dict(captured.graph_module.named_buffers())
+    assert torch.equal(buffers[str(merged.args[1].target)],  # the keys are projected first
+                       torch.cat([model.to_k.weight, model.to_q.weight, model.to_v.weight]).detach())
+    assert torch.equal(buffers[str(merged.args[2].target)][:8], torch.zeros(8))  # to_k has no bias
+    slices = sorted((u.args[1:] for u in merged.users), key=lambda a: a[1])
+    assert slices == [(2, 0, 8), (2, 8, 16), (2, 16, 24)]  # the last dimension of [B, N, 24]
+    for batch in (2, 5):
+        x = torch.randn(batch, 6, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(captured.run([x])[0], model(x), rtol=1e-5, atol=1e-6)
+    # the blocks' readers carry the strides they have now (the kernel generator reads them): rows of 24 columns
+    gm = captured.graph_module
+    truth = real_strides(gm, captured.example_inputs)
+    values = {n.name: tuple(map(int, n.meta["val"].stride())) for n in gm.graph.nodes
+              if isinstance(n.meta.get("val"), torch.Tensor) and n.name in truth}
+    assert values == truth and (144, 24, 4, 1) in values.values()  # [B, 6, 2 heads, 4] of [B, 6, 24]
+
+
+def test_a_view_a_column_block_cannot_take_becomes_a_reshape():
+    """keys.view(b, n * c) holds on the key projection's own output but has no strides on columns 8:16
+    of the merged one: it runs as a reshape (a copy there), at every batch."""
+    model = SeparateProjections(flat=True)
+    captured, reports, _ = run(model, torch.randn(2, 6, 8))
+    assert reports[1].hits == 3
+    ops = [n.target for n in captured.graph_module.graph.nodes]
+    assert torch.ops.aten.view.default not in ops and torch.ops.aten.reshape.default in ops
+    for batch in (2, 5):
+        x = torch.randn(batch, 6, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(captured.run([x])[0], model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_without_cse_each_blocks_own_silu_keeps_its_linear_apart():
