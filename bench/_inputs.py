@@ -1,8 +1,10 @@
 """The GPU benchmarks' denoisers and inputs (shared by kernels.py, runtime.py and gpu.py).
 
 ``denoiser(key, scale)``: DiT-S/2, DiT-B/2, DiT-XL/2 (SiT blocks, 32x32x4 latents, patch 2, 1000
-classes), the EDM UNet 128ch (1,2,2)x2 at 32x32x4, and a third-party one, diffusers' ``UNet2DModel``
-with channels 128/256/256 and attention at the two lower levels (``diffusers-unet``, needs diffusers),
+classes), the EDM UNet 128ch (1,2,2)x2 at 32x32x4, and two third-party ones (need diffusers):
+diffusers' ``UNet2DModel`` with channels 128/256/256 and attention at the two lower levels
+(``diffusers-unet``) and its ``DiTTransformer2DModel`` at DiT-S/2's size (``diffusers-dit``: adaLN-Zero
+with an embedding per block, separate q, k and v projections, as third-party DiTs are written), with
 random weights (normal, std 0.02: speed does not depend on them). ``scale="full"`` is the real size;
 ``"cpu"`` keeps the depth at a CPU-friendly width on 8x8 latents (host-overhead measurements, where the
 number of sites is what counts); ``"smoke"`` is tiny, to check a script under Triton's interpreter.
@@ -20,7 +22,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DITS = {"dit-s": (384, 12, 6, "DiT-S/2"), "dit-b": (768, 12, 12, "DiT-B/2"), "dit-xl": (1152, 28, 16, "DiT-XL/2")}
 """key: (width, depth, heads, label), DiT's sizes."""
 
-DENOISERS = (*DITS, "unet", "diffusers-unet")
+DENOISERS = (*DITS, "unet", "diffusers-unet", "diffusers-dit")
 SCALES = ("full", "cpu", "smoke")
 
 
@@ -49,6 +51,8 @@ def denoiser(key: str, scale: str = "full") -> tuple[nn.Module, str]:
         label = f"EDM UNet {channels}ch (1,2,2)x{model.config.blocks_per_level}" + ("" if full else ", 8x8")
     elif key == "diffusers-unet":
         model, label = _diffusers_unet(full)
+    elif key == "diffusers-dit":
+        model, label = _diffusers_dit(scale)
     else:
         raise ValueError(f"unknown denoiser {key!r}; choose from {', '.join(DENOISERS)}")
     with torch.no_grad():
@@ -71,11 +75,38 @@ class DiffusersUNet(nn.Module):
         return self.unet(x, t, return_dict=False)[0]
 
 
-def _diffusers_unet(full: bool) -> tuple[nn.Module, str]:
+class DiffusersDiT(nn.Module):
+    """diffusers' ``DiTTransformer2DModel`` called as ``(x, t, labels) -> tensor``, with the ``config``
+    fields the benchmarks read."""
+
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+        self.config = type("Config", (), {"resolution": dit.config.sample_size,
+                                          "in_channels": dit.config.in_channels})()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.dit(x, timestep=t, class_labels=labels, return_dict=False)[0]
+
+
+def _diffusers(key: str) -> object:
     try:
-        from diffusers import UNet2DModel
+        import diffusers
     except ImportError:
-        raise SystemExit("diffusers-unet needs diffusers (pip install 'graphopt[test]')") from None
+        raise SystemExit(f"{key} needs diffusers (pip install 'graphopt[test]')") from None
+    return diffusers
+
+
+def _diffusers_dit(scale: str) -> tuple[nn.Module, str]:
+    heads, head_dim, depth, res = {"full": (6, 64, 12, 32), "cpu": (2, 32, 12, 8), "smoke": (2, 16, 2, 8)}[scale]
+    dit = _diffusers("diffusers-dit").DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, num_layers=depth,
+        sample_size=res, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+    return DiffusersDiT(dit), f"diffusers DiTTransformer2DModel, depth {depth}, width {heads * head_dim}, {res}x{res}"
+
+
+def _diffusers_unet(full: bool) -> tuple[nn.Module, str]:
+    UNet2DModel = _diffusers("diffusers-unet").UNet2DModel
     channels = (128, 256, 256) if full else (8, 16, 16)
     unet = UNet2DModel(sample_size=32 if full else 8, in_channels=4, out_channels=4, layers_per_block=2,
                        block_out_channels=channels, norm_num_groups=32 if full else 4,
@@ -89,7 +120,7 @@ def example_inputs(name: str, model: nn.Module, batch: int, device: str, dtype: 
     """A noisy batch for model ``name`` (a "dit..." takes times and ImageNet labels, a UNet sigmas)."""
     res, ch = model.config.resolution, model.config.in_channels
     x = torch.randn(batch, ch, res, res, device=device, dtype=dtype)
-    if name.startswith("dit"):  # times in x's dtype, as the samplers pass them: the same capture serves both
+    if name.startswith("dit") or name == "diffusers-dit":  # times in x's dtype, as the samplers pass them
         return x, torch.rand(batch, device=device, dtype=dtype), torch.randint(0, 1000, (batch,), device=device)
     if name == "diffusers-unet":  # a DDPM time step
         return x, torch.randint(0, 1000, (batch,), device=device).to(dtype)

@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="dit-s,dit-xl,unet",
                    help="comma-separated: dit-s, dit-b, dit-xl, unet, diffusers-unet (diffusers' UNet2DModel "
-                        "128/256/256; needs diffusers)")
+                        "128/256/256), diffusers-dit (its DiTTransformer2DModel at DiT-S/2's size); the last two need "
+                        "diffusers")
     p.add_argument("--batches", default="16,1,64",
                    help="comma-separated batch sizes, measured in this order across the models (default 16,1,64)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
@@ -168,7 +169,7 @@ def seconds(fn: Callable[[], object], smoke: bool) -> float:
 def sampler_for(key: str, model: torch.nn.Module, steps: int) -> Sampler:
     c = model.config
     shape = (c.in_channels, c.resolution, c.resolution)
-    if key.startswith("dit"):
+    if key.startswith("dit") or key == "diffusers-dit":
         return Sampler("flow", "euler", flow_times(steps), shape, null_class=1000)
     return Sampler("edm", "euler", edm_sigmas(steps), shape)
 

@@ -1,8 +1,11 @@
 """What some exact passes are worth: the default pipeline against the same pipeline without them.
 
     python bench/passes.py [--without cse,merge-linears] [--models dit-digits,unet-digits] [--batches 1,64]
+    python bench/passes.py --without merge-linears --models diffusers-dit,diffusers-unet --batches 1,16
 
-For each reference denoiser, ``graphopt.optimize`` once with the default exact pipeline and once with
+For each denoiser (a reference generator, or one of the GPU benchmark's at its CPU scale: the same
+depth, narrower, on 8x8 latents; ``diffusers-dit`` has the separate q, k, v projections of third-party
+attention), ``graphopt.optimize`` once with the default exact pipeline and once with
 the passes named by ``--without`` left out, then one denoiser call of each at every batch size: the
 median over ``--repeats`` interleaved rounds (each round times both, so drift hits them alike), the
 ratio without / with (above 1: the passes make the call faster), and the largest difference between
@@ -22,8 +25,21 @@ import time
 import torch
 
 import graphopt
-from graphopt.models import load
+from graphopt.models import generators, load
 from graphopt.passes import DEFAULT_PIPELINE
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _inputs import DENOISERS, denoiser, example_inputs  # noqa: E402 - bench/, beside this script
+
+
+def model_and_inputs(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """A reference generator's denoiser and example inputs, or a GPU benchmark denoiser at its CPU scale."""
+    if name in DENOISERS:
+        model, _ = denoiser(name, "cpu")
+        torch.manual_seed(0)
+        return model, example_inputs(name, model, 2, "cpu", torch.float32)
+    ref = load(name)
+    return ref.model, tuple(ref.example_inputs)
 
 
 def tiled(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
@@ -50,17 +66,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not in the default pipeline ({','.join(DEFAULT_PIPELINE)}): {', '.join(unknown)}", file=sys.stderr)
         return 2
     reduced = [p for p in DEFAULT_PIPELINE if p not in left_out]
+    names = [m for m in ns.models.split(",") if m]
+    unknown = [m for m in names if m not in DENOISERS and m not in generators()]
+    if unknown:
+        print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join([*generators(), *DENOISERS])}",
+              file=sys.stderr)
+        return 2
     print(f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; default pipeline {','.join(DEFAULT_PIPELINE)} against {','.join(reduced)}; "
           f"medians of {ns.repeats} interleaved rounds, one call each\n")
     print("| model | batch | without ms | with ms | without / with | max abs diff |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name in [m for m in ns.models.split(",") if m]:
-        ref = load(name)
-        modules = {"without": graphopt.optimize(ref.model, ref.example_inputs, passes=reduced),
-                   "with": graphopt.optimize(ref.model, ref.example_inputs)}
+    for name in names:
+        model, examples = model_and_inputs(name)
+        modules = {"without": graphopt.optimize(model, examples, passes=reduced),
+                   "with": graphopt.optimize(model, examples)}
         for batch in [int(b) for b in ns.batches.split(",")]:
-            inputs = tiled(ref.example_inputs, batch)
+            inputs = tiled(examples, batch)
             times: dict[str, list[float]] = {k: [] for k in modules}
             with torch.no_grad():
                 outs = {k: first(m(*inputs)) for k, m in modules.items()}
