@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
 from torch import fx
 
 from .capture import CapturedGraph
-from .errors import UsageError, VerificationError
+from .errors import UsageError, VerificationError, first_line
 from .fxgraph import refresh_values
 
 
@@ -47,7 +48,12 @@ def lower_captured(captured: CapturedGraph) -> tuple[fx.GraphModule, dict[str, A
     from .verify import compare_precise, precise_run
 
     start = time.perf_counter()
-    refresh_values(captured.graph_module)  # kernels index operands by these strides: they must be the real ones
+    try:  # kernels index their operands by the values' strides: a pass may have left them stale
+        refresh_values(captured.graph_module)
+    except Exception as e:  # noqa: BLE001 - an op without a fake kernel, say: the recorded values stay
+        warnings.warn(f"graphopt: could not recompute the graph's layouts before lowering ({type(e).__name__}: "
+                      f"{first_line(e)}); a kernel whose operands are laid out otherwise than recorded runs its "
+                      "eager fallback", stacklevel=2)
     result = lower(captured.graph_module)
     outputs, errors = check_regions(result.graph_module, captured.example_inputs)
     for region in result.regions:
