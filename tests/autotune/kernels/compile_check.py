@@ -13,7 +13,9 @@ config of every kernel in three dtypes takes minutes on a cold cache::
     python -m tests.autotune.kernels.compile_check --triton 3.6.0 installed   # every pinned Triton
 
 It also compiles every kernel that lowering generates for the reference generators (dit-digits,
-unet-digits) in each dtype, with every config of its family (``--no-generated`` skips them).
+unet-digits) and the test zoo's text-conditioned UNet, each optimized with the default exact pipeline
+as ``graphopt.optimize`` leaves it, in each dtype, with every config of its family
+(``--no-generated`` skips them).
 
 ``--triton`` compiles the same launches with other Triton releases, e.g. the one an older supported
 torch pins (``PINNED_TRITON``), each in a virtual environment under ``--venv-root`` that holds only
@@ -27,6 +29,7 @@ Run it without ``TRITON_INTERPRET`` (the kernels must be decorated for the GPU).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib
 import inspect
@@ -44,6 +47,7 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
+import graphopt
 from tests.autotune.kernels import compile_worker
 
 OPS = ("layernorm", "groupnorm", "rmsnorm", "attention", "linear_attention", "dynamic_dwconv")
@@ -85,18 +89,25 @@ def calls(dtype: torch.dtype):
 
 
 def generated_calls(dtype: torch.dtype):
-    """(kernel name, call taking a config) for every distinct generated kernel of the reference models."""
+    """(kernel name, call taking a config) for every distinct generated kernel of the models above."""
     from graphopt.autotune.gemm import GemmRegion, template_configs
     from graphopt.autotune.kernels import _launch
     from graphopt.autotune.lower import FusedRegion, TuningOptions, call_sites, lower
-    from graphopt.capture import capture
+    from graphopt.fxgraph import refresh_values
     from graphopt.models import load
 
-    for name in ("dit-digits", "unet-digits"):
-        ref = load(name)
-        model = ref.model.to(dtype)
-        inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in ref.example_inputs)
-        captured = capture(model, inputs)
+    from tests import zoo
+
+    models = [(ref.model, ref.example_inputs, {}) for ref in map(load, ("dit-digits", "unet-digits"))]
+    models.append(zoo.text_unet())  # cross-attention keys and values merged across layers: 3-D column blocks
+    for model, examples, kwargs in models:
+        model = copy.deepcopy(model).to(dtype)
+        inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in examples)
+        kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
+        # the graph as optimize leaves it (the default exact pipeline changes what lowering generates),
+        # its values recomputed as lowering does
+        captured = graphopt.optimize(model, inputs, kwargs).captured
+        refresh_values(captured.graph_module)
         # lowered as for a GPU (the interpreter's bf16 limits do not apply to what is compiled here)
         with mock.patch.object(_launch, "is_compiled", lambda kernel: True):
             lowered = lower(captured.graph_module, options=TuningOptions(cache=None)).graph_module
