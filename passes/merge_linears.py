@@ -18,8 +18,13 @@ merged weight, so q, k, v merged read like a fused qkv projection (columns q, th
 the attention passes know.
 
 Each output must be read only through views (chunk, unsqueeze, reshape, slicing), so that no
-epilogue the GPU lowering fuses into a matmul ends up behind a slice; weights and biases must be the
-module's own tensors, in one dtype and on one device. A column block is not contiguous, so a ``view``
+epilogue the GPU lowering fuses into a matmul ends up behind a slice, or by one elementwise
+activation alone (SiLU, GELU, ReLU, sigmoid, tanh). Linears whose activations are the same op with
+the same arguments merge with it: the activation runs once on the merged output, before the slices
+(act(Y)[..., a:b] = act(Y[..., a:b]), elementwise), so on a GPU the merged matmul and its activation
+are one GEMM-epilogue site instead of one per linear (diffusers' DiT embeds the timestep in every
+block with an MLP of its own: 12 first layers, each with its SiLU, become one). Weights and biases
+must be the module's own tensors, in one dtype and on one device. A column block is not contiguous, so a ``view``
 among its readers that would merge its columns with another dimension could fail where it held on
 the linear's own output: every ``view`` reached from a block through views becomes ``reshape``, the
 same tensor wherever a view exists and a copy where none does. The values downstream are recomputed
@@ -42,6 +47,8 @@ from ._substitution import Builder, attribute
 
 aten = torch.ops.aten
 
+# Elementwise activations a group of linears may share: act(Y)[..., a:b] == act(Y[..., a:b]).
+_ACTIVATIONS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default}
 _VIEWS = {aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.chunk.default, aten.split.Tensor,
           aten.split_with_sizes.default, aten.slice.Tensor, aten.select.int, aten.unflatten.int, aten.expand.default,
           aten.transpose.int, aten.permute.default, aten.t.default, operator.getitem}
@@ -59,12 +66,27 @@ def _refusal(node: fx.Node, gm: fx.GraphModule) -> str | None:
             (bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
         return "its weight or bias is computed, not one of the module's tensors"
     readers = {u.target for u in node.users} - _VIEWS
-    if readers:
-        return f"its output is read by {', '.join(sorted(map(str, readers)))}, not through views alone"
+    if readers and _activation(node) is None:
+        return f"its output is read by {', '.join(sorted(map(str, readers)))}, not through views or one activation"
     w = attribute(gm, str(weight.target))
     if bias is not None and attribute(gm, str(bias.target)).dtype != w.dtype:
         return "its bias and weight differ in dtype"
     return None
+
+
+def _activation(node: fx.Node) -> fx.Node | None:
+    """The one elementwise activation (``_ACTIVATIONS``) that alone reads ``node``, or None."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].target not in _ACTIVATIONS or users[0].args[0] is not node:
+        return None
+    act = users[0]
+    return act if not any(isinstance(a, fx.Node) for a in (*act.args[1:], *act.kwargs.values())) else None
+
+
+def _signature(node: fx.Node) -> tuple | None:
+    """What a linear's readers need of a merge: None (views), or its activation's op and arguments."""
+    act = _activation(node)
+    return None if act is None else (act.target, tuple(act.args[1:]), tuple(sorted(act.kwargs.items())))
 
 
 def _reshape_views(block: fx.Node) -> list[fx.Node]:
@@ -98,8 +120,8 @@ def _merge_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
                 ctx.near_miss("shared-input", node, why)
                 continue
             w = attribute(gm, str(node.args[1].target))  # type: ignore[union-attr]
-            groups[(node.args[0], w.dtype, w.device)].append(node)
-    for (x, _, _), linears in groups.items():
+            groups[(node.args[0], w.dtype, w.device, _signature(node))].append(node)
+    for (x, _, _, signature), linears in groups.items():
         if len(linears) < 2:
             continue
         weights = [attribute(gm, str(n.args[1].target)) for n in linears]
@@ -118,16 +140,22 @@ def _merge_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
                     if getattr(val(x), "fake_mode", None) is not None else getattr(gm, name)
             build = Builder(gm.graph, first)
             merged = build(aten.linear.default, x, *attrs)
+            if signature is not None:  # the activation once, over every linear's columns
+                target, args, kwargs = signature
+                merged = build(target, merged, *args, **dict(kwargs))
             start = 0
             for node, w in zip(linears, weights):
                 part = build(aten.slice.Tensor, merged, val(x).dim() - 1, start, start + w.shape[0])
                 start += w.shape[0]
-                node.replace_all_uses_with(part)
+                (node if signature is None else _activation(node)).replace_all_uses_with(part)
                 views += _reshape_views(part)
         for node in linears:
+            if signature is not None:
+                gm.graph.erase_node(_activation(node))
             gm.graph.erase_node(node)
         ctx.hit("shared-input", len(linears))
-        ctx.note(f"{len(linears)} linears of {x.name} as one matmul of {start} output features")
+        then = "" if signature is None else f", then {signature[0].__name__.split('.')[0]}"
+        ctx.note(f"{len(linears)} linears of {x.name} as one matmul of {start} output features{then}")
     gm.recompile()
     refresh_values(gm, views)  # they still carry the strides of the linears' own outputs
 
