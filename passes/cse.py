@@ -6,7 +6,8 @@ before it can merge the linears that read it. Exact: a deterministic op applied 
 arguments gives the same value, so later copies read the first one's result.
 
 Two ``call_function`` nodes are the same computation when their target and arguments are equal, node
-arguments compared after replacement (so whole repeated chains collapse, in graph order). Random ops,
+arguments compared after replacement (so whole repeated chains collapse, in graph order); two reads of
+one parameter or buffer are one node too (fold stores equal folded values once). Random ops,
 uninitialised allocations (``empty``) and anything with a side effect (asserts, in-place ops) are never
 merged. ``torch.fx.passes.dialect.common.cse_pass.CSEPass`` builds a new graph instead of editing this
 one and bans only listed random and in-place ops; this pass keeps the graph (and its nodes' metadata)
@@ -26,6 +27,8 @@ from .fold import NONDETERMINISTIC
 
 def _key(node: fx.Node) -> Any:
     """What the node computes, as a hashable value (``None`` for a node that must keep its own value)."""
+    if node.op == "get_attr":  # one tensor read twice (fold stores a value its copies share once)
+        return "get_attr", node.target
     if node.op != "call_function" or node.target in NONDETERMINISTIC or node.is_impure():
         return None
     try:

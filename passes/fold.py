@@ -8,9 +8,10 @@ on the same values.
 
 A node is constant when it is a parameter/buffer, or a deterministic op (no random ops, no side
 effects) whose inputs are all constant. Only the frontier (constants used by input-dependent nodes
-or returned) is evaluated and stored as a new buffer. A frontier value much larger than the
-parameters it comes from (an ``expand`` of a bias to the activation size) is left alone: storing it
-would cost more memory traffic than computing it.
+or returned) is evaluated and stored as a new buffer; values equal to the bit (each block's own copy
+of one constant computation) are stored once, so cse can then compute once what reads them. A
+frontier value much larger than the parameters it comes from (an ``expand`` of a bias to the
+activation size) is left alone: storing it would cost more memory traffic than computing it.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def _fold(gm: fx.GraphModule, ctx: PassContext) -> None:
         return sum(param_numel(i, seen) for i in node.all_input_nodes)
 
     replaced: set[fx.Node] = set()
+    folded: list[tuple[str, torch.Tensor]] = []
     for node in frontier:
         value = evaluate(node)
         if not isinstance(value, torch.Tensor):
@@ -85,7 +87,10 @@ def _fold(gm: fx.GraphModule, ctx: PassContext) -> None:
         if value.numel() > _SMALL and value.numel() > _GROWTH_LIMIT * max(source, 1):
             ctx.near_miss("fold-constant", node, f"would store {value.numel()} elements computed from {source}")
             continue
-        name = new_buffer(gm, "_folded_", value.detach().clone())  # clone keeps strides: same kernels, same bits
+        name = next((n for n, t in folded if _same_bits(t, value)), None)
+        if name is None:  # a value folded before (each block's own copy of one computation) is stored once
+            name = new_buffer(gm, "_folded_", value.detach().clone())  # clone keeps strides: same kernels, same bits
+            folded.append((name, getattr(gm, name)))
         with gm.graph.inserting_before(node):
             replacement = gm.graph.get_attr(name)
         replacement.meta.update(node.meta)
@@ -99,6 +104,13 @@ def _fold(gm: fx.GraphModule, ctx: PassContext) -> None:
         if node in replaced and not node.users:
             replaced.update(i for i in node.all_input_nodes if i in constant and i.op == "call_function")
             gm.graph.erase_node(node)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors down to the bit (0.0 and -0.0 differ, a NaN equals itself) in the same layout."""
+    if (a.dtype, a.shape, a.stride(), a.device) != (b.dtype, b.shape, b.stride(), b.device):
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 FOLD = Pass("fold", exact=True, transform=_fold, doc=__doc__ or "")
