@@ -23,9 +23,9 @@ Fresh tensors live under the graph's ``graphopt_fresh`` submodule (``lit<i>_q_we
 :func:`graphopt.distill` can train the new parameters first. Sites that cannot be substituted
 (cross-attention unless ``cross=True``, masks, causal attention, tokens not on a square grid,
 baddbmm scores, unknown heads, projections that are not linears or convs or that other layers
-read) are listed in the
-report's notes with the reason; the row's hits count the sites replaced. Cross-attention sites
-substituted on request get the linear attention alone: their keys lie on no image grid.
+read) are listed in the report's notes with the reason; the row's hits count the sites replaced.
+Cross-attention sites substituted on request get the linear attention alone: their keys lie on no
+image grid.
 """
 
 from __future__ import annotations

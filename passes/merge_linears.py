@@ -24,11 +24,13 @@ the same arguments merge with it: the activation runs once on the merged output,
 (act(Y)[..., a:b] = act(Y[..., a:b]), elementwise), so on a GPU the merged matmul and its activation
 are one GEMM-epilogue site instead of one per linear (diffusers' DiT embeds the timestep in every
 block with an MLP of its own: 12 first layers, each with its SiLU, become one). Weights and biases
-must be the module's own tensors, in one dtype and on one device. A column block is not contiguous, so a ``view``
-among its readers that would merge its columns with another dimension could fail where it held on
-the linear's own output: every ``view`` reached from a block through views becomes ``reshape``, the
-same tensor wherever a view exists and a copy where none does. The values downstream are recomputed
-(:func:`graphopt.fxgraph.refresh_values`): the kernel generator reads their strides.
+must be the module's own tensors, in one dtype and on one device.
+
+A column block is not contiguous, so a ``view`` among its readers that would merge its columns with
+another dimension could fail where it held on the linear's own output: every ``view`` reached from a
+block through views becomes ``reshape``, the same tensor wherever a view exists and a copy where none
+does. The values of those readers are recomputed (:func:`graphopt.fxgraph.refresh_values`): the
+kernel generator reads their strides.
 """
 
 from __future__ import annotations
