@@ -43,6 +43,24 @@ end = time.perf_counter()
 print(end - start, imported - start, end - imported)
 """
 
+# argv: GPU benchmark denoiser key, inputs file, bench folder. As COMPILE_REFERENCE, for a denoiser of
+# bench/_inputs.py at its CPU scale (weights seeded as bench/cpu.py seeds them).
+COMPILE_DENOISER = """
+import sys, time
+start = time.perf_counter()
+import torch
+sys.path.insert(0, sys.argv[3])
+from _inputs import denoiser
+imported = time.perf_counter()
+torch.manual_seed(0)
+model = denoiser(sys.argv[1], "cpu")[0]
+inputs = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.compile(model, dynamic=False)(*inputs)
+end = time.perf_counter()
+print(end - start, imported - start, end - imported)
+"""
+
 # argv: a .pt2 file. Prints: seconds torch.export.load takes to read it.
 READ_PROGRAM = """
 import sys, time

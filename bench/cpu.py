@@ -1,8 +1,10 @@
 """The CPU target: graphopt (exact passes, then Inductor ahead of time) against eager and torch.compile.
 
     python bench/cpu.py [--models dit-digits,unet-digits] [--batch 64] [--repeats 15]
+    python bench/cpu.py --models diffusers-dit,diffusers-unet --batch 64    # third-party code
 
-For each reference denoiser, in one run on the same inputs: the latency of one denoiser call at
+For each reference denoiser (or the GPU benchmark's denoisers at their CPU scale, diffusers' among
+them, with random weights of seed 0), in one run on the same inputs: the latency of one denoiser call at
 ``--batch`` for the original model in eager mode, ``torch.compile`` of the original model (Inductor,
 default mode, dynamic batch off; and again with Inductor's ``freezing``, the option graphopt's package
 is compiled with), graphopt's optimized module (the exact pipeline, ``graphopt passes`` lists it; the graph
@@ -13,7 +15,8 @@ hits them alike), with ratios to eager and to torch.compile. Also: the compile t
 process's start: seconds from a fresh interpreter's imports to the first call's result, for graphopt
 loading the saved compiled model and for torch.compile with Inductor's caches warm from this run.
 Compile times are cold: Inductor gets a fresh on-disk cache (``--warm-cache`` keeps the usual one).
-Writes the section between the CPU markers of bench/RESULTS.md.
+Writes the section between the CPU markers of bench/RESULTS.md (the third-party markers for any model
+that is not a reference generator).
 """
 
 from __future__ import annotations
@@ -28,21 +31,33 @@ import time
 from pathlib import Path
 
 import torch
-from _fresh import COMPILE_REFERENCE, LOAD_SAVED, run_fresh  # bench/, beside this script
+from _fresh import COMPILE_DENOISER, COMPILE_REFERENCE, LOAD_SAVED, run_fresh  # bench/, beside this script
+from _inputs import DENOISERS, denoiser, example_inputs
 from _sections import replace_section
 
 import graphopt
-from graphopt.models import load
+from graphopt.models import generators, load
 from graphopt.passes import DEFAULT_PIPELINE
 
 HERE = Path(__file__).resolve().parent
-BEGIN, END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
+SECTIONS = {"cpu": ("<!-- cpu:begin -->", "<!-- cpu:end -->"),
+            "third-party": ("<!-- cpu-third-party:begin -->", "<!-- cpu-third-party:end -->")}
 
 
-def _inputs(ref, batch: int) -> tuple[torch.Tensor, ...]:
+def _model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """A reference generator's denoiser and examples, or a GPU benchmark denoiser at its CPU scale."""
+    if name in DENOISERS:
+        torch.manual_seed(0)
+        model = denoiser(name, "cpu")[0]
+        return model, example_inputs(name, model, 2, "cpu", torch.float32)
+    ref = load(name)
+    return ref.model, tuple(ref.example_inputs)
+
+
+def _inputs(examples: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
     """The example inputs tiled to ``batch`` (labels and times too)."""
-    reps = -(-batch // ref.example_inputs[0].shape[0])
-    return tuple(torch.cat([t] * reps)[:batch] for t in ref.example_inputs)
+    reps = -(-batch // examples[0].shape[0])
+    return tuple(torch.cat([t] * reps)[:batch] for t in examples)
 
 
 def _first(out):
@@ -52,8 +67,8 @@ def _first(out):
 
 
 def measure(name: str, batch: int, repeats: int) -> dict:
-    ref = load(name)
-    model, inputs = ref.model, _inputs(ref, batch)
+    model, examples = _model(name)
+    inputs = _inputs(examples, batch)
     with torch.no_grad():
         want = _first(model(*inputs))
 
@@ -67,8 +82,11 @@ def measure(name: str, batch: int, repeats: int) -> dict:
         frozen_out = _first(frozen_model(*inputs))
         frozen_compile_s = time.perf_counter() - start
 
-        exact = graphopt.optimize(model, ref.example_inputs)
-        fast = graphopt.optimize(model, ref.example_inputs, compile=True)
+        # a third-party model is captured at the measured batch: diffusers' UNet takes another path from
+        # batch 64 on, so a capture at the examples' batch 2 holds for batches 1-63 only
+        captured_at = inputs if name in DENOISERS else examples
+        exact = graphopt.optimize(model, captured_at)
+        fast = graphopt.optimize(model, captured_at, compile=True)
         compile_s = fast.report.compiled["compile_s"]
         with tempfile.TemporaryDirectory() as tmp:
             fast.save(Path(tmp) / "m")
@@ -77,8 +95,10 @@ def measure(name: str, batch: int, repeats: int) -> dict:
             # the next process's start, as a user's next run has it: torch.compile's with Inductor's
             # caches warm from the compile above (same model and shapes), graphopt's from the save
             torch.save(inputs, Path(tmp) / "inputs.pt")
+            compile_args = (COMPILE_DENOISER, name, Path(tmp) / "inputs.pt", HERE) if name in DENOISERS else \
+                (COMPILE_REFERENCE, name, Path(tmp) / "inputs.pt")
             starts = {"graphopt": run_fresh(LOAD_SAVED, Path(tmp) / "m", Path(tmp) / "inputs.pt", "cpu"),
-                      "torch.compile": run_fresh(COMPILE_REFERENCE, name, Path(tmp) / "inputs.pt")}
+                      "torch.compile": run_fresh(*compile_args)}
         variants = {"eager": model, "torch.compile": compiled_model, "torch.compile, freezing": frozen_model,
                     "graphopt": exact, "graphopt + compile": fast, "graphopt loaded warm": warm}
         errors = {k: float((_first(f(*inputs)) - want).abs().max()) for k, f in variants.items()}
@@ -121,15 +141,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-cache", action="store_true",
                         help="keep Inductor's on-disk cache (default: a fresh one, so compile times are cold)")
     ns = parser.parse_args(argv)
+    names = [m for m in ns.models.split(",") if m]
+    unknown = [m for m in names if m not in generators() and m not in DENOISERS]
+    if unknown:
+        print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join([*generators(), *DENOISERS])}",
+              file=sys.stderr)
+        return 2
+    third_party = any(m in DENOISERS for m in names)
+    BEGIN, END = SECTIONS["third-party" if third_party else "cpu"]
     if not ns.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="graphopt-bench-inductor-")
     started = time.perf_counter()
-    rows = [measure(m, ns.batch, ns.repeats) for m in ns.models.split(",") if m]
+    rows = [measure(m, ns.batch, ns.repeats) for m in names]
     minutes = (time.perf_counter() - started) / 60
     machine = (f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                f"{os.cpu_count()} cores")
     command = f"python bench/cpu.py --models {ns.models} --batch {ns.batch} --repeats {ns.repeats}"
-    lines = [BEGIN, "", "## The CPU target: graphopt + Inductor against torch.compile", "",
+    title = "on third-party denoisers" if third_party else "graphopt + Inductor against torch.compile"
+    weights = ("the reference generators' shipped checkpoints, the others (the GPU benchmark's denoisers at their "
+               "CPU scale: same depth, narrower, 8x8 latents) random of seed 0") if third_party else \
+        "the shipped checkpoints"
+    lines = [BEGIN, "", f"## The CPU target: {title}", "",
              f"Measured by `{command}` ({minutes:.0f} min) on {machine}. One denoiser call at batch {ns.batch}, "
              f"median of {ns.repeats} interleaved rounds; compile times "
              f"{'with a warm' if ns.warm_cache else 'cold, with a fresh'} Inductor cache; ratios are eager or torch.compile time over the "
@@ -140,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
              f"graphopt: exact passes ({', '.join(DEFAULT_PIPELINE)}), the graph in eager ATen; + compile: the "
              "same graph "
              "compiled ahead of time by AOTInductor with freezing (dynamic batch from 1); loaded warm: that "
-             "package read back from a save, no compile. Weights: the shipped checkpoints. Exact passes: no "
+             f"package read back from a save, no compile. Weights: {weights}"
+             f"{'; these are captured at the measured batch' if third_party else ''}. Exact passes: no "
              "quality cost (max error against eager in the last column).", "",
              "| model | variant | ms per call | vs eager | vs torch.compile | vs best torch.compile | compile "
              "| max abs err |",
