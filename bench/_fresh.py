@@ -27,33 +27,18 @@ print(end - start, imported - start, loaded - imported, end - loaded,
       *(phases.get(k, 0.0) for k in {LOAD_PHASES!r}))
 """
 
-# argv: reference model name, inputs file. Prints: total, import, compile and first call (Inductor's
-# on-disk caches as the environment leaves them: warm after a compile of the same model and shapes).
-COMPILE_REFERENCE = """
+# argv: model name (a reference generator, or a GPU benchmark denoiser at its CPU scale), inputs file,
+# bench folder. Prints: total, import, compile and first call (Inductor's on-disk caches as the environment
+# leaves them: warm after a compile of the same model and shapes).
+COMPILE_MODEL = """
 import sys, time
 start = time.perf_counter()
 import torch
-from graphopt.models import load
-imported = time.perf_counter()
-model = load(sys.argv[1]).model
-inputs = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.compile(model, dynamic=False)(*inputs)
-end = time.perf_counter()
-print(end - start, imported - start, end - imported)
-"""
-
-# argv: GPU benchmark denoiser key, inputs file, bench folder. As COMPILE_REFERENCE, for a denoiser of
-# bench/_inputs.py at its CPU scale (weights seeded as bench/cpu.py seeds them).
-COMPILE_DENOISER = """
-import sys, time
-start = time.perf_counter()
-import torch
+import graphopt.models  # the model's code, as the user's process imports it
 sys.path.insert(0, sys.argv[3])
-from _inputs import denoiser
+from _inputs import cpu_model
 imported = time.perf_counter()
-torch.manual_seed(0)
-model = denoiser(sys.argv[1], "cpu")[0]
+model = cpu_model(sys.argv[1])[0]
 inputs = torch.load(sys.argv[2])
 with torch.no_grad():
     torch.compile(model, dynamic=False)(*inputs)

@@ -127,6 +127,19 @@ def example_inputs(name: str, model: nn.Module, batch: int, device: str, dtype: 
     return x, torch.rand(batch, device=device, dtype=dtype) * 10 + 0.1
 
 
+def cpu_model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """(model, example inputs at batch 2) for a CPU benchmark: a reference generator's denoiser with its
+    checkpoint, or a denoiser of :data:`DENOISERS` at its ``"cpu"`` scale with random weights of seed 0."""
+    if name in DENOISERS:
+        torch.manual_seed(0)
+        model = denoiser(name, "cpu")[0]
+        return model, example_inputs(name, model, 2, "cpu", torch.float32)
+    from graphopt.models import load
+
+    ref = load(name)
+    return ref.model, tuple(ref.example_inputs)
+
+
 def model_keys(models: str) -> list[str]:
     """The keys of a comma-separated ``--models``; exits 2 for an unknown one, with the reason on stderr."""
     keys = [k.strip() for k in models.split(",") if k.strip()]

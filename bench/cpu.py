@@ -31,27 +31,17 @@ import time
 from pathlib import Path
 
 import torch
-from _fresh import COMPILE_DENOISER, COMPILE_REFERENCE, LOAD_SAVED, run_fresh  # bench/, beside this script
-from _inputs import DENOISERS, denoiser, example_inputs
+from _fresh import COMPILE_MODEL, LOAD_SAVED, run_fresh  # bench/, beside this script
+from _inputs import DENOISERS, cpu_model
 from _sections import replace_section
 
 import graphopt
-from graphopt.models import generators, load
+from graphopt.models import generators
 from graphopt.passes import DEFAULT_PIPELINE
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = {"cpu": ("<!-- cpu:begin -->", "<!-- cpu:end -->"),
             "third-party": ("<!-- cpu-third-party:begin -->", "<!-- cpu-third-party:end -->")}
-
-
-def _model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
-    """A reference generator's denoiser and examples, or a GPU benchmark denoiser at its CPU scale."""
-    if name in DENOISERS:
-        torch.manual_seed(0)
-        model = denoiser(name, "cpu")[0]
-        return model, example_inputs(name, model, 2, "cpu", torch.float32)
-    ref = load(name)
-    return ref.model, tuple(ref.example_inputs)
 
 
 def _inputs(examples: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
@@ -67,7 +57,7 @@ def _first(out):
 
 
 def measure(name: str, batch: int, repeats: int) -> dict:
-    model, examples = _model(name)
+    model, examples = cpu_model(name)
     inputs = _inputs(examples, batch)
     with torch.no_grad():
         want = _first(model(*inputs))
@@ -95,10 +85,8 @@ def measure(name: str, batch: int, repeats: int) -> dict:
             # the next process's start, as a user's next run has it: torch.compile's with Inductor's
             # caches warm from the compile above (same model and shapes), graphopt's from the save
             torch.save(inputs, Path(tmp) / "inputs.pt")
-            compile_args = (COMPILE_DENOISER, name, Path(tmp) / "inputs.pt", HERE) if name in DENOISERS else \
-                (COMPILE_REFERENCE, name, Path(tmp) / "inputs.pt")
             starts = {"graphopt": run_fresh(LOAD_SAVED, Path(tmp) / "m", Path(tmp) / "inputs.pt", "cpu"),
-                      "torch.compile": run_fresh(*compile_args)}
+                      "torch.compile": run_fresh(COMPILE_MODEL, name, Path(tmp) / "inputs.pt", HERE)}
         variants = {"eager": model, "torch.compile": compiled_model, "torch.compile, freezing": frozen_model,
                     "graphopt": exact, "graphopt + compile": fast, "graphopt loaded warm": warm}
         errors = {k: float((_first(f(*inputs)) - want).abs().max()) for k, f in variants.items()}

@@ -25,21 +25,11 @@ import time
 import torch
 
 import graphopt
-from graphopt.models import generators, load
+from graphopt.models import generators
 from graphopt.passes import DEFAULT_PIPELINE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _inputs import DENOISERS, denoiser, example_inputs  # noqa: E402 - bench/, beside this script
-
-
-def model_and_inputs(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
-    """A reference generator's denoiser and example inputs, or a GPU benchmark denoiser at its CPU scale."""
-    if name in DENOISERS:
-        model, _ = denoiser(name, "cpu")
-        torch.manual_seed(0)
-        return model, example_inputs(name, model, 2, "cpu", torch.float32)
-    ref = load(name)
-    return ref.model, tuple(ref.example_inputs)
+from _inputs import DENOISERS, cpu_model  # noqa: E402 - bench/, beside this script
 
 
 def tiled(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
@@ -78,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | batch | without ms | with ms | without / with | max abs diff |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
-        model, examples = model_and_inputs(name)
+        model, examples = cpu_model(name)
         modules = {"without": graphopt.optimize(model, examples, passes=reduced),
                    "with": graphopt.optimize(model, examples)}
         for batch in [int(b) for b in ns.batches.split(",")]:
