@@ -140,6 +140,19 @@ def cpu_model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return ref.model, tuple(ref.example_inputs)
 
 
+def tiled(examples: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    """The example inputs repeated to ``batch`` (labels and times too)."""
+    reps = -(-batch // examples[0].shape[0])
+    return tuple(torch.cat([t] * reps)[:batch] for t in examples)
+
+
+def first_tensor(out: object) -> torch.Tensor:
+    """A model's first output tensor (through tuples and lists)."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out  # type: ignore[return-value]
+
+
 def model_keys(models: str) -> list[str]:
     """The keys of a comma-separated ``--models``; exits 2 for an unknown one, with the reason on stderr."""
     keys = [k.strip() for k in models.split(",") if k.strip()]

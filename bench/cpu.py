@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from _fresh import COMPILE_MODEL, LOAD_SAVED, run_fresh  # bench/, beside this script
-from _inputs import DENOISERS, cpu_model
+from _inputs import DENOISERS, cpu_model, first_tensor, tiled
 from _sections import replace_section
 
 import graphopt
@@ -44,32 +44,20 @@ SECTIONS = {"cpu": ("<!-- cpu:begin -->", "<!-- cpu:end -->"),
             "third-party": ("<!-- cpu-third-party:begin -->", "<!-- cpu-third-party:end -->")}
 
 
-def _inputs(examples: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
-    """The example inputs tiled to ``batch`` (labels and times too)."""
-    reps = -(-batch // examples[0].shape[0])
-    return tuple(torch.cat([t] * reps)[:batch] for t in examples)
-
-
-def _first(out):
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
-
-
 def measure(name: str, batch: int, repeats: int) -> dict:
     model, examples = cpu_model(name)
-    inputs = _inputs(examples, batch)
+    inputs = tiled(examples, batch)
     with torch.no_grad():
-        want = _first(model(*inputs))
+        want = first_tensor(model(*inputs))
 
         start = time.perf_counter()
         compiled_model = torch.compile(model, dynamic=False)
-        torch_out = _first(compiled_model(*inputs))  # the first call compiles
+        torch_out = first_tensor(compiled_model(*inputs))  # the first call compiles
         torch_compile_s = time.perf_counter() - start
         # the same with Inductor's freezing, which graphopt's package uses: the fair bar for its speed
         start = time.perf_counter()
         frozen_model = torch.compile(model, dynamic=False, options={"freezing": True})
-        frozen_out = _first(frozen_model(*inputs))
+        frozen_out = first_tensor(frozen_model(*inputs))
         frozen_compile_s = time.perf_counter() - start
 
         # a third-party model is captured at the measured batch: diffusers' UNet takes another path from
@@ -89,7 +77,7 @@ def measure(name: str, batch: int, repeats: int) -> dict:
                       "torch.compile": run_fresh(COMPILE_MODEL, name, Path(tmp) / "inputs.pt", HERE)}
         variants = {"eager": model, "torch.compile": compiled_model, "torch.compile, freezing": frozen_model,
                     "graphopt": exact, "graphopt + compile": fast, "graphopt loaded warm": warm}
-        errors = {k: float((_first(f(*inputs)) - want).abs().max()) for k, f in variants.items()}
+        errors = {k: float((first_tensor(f(*inputs)) - want).abs().max()) for k, f in variants.items()}
         errors["torch.compile"] = float((torch_out - want).abs().max())
         errors["torch.compile, freezing"] = float((frozen_out - want).abs().max())
         times: dict[str, list[float]] = {k: [] for k in variants}

@@ -29,18 +29,7 @@ from graphopt.models import generators
 from graphopt.passes import DEFAULT_PIPELINE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _inputs import DENOISERS, cpu_model  # noqa: E402 - bench/, beside this script
-
-
-def tiled(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
-    reps = -(-batch // inputs[0].shape[0])
-    return tuple(torch.cat([t] * reps)[:batch] for t in inputs)
-
-
-def first(out: object) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out  # type: ignore[return-value]
+from _inputs import DENOISERS, cpu_model, first_tensor, tiled  # noqa: E402 - bench/, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs = tiled(examples, batch)
             times: dict[str, list[float]] = {k: [] for k in modules}
             with torch.no_grad():
-                outs = {k: first(m(*inputs)) for k, m in modules.items()}
+                outs = {k: first_tensor(m(*inputs)) for k, m in modules.items()}
                 for _ in range(ns.repeats):
                     for k, m in modules.items():
                         start = time.perf_counter()
