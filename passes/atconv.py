@@ -34,8 +34,8 @@ import torch
 from torch import fx, nn
 
 import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.dynamic_dwconv
-from graphopt.analysis.attention import AttentionSite
-from graphopt.analysis.graph import LAYOUT, is_scalar_scale, op_name
+from graphopt.analysis.attention import AttentionSite, passes_through
+from graphopt.analysis.graph import op_name
 from graphopt.approx import ApproxPass
 from graphopt.errors import UsageError
 from graphopt.pipeline import PassContext
@@ -154,8 +154,7 @@ def _value_columns(site: AttentionSite, nodes: dict[str, fx.Node], proj: fx.Node
     operands = [out.args[2]] if site.kind == "sdpa" else [a for a in out.args if isinstance(a, fx.Node)][-2:]
     for node in operands:
         columns = None
-        while node is not proj and (op_name(node) in LAYOUT or is_scalar_scale(node)) and node.args \
-                and isinstance(node.args[0], fx.Node):
+        while node is not proj and passes_through(node) and node.args and isinstance(node.args[0], fx.Node):
             dim = node.args[1] if len(node.args) > 1 else 0
             if node.target is aten.slice.Tensor and node.args[0] is proj and isinstance(dim, int) \
                     and dim % proj.meta["val"].dim() == proj.meta["val"].dim() - 1:

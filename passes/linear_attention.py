@@ -38,8 +38,8 @@ import torch
 from torch import fx, nn
 
 import graphopt.ops  # noqa: F401 - registers torch.ops.graphopt.linear_attention
-from graphopt.analysis.attention import AttentionSite
-from graphopt.analysis.graph import CONVS, LAYOUT, is_scalar_scale, op_name
+from graphopt.analysis.attention import AttentionSite, passes_through
+from graphopt.analysis.graph import CONVS, op_name
 from graphopt.approx import ApproxPass
 from graphopt.errors import PassError, UsageError
 from graphopt.pipeline import PassContext
@@ -334,7 +334,7 @@ def _readers(node: fx.Node, site: AttentionSite) -> tuple[list[str], bool]:
                 inside = True
             elif user not in seen:
                 seen.add(user)
-                if op_name(user) in LAYOUT or op_name(user) in _PASSTHROUGH or is_scalar_scale(user):
+                if passes_through(user):
                     frontier.append(user)
                 else:
                     outside.append(user.name)

@@ -161,11 +161,16 @@ def _operands(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.args if isinstance(a, fx.Node)][-2:]
 
 
+def passes_through(node: fx.Node) -> bool:
+    """A layout op, cast or scalar rescale: what may lie between a projection and the attention that
+    reads it (the analysis walks back through these to find q, k and v; the passes walk them too)."""
+    return op_name(node) in LAYOUT or op_name(node) in _CASTS or is_scalar_scale(node)
+
+
 def _source(g: nx.DiGraph, n: str) -> str:
-    """Walk back from ``n`` through layout ops and scalar rescales to the op that made the data."""
+    """Walk back from ``n`` through layout ops, casts and scalar rescales to the op that made the data."""
     node = g.nodes[n]["fx"]
-    while (_name(g, node.name) in LAYOUT or is_scalar_scale(node) or _name(g, node.name) in _CASTS) \
-            and node.args and isinstance(node.args[0], fx.Node):
+    while passes_through(node) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node.name
 
