@@ -77,10 +77,16 @@ class ModIndex(sympy.Function):
 
 class _Printer(PythonCodePrinter):
     def _print_FloorDiv(self, e: FloorDiv) -> str:
-        return f"({self._print(e.args[0])} // {self._print(e.args[1])})"
+        return f"({self._operand(e.args[0])} // {self._operand(e.args[1])})"
 
     def _print_ModIndex(self, e: ModIndex) -> str:
-        return f"({self._print(e.args[0])} % {self._print(e.args[1])})"
+        return f"({self._operand(e.args[0])} % {self._operand(e.args[1])})"
+
+    def _operand(self, e: sympy.Expr) -> str:
+        """``e`` as an operand of ``//`` or ``%``, which bind as tightly as ``*``: a product or sum in
+        parentheses (``x // (32*s0)``, not ``x // 32*s0``, which is ``(x // 32)*s0``)."""
+        text = self._print(e)
+        return text if e.is_Atom or isinstance(e, (FloorDiv, ModIndex)) else f"({text})"
 
     def _print_Symbol(self, e: sympy.Symbol) -> str:
         return str(e)

@@ -42,6 +42,17 @@ def test_a_transposed_operand_uses_its_strides():
     assert pyexpr(offset(t, domain, groups, X)) == "(xindex // 6) + 4*(xindex % 6)"
 
 
+def test_a_symbolic_inner_size_divides_as_one_number():
+    """With the batch inside (a (G, B, 32) domain: branches stacked ahead of the batch), the outer
+    index divides by 32*B; printed without parentheses, ``x // 32*s0`` is ``(x // 32)*s0``."""
+    domain = (sympy.Integer(3), B, sympy.Integer(32))
+    bias = op((3, 1, 32), (32, 32, 1))
+    text = pyexpr(offset(bias, domain, merged_dims(domain, [bias]), X))
+    assert text == "32*(xindex // (32*s0)) + (xindex % 32)"
+    for x in range(3 * 5 * 32):  # at batch 5, against the index it stands for
+        assert eval(text, {"xindex": x, "s0": 5}) == 32 * (x // (5 * 32)) + x % 32
+
+
 def test_index_helpers_simplify():
     assert FloorDiv(X, 1) == X and FloorDiv(FloorDiv(X, 4), 3) == FloorDiv(X, 12) and ModIndex(X, 1) == 0
 
