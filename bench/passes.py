@@ -2,6 +2,7 @@
 
     python bench/passes.py [--without cse,merge-linears] [--models dit-digits,unet-digits] [--batches 1,64]
     python bench/passes.py --without merge-linears --models diffusers-dit,diffusers-unet --batches 1,16
+    python bench/passes.py --without batch-branches --models diffusers-dit --batches 1,16
 
 For each denoiser (a reference generator, or one of the GPU benchmark's at its CPU scale: the same
 depth, narrower, on 8x8 latents; ``diffusers-dit`` has the separate q, k, v projections of third-party

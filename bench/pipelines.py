@@ -1,6 +1,6 @@
 """diffusers pipelines on this CPU: the original denoiser against graphopt's, per call and per pipeline run.
 
-    python bench/pipelines.py [--repeats 11] [--steps 10] [--batch 4] [--passes noop,fold,cse,merge-linears,dce]
+    python bench/pipelines.py [--repeats 11] [--steps 10] [--batch 4] [--passes noop,fold,cse,merge-linears,batch-branches,dce]
 
 Two pipelines built from config with random weights (nothing is downloaded): a DiTPipeline (a
 DiT-S-width transformer: 4 blocks, 6 heads of 64, 16x16x4 latents, patch 2; small AutoencoderKL;

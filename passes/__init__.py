@@ -18,6 +18,7 @@ from graphopt.approx import ApproxPass
 from graphopt.pipeline import Pass
 
 from .atconv import ATCONV, ATConvOptions, atconv_pass
+from .batch_branches import BATCH_BRANCHES
 from .cse import CSE
 from .dce import DCE
 from .fold import FOLD
@@ -29,11 +30,11 @@ from .skip_tune import SKIP_TUNE
 from .subnet import SUBNET, SubnetOptions, subnet_pass
 
 REGISTRY: Mapping[str, Pass | ApproxPass] = MappingProxyType(
-    {p.name: p for p in (NOOP, FOLD, CSE, MERGE_LINEARS, DCE, SKIP_SCALE, SKIP_TUNE, LINEAR_ATTENTION, ATCONV,
+    {p.name: p for p in (NOOP, FOLD, CSE, MERGE_LINEARS, BATCH_BRANCHES, DCE, SKIP_SCALE, SKIP_TUNE, LINEAR_ATTENTION, ATCONV,
                          SUBNET)})
 
 # The exact pipeline, in the order each pass's docstring argues for.
-DEFAULT_PIPELINE: tuple[str, ...] = ("noop", "fold", "cse", "merge-linears", "dce")
+DEFAULT_PIPELINE: tuple[str, ...] = ("noop", "fold", "cse", "merge-linears", "batch-branches", "dce")
 
 
 def get(name: str) -> Pass | ApproxPass:

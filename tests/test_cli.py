@@ -172,7 +172,7 @@ def test_usage_errors_exit_2_and_every_subcommand_has_help(capsys):
         assert info.value.code == 0
         assert "usage: graphopt" in capsys.readouterr().out
     assert main(["passes"]) == 0
-    assert "default pipeline: noop,fold,cse,merge-linears,dce" in capsys.readouterr().out
+    assert "default pipeline: noop,fold,cse,merge-linears,batch-branches,dce" in capsys.readouterr().out
 
 
 def test_console_script_is_installed():

@@ -18,7 +18,7 @@ def test_optimized_module_is_a_drop_in_replacement(optimized_zoo, name):
         big_args, big_kwargs = grow(args, 5), grow(kwargs, 5)
         assert_same(opt(*big_args, **big_kwargs), model(*big_args, **big_kwargs))
     report = opt.report
-    assert [p.name for p in report.passes] == ["noop", "fold", "cse", "merge-linears", "dce"]
+    assert [p.name for p in report.passes] == ["noop", "fold", "cse", "merge-linears", "batch-branches", "dce"]
     assert all(p.verified for p in report.passes)
     assert report.flops_after <= report.flops_before
     assert report.recaptures == 0

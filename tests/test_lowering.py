@@ -11,6 +11,7 @@ import graphopt
 from graphopt import VerificationError
 from graphopt.lowering import lower_captured
 from tests import zoo
+from tests.passes.test_batch_branches import conditioned
 
 pytest.importorskip("triton")
 
@@ -64,12 +65,18 @@ def test_a_lowered_graph_further_from_the_fp32_run_than_twice_the_original_is_re
         lower_captured(_residuals())
 
 
-@pytest.mark.parametrize("factory", [zoo.dit, zoo.text_unet])
+def _per_block_conditioning() -> tuple:
+    model, args = conditioned()
+    return model, args, {}
+
+
+@pytest.mark.parametrize("factory", [zoo.dit, zoo.text_unet, _per_block_conditioning])
 def test_every_kernel_of_a_model_whose_linears_were_merged_serves_other_batches(factory):
     """merge-linears makes each DiT block's modulation, and each cross-attention's keys and values, a
     column slice of one matmul: strides no longer those of the block's own linear. Kernels are
     generated from the values' strides, so values left as the replaced linears had them sent every
-    DiT norm and gate site to its eager fallback at any batch but 1."""
+    DiT norm and gate site to its eager fallback at any batch but 1. batch-branches then stacks the
+    per-block conditioning ahead of the batch: the kernels index a (blocks, batch, width) domain."""
     model, args, kwargs = factory()
     opt = graphopt.optimize(model, args, kwargs, target="cuda")
     assert any(p.name == "merge-linears" and p.hits for p in opt.report.passes)

@@ -110,7 +110,7 @@ def test_unknown_pass_names_suggest_the_closest():
 
     with pytest.raises(UnknownPassError, match="did you mean 'fold'"):
         resolve(["fodl"])
-    with pytest.raises(UnknownPassError, match="available: noop, fold, cse, merge-linears, dce"):
+    with pytest.raises(UnknownPassError, match="available: noop, fold, cse, merge-linears, batch-branches, dce"):
         resolve("noop,nope")
 
 

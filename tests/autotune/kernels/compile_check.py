@@ -13,9 +13,9 @@ config of every kernel in three dtypes takes minutes on a cold cache::
     python -m tests.autotune.kernels.compile_check --triton 3.6.0 installed   # every pinned Triton
 
 It also compiles every kernel that lowering generates for the reference generators (dit-digits,
-unet-digits) and the test zoo's text-conditioned UNet, each optimized with the default exact pipeline
-as ``graphopt.optimize`` leaves it, in each dtype, with every config of its family
-(``--no-generated`` skips them).
+unet-digits), the test zoo's text-conditioned UNet and batch-branches' per-block conditioning, each
+optimized with the default exact pipeline as ``graphopt.optimize`` leaves it, in each dtype, with
+every config of its family (``--no-generated`` skips them).
 
 ``--triton`` compiles the same launches with other Triton releases, e.g. the one an older supported
 torch pins (``PINNED_TRITON``), each in a virtual environment under ``--venv-root`` that holds only
@@ -97,9 +97,11 @@ def generated_calls(dtype: torch.dtype):
     from graphopt.models import load
 
     from tests import zoo
+    from tests.passes.test_batch_branches import conditioned
 
     models = [(ref.model, ref.example_inputs, {}) for ref in map(load, ("dit-digits", "unet-digits"))]
     models.append(zoo.text_unet())  # cross-attention keys and values merged across layers: 3-D column blocks
+    models.append((*conditioned(), {}))  # per-block conditioning batched: (blocks, batch, width) domains
     for model, examples, kwargs in models:
         model = copy.deepcopy(model).to(dtype)
         inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in examples)
