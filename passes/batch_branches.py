@@ -111,8 +111,8 @@ def _key(node: fx.Node, where: dict[fx.Node, tuple[_Batch, int]], gm: fx.GraphMo
     if target is aten.linear.default:  # a missing bias is a zero one: linears with and without batch together
         args = (*args[:2], args[2] if len(args) > 2 else None)
     for i, a in enumerate(args):
-        if target is aten.linear.default and i == 2:
-            if a is not None and a.op != "get_attr":
+        if target is aten.linear.default and i == 2:  # stacked with zeros of the weights' dtype
+            if a is not None and (a.op != "get_attr" or attribute(gm, str(a.target)).dtype != parts[1][2]):
                 return None
             continue
         if isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a):
@@ -202,7 +202,9 @@ def _order(bucket: list[fx.Node], where: dict[fx.Node, tuple[_Batch, int]]) -> l
             run.append(node)
         else:
             runs.append([node])
-    return [r for r in runs if len(r) > 1]
+    # a slice of a batch of lists (chunks) is no batch: only a run over all of it reads one
+    whole = [q for q in positions if not isinstance(val(first.args[q]), torch.Tensor)]
+    return [r for r in runs if len(r) > 1 and all(len(r) == len(where[r[0].args[q]][0].members) for q in whole)]
 
 
 class _Quotient:

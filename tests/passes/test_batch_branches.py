@@ -160,3 +160,26 @@ def test_the_default_pipeline_batches_and_verifies():
     assert report.hits and report.tolerance
     with torch.no_grad():
         torch.testing.assert_close(opt(*args), model(*args), rtol=1e-5, atol=1e-6)
+
+
+class Partial(nn.Module):
+    """Three branches chunk alike; the first reads only its second chunk, the others only their first."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, a, b, c, x):
+        parts = [head(v).chunk(2, 1) for head, v in zip(self.heads, (a, b, c))]
+        return x * parts[0][1] + x * parts[1][0].exp() + parts[2][0].exp()
+
+
+def test_some_branches_of_a_list_batch_read_from_their_own_views():
+    """A slice of a batch of lists (chunks) is no batch: the getitems of two of three chunks stay apart."""
+    torch.manual_seed(0)
+    model = Partial()
+    args = (*(torch.randn(2, 8) for _ in range(3)), torch.randn(2, 4))
+    captured, report, ops = run(model, args)
+    hits = dict(report.rule_hits)
+    assert hits["linear"] == 3 and hits["chunk"] == 3 and "getitem" not in hits
+    assert_matches_eager(model, captured, args)
