@@ -153,24 +153,41 @@ def evaluate(expr: sympy.Expr, batch: int) -> int:
 def graph_cost(gm: fx.GraphModule, batch_symbol: str | None = None) -> GraphCost:
     """The cost of every ``call_function`` node of ``gm`` that produces a tensor (shape arithmetic and
     metadata asserts compute nothing at run time), with ``batch_symbol`` (the graph's batch size
-    symbol, e.g. ``"s87"``) replaced by :data:`B`."""
-    sizes = _Sizes(batch_symbol)
+    symbol, e.g. ``"s87"``) replaced by :data:`B`.
+
+    torch.export gives an input's batch a symbol of its own where nothing in the graph ties it to the
+    first input's (diffusers' UVit2D reads its micro-conditioning only through a reshape to the token
+    batch): the leading size of every input that had the batch's size in the capture is read as
+    :data:`B` too, the batch a sampler passes to all of them."""
+    sizes = _Sizes(_batch_symbols(gm, batch_symbol))
     nodes = tuple(_node_cost(n, sizes) for n in gm.graph.nodes
                   if n.op == "call_function" and is_tensor_valued(n))
     return GraphCost(nodes, batch_symbol)
 
 
-class _Sizes:
-    """Turns fake-tensor sizes into sympy expressions with the batch symbol renamed to B."""
+def _batch_symbols(gm: fx.GraphModule, batch_symbol: str | None) -> frozenset[str]:
+    """``batch_symbol`` and the inputs' leading-size symbols of the same example size."""
+    if batch_symbol is None:
+        return frozenset()
+    leading = [n.meta["val"].shape[0] for n in gm.graph.nodes if n.op == "placeholder"
+               and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 1]
+    symbols = {s.node.expr: s.node.hint for s in leading
+               if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol)}
+    hint = next((h for sym, h in symbols.items() if sym.name == batch_symbol), None)
+    return frozenset({batch_symbol} | {sym.name for sym, h in symbols.items() if hint is not None and h == hint})
 
-    def __init__(self, batch_symbol: str | None):
-        self.batch_symbol = batch_symbol
+
+class _Sizes:
+    """Turns fake-tensor sizes into sympy expressions with the batch symbols renamed to B."""
+
+    def __init__(self, batch_symbols: frozenset[str]):
+        self.batch_symbols = batch_symbols
 
     def size(self, s: int | torch.SymInt) -> sympy.Expr:
         if not isinstance(s, torch.SymInt):
             return sympy.Integer(int(s))
         expr = s.node.expr
-        return expr.xreplace({sym: B for sym in expr.free_symbols if sym.name == self.batch_symbol})
+        return expr.xreplace({sym: B for sym in expr.free_symbols if sym.name in self.batch_symbols})
 
     def shape(self, node: fx.Node) -> list[sympy.Expr]:
         return [self.size(s) for s in node.meta["val"].shape]
@@ -187,7 +204,7 @@ class _Sizes:
 
 def node_cost(node: fx.Node, batch_symbol: str | None = None) -> NodeCost:
     """The cost of one node (see the module docstring for the formulas)."""
-    return _node_cost(node, _Sizes(batch_symbol))
+    return _node_cost(node, _Sizes(frozenset() if batch_symbol is None else frozenset({batch_symbol})))
 
 
 def _node_cost(node: fx.Node, sizes: _Sizes) -> NodeCost:

@@ -146,3 +146,32 @@ def test_evaluate_refuses_other_symbols():
     assert evaluate(3 * B + 1, 2) == 7
     with pytest.raises(ValueError, match="s1"):
         evaluate(B * sympy.Symbol("s1"), 2)
+
+
+class MicroConditioned(nn.Module):
+    """A second batched input read only through a reshape to the first's batch (diffusers' UVit2D
+    embeds its micro-conditioning so): torch.export gives its batch a symbol of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4 + 10, 8)
+
+    def forward(self, x, micro):
+        flat = micro.flatten()[:, None]
+        embedded = torch.cat([flat.sin(), flat.cos()], -1).reshape(x.shape[0], -1)
+        return self.lin(torch.cat([x, embedded], 1))
+
+
+def test_every_input_of_the_batchs_size_counts_as_the_batch():
+    model, args = MicroConditioned().eval(), (torch.randn(3, 4), torch.randn(3, 5))
+    captured = graphopt.capture(model, args)
+    symbols = {str(p.meta["val"].shape[0]) for p in captured.graph_module.graph.nodes if p.op == "placeholder"}
+    assert len(symbols) == 2  # two batch symbols: what the cost must read as one
+    cost = graph_cost(captured.graph_module, captured.batch_symbol())
+    assert cost.flops.free_symbols == {B}
+    assert cost.at(3)[0] == 3 * 2 * 14 * 8 + 3 * 8 + 3 * 5 * 2  # the linear and its bias, sin and cos
+    opt = graphopt.optimize(model, args)  # the report's FLOPs read the cost at the example batch
+    assert opt.report.passes[0].flops_before > 0
+    x5 = (torch.randn(5, 4), torch.randn(5, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*x5), model(*x5))
