@@ -100,3 +100,17 @@ def test_a_graph_whose_layouts_cannot_be_recomputed_still_lowers_with_a_warning(
     with pytest.warns(UserWarning, match="could not recompute the graph's layouts.*mylib::op"):
         gm, report = lower_captured(_residuals(torch.float32))
     assert report["regions"]
+
+
+@pytest.mark.parametrize("name", sorted(zoo.DIFFUSERS))
+def test_diffusers_own_denoisers_lower_and_serve_other_batches(name):
+    """diffusers' models as they are (their attention processors, embedders, RoPE, adaLN variants):
+    the default pipeline and the lowering verify, and every kernel serves another batch."""
+    pytest.importorskip("diffusers")
+    model, args, kwargs = zoo.diffusers_model(name)
+    opt = graphopt.optimize(model, args, kwargs, target="cuda")
+    inputs = [torch.cat([a] * 2)[:3] if a.shape[0] == 2 else a for a in args]
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+    sites = [m for gm in opt.lowered for m in gm.modules() if isinstance(getattr(m, "fallbacks", None), int)]
+    assert sites and sum(m.fallbacks for m in sites) == 0

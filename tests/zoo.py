@@ -7,12 +7,13 @@ output, keyword-only arguments with a dict output, and UNet skips kept in a popp
 by resolution, U-ViT's token skips, a text-conditioned UNet whose transformers wrap residual
 blocks in a residual add and a PixArt-style transformer (caption projection, adaLN-single, diffusers'
 ``squeeze(1)`` on tokens). Each carries ``EXPECTED`` (or a note in its docstring): what the
-structural analyses must find in it.
+structural analyses must find in it. :data:`DIFFUSERS` holds diffusers' own denoisers at test size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import torch
@@ -679,3 +680,101 @@ ZOO = {
     "text_unet": text_unet,
     "pixart": pixart,
 }
+
+
+# ---------------------------------------------------------------- diffusers' own denoisers, tiny
+
+
+class Diffusers(nn.Module):
+    """A diffusers model called with positional tensors (named ``names``), its first output returned."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...], **extra: object):
+        super().__init__()
+        self.model, self.names, self.extra = model, names, extra
+        self.return_dict = "return_dict" in inspect.signature(model.forward).parameters
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        extra = dict(self.extra, return_dict=False) if self.return_dict else self.extra
+        out = self.model(**dict(zip(self.names, tensors)), **extra)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _x_t() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+
+
+def _unet2d_condition(d):
+    model = d.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    return model, ("sample", "timestep", "encoder_hidden_states"), (*_x_t(), torch.randn(2, 7, 32)), {}
+
+
+def _dit(d):
+    model = d.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                    num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    return model, ("hidden_states", "timestep", "class_labels"), (*_x_t(), torch.tensor([1, 3])), {}
+
+
+def _pixart(d):
+    model = d.PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+        cross_attention_dim=16, caption_channels=16, norm_num_groups=8, use_additional_conditions=False)
+    x, t = _x_t()
+    return (model, ("hidden_states", "encoder_hidden_states", "timestep"), (x, torch.randn(2, 7, 16), t),
+            {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}})
+
+
+def _sd3(d):
+    model = d.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=8)
+    x, t = _x_t()
+    return (model, ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+            (x, torch.randn(2, 7, 16), torch.randn(2, 16), t), {})
+
+
+def _flux(d):
+    model = d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                     pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+    names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
+    return (model, names, (torch.randn(2, 16, 16), torch.randn(2, 7, 32), torch.randn(2, 32),
+                           torch.tensor([0.01, 0.5]), torch.zeros(16, 3), torch.zeros(7, 3)), {})
+
+
+def _sana(d):
+    model = d.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=8, patch_size=1)
+    x, t = _x_t()
+    return model, ("hidden_states", "encoder_hidden_states", "timestep"), (x, torch.randn(2, 7, 16), t), {}
+
+
+def _uvit2d(d):
+    model = d.UVit2DModel(
+        hidden_size=32, use_bias=False, cond_embed_dim=16, micro_cond_encode_dim=2, micro_cond_embed_dim=10,
+        encoder_hidden_size=16, vocab_size=17, codebook_size=16, in_channels=8, block_out_channels=16,
+        num_res_blocks=1, downsample=False, upsample=False, block_num_heads=2, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, sample_size=4)
+    names = ("input_ids", "encoder_hidden_states", "pooled_text_emb", "micro_conds")
+    return model, names, (torch.randint(0, 16, (2, 4, 4)), torch.randn(2, 7, 16), torch.randn(2, 16),
+                          torch.randn(2, 5)), {}
+
+
+DIFFUSERS = {"unet2d_condition": _unet2d_condition, "dit": _dit, "pixart": _pixart, "sd3": _sd3, "flux": _flux,
+             "sana": _sana, "uvit2d": _uvit2d}
+"""diffusers' own denoisers at test size: what third-party code brings that the zoo's imitations may not
+(attention processors, embedders, RoPE, micro-conditioning)."""
+
+
+def diffusers_model(name: str) -> tuple[nn.Module, tuple, dict]:
+    """One of :data:`DIFFUSERS` as ``(model, args, kwargs)``, random weights of seed 0 (needs diffusers)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model, names, args, extra = DIFFUSERS[name](diffusers)
+    return Diffusers(model, names, **extra).eval(), args, {}
