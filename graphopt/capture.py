@@ -25,7 +25,7 @@ import os
 import time
 import traceback
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -209,12 +209,16 @@ class InputGuards:
         """The symbol of the first input whose leading dim is symbolic (the dynamic batch), else None."""
         return next((g.shape[0] for g in self.tensors if g.shape and isinstance(g.shape[0], str)), None)
 
-    def with_batch_from(self, lo: int) -> "InputGuards":
-        """These guards with the batch range starting at ``lo`` (unchanged without a symbolic batch)."""
+    def with_batch_from(self, lo: int, symbols: Iterable[str] = ()) -> "InputGuards":
+        """These guards with the batch range, and that of each of ``symbols`` (other inputs' batch
+        symbols), starting at ``lo`` (unchanged without a symbolic batch)."""
         symbol = self.batch_symbol()
         if symbol is None:
             return self
-        return dataclasses.replace(self, ranges={**self.ranges, symbol: (lo, self.ranges.get(symbol, (0, None))[1])})
+        ranges = dict(self.ranges)
+        for name in {symbol, *symbols}:
+            ranges[name] = (lo, ranges.get(name, (0, None))[1])
+        return dataclasses.replace(self, ranges=ranges)
 
     def batch_range(self) -> tuple[int, int | None] | None:
         """The range of the first input's leading dim when it is symbolic, else None."""
@@ -265,6 +269,13 @@ class CapturedGraph:
 
     def batch_symbol(self) -> str | None:
         return self.guards.batch_symbol()
+
+    def batch_symbols(self) -> frozenset[str]:
+        """The batch symbol and any other input's batch symbol
+        (:func:`graphopt.analysis.graph.batch_symbols`); empty without a symbolic batch."""
+        from .analysis.graph import batch_symbols
+
+        return batch_symbols(self.graph_module, self.batch_symbol()) if self.batch_symbol() else frozenset()
 
 
 class _FlatCall(nn.Module):
@@ -348,14 +359,16 @@ def _with_batch_one(model: nn.Module, call: CallSpec, gm: torch.fx.GraphModule, 
     rng = guards.ranges.get(guards.batch_symbol() or "")
     if batch is None or rng is None or rng[0] != 2 or not batch_one_matches(model, call, gm, tensors):
         return guards
-    return guards.with_batch_from(1)
+    from .analysis.graph import batch_symbols  # batch_one_matches sliced every input of the batch's size
+
+    return guards.with_batch_from(1, batch_symbols(gm, guards.batch_symbol()))
 
 
 def without_batch_one(captured: CapturedGraph) -> CapturedGraph:
     """``captured`` with its batch range starting at 2 (a pass made the graph differ at batch 1)."""
     if captured.guards.ranges.get(captured.guards.batch_symbol() or "", (0, None))[0] != 1:
         return captured
-    return dataclasses.replace(captured, guards=captured.guards.with_batch_from(2))
+    return dataclasses.replace(captured, guards=captured.guards.with_batch_from(2, captured.batch_symbols()))
 
 
 def batch_one_matches(model: nn.Module, call: CallSpec, gm: torch.fx.GraphModule,

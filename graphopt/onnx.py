@@ -177,7 +177,8 @@ def _parity(path: Path, captured: CapturedGraph, names: list[str], atol: float |
         lo, hi = captured.guards.ranges.get(symbol, (batch, None))
         other = batch + 1 if hi is None or batch + 1 <= hi else batch - 1
         if other >= lo and other != batch:
-            grown = tuple(_resize_batch(t, g.shape, symbol, other)
+            symbols = captured.batch_symbols()
+            grown = tuple(_resize_batch(t, g.shape, symbols, other)
                           for t, g in zip(captured.example_inputs, captured.guards.tensors))
             with torch.no_grad():
                 feeds.append((grown, captured.run(grown)))
@@ -197,8 +198,8 @@ def _parity(path: Path, captured: CapturedGraph, names: list[str], atol: float |
     return provider, worst, tuple(sizes)
 
 
-def _resize_batch(t: torch.Tensor, shape: tuple, symbol: str, size: int) -> torch.Tensor:
-    if not shape or shape[0] != symbol:
+def _resize_batch(t: torch.Tensor, shape: tuple, symbols: frozenset[str], size: int) -> torch.Tensor:
+    if not shape or shape[0] not in symbols:
         return t
     reps = -(-size // t.shape[0])
     return torch.cat([t] * reps)[:size]

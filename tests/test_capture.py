@@ -41,6 +41,18 @@ def test_example_batch_of_one_is_tiled_for_a_dynamic_capture_whose_range_keeps_o
     torch.testing.assert_close(captured.run([x[:1], sigma[:1]])[0], model(x[:1], sigma[:1]))
 
 
+def test_an_input_whose_batch_has_a_symbol_of_its_own_takes_batch_one_too():
+    """torch.export cannot tie the second input's batch to the first's (two symbols): both ranges
+    start at 1 once the graph matches the model there, and ``batch_symbols`` names both."""
+    model, args, _ = zoo.micro_conditioned()
+    captured = graphopt.capture(model, args)
+    assert len(captured.batch_symbols()) == 2
+    assert {captured.guards.ranges[s] for s in captured.batch_symbols()} == {(1, None)}
+    one = [a[:1] for a in args]
+    assert captured.guards.mismatch(one) is None
+    torch.testing.assert_close(captured.run(one)[0], model(*one))
+
+
 class BranchOnOne(nn.Module):
     """Treats batch 1 differently; torch.export traces the other branch for a symbolic batch."""
 

@@ -25,6 +25,13 @@ def test_onnx_round_trip_with_dynamic_batch(optimized, tmp_path, name):
     assert batch_dim.dim_param, "the batch axis is symbolic in the ONNX graph"
 
 
+def test_parity_grows_every_input_of_the_batch(tmp_path):
+    """The second batch size is fed to each input whose batch has a symbol of its own too."""
+    model, args, _ = zoo.micro_conditioned()
+    report = graphopt.export_onnx(graphopt.optimize(model, args), tmp_path / "micro.onnx")
+    assert report.batch_sizes == (3, 4) and report.max_abs_error < 1e-5
+
+
 def test_plain_module_exports_without_passes(tmp_path):
     model, args, kwargs = zoo.kwargs_model()
     report = graphopt.export_onnx(model, tmp_path / "plain.onnx", args, kwargs)

@@ -668,6 +668,25 @@ def pixart() -> tuple[nn.Module, tuple, dict]:
     return model, (torch.randn(2, 4, 8, 8), torch.rand(2) * 1000, torch.randn(2, 5, 12)), {}
 
 
+class MicroConditioned(nn.Module):
+    """A second batched input read only through a reshape to the first's batch (diffusers' UVit2D
+    embeds its micro-conditioning so): torch.export gives its batch a symbol of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4 + 10, 8)
+
+    def forward(self, x: torch.Tensor, micro: torch.Tensor) -> torch.Tensor:
+        flat = micro.flatten()[:, None]
+        embedded = torch.cat([flat.sin(), flat.cos()], -1).reshape(x.shape[0], -1)
+        return self.lin(torch.cat([x, embedded], 1))
+
+
+def micro_conditioned() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    return MicroConditioned().eval(), (torch.randn(3, 4), torch.randn(3, 5)), {}
+
+
 ZOO = {
     "unet": unet,
     "dit": dit,

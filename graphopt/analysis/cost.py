@@ -44,7 +44,7 @@ import sympy
 import torch
 from torch import fx
 
-from .graph import arg, is_tensor_valued, module_path, op_name, tensor_inputs
+from .graph import arg, batch_symbols, is_tensor_valued, module_path, op_name, tensor_inputs
 
 B = sympy.Symbol("B", integer=True, positive=True)
 
@@ -159,22 +159,10 @@ def graph_cost(gm: fx.GraphModule, batch_symbol: str | None = None) -> GraphCost
     first input's (diffusers' UVit2D reads its micro-conditioning only through a reshape to the token
     batch): the leading size of every input that had the batch's size in the capture is read as
     :data:`B` too, the batch a sampler passes to all of them."""
-    sizes = _Sizes(_batch_symbols(gm, batch_symbol))
+    sizes = _Sizes(batch_symbols(gm, batch_symbol))
     nodes = tuple(_node_cost(n, sizes) for n in gm.graph.nodes
                   if n.op == "call_function" and is_tensor_valued(n))
     return GraphCost(nodes, batch_symbol)
-
-
-def _batch_symbols(gm: fx.GraphModule, batch_symbol: str | None) -> frozenset[str]:
-    """``batch_symbol`` and the inputs' leading-size symbols of the same example size."""
-    if batch_symbol is None:
-        return frozenset()
-    leading = [n.meta["val"].shape[0] for n in gm.graph.nodes if n.op == "placeholder"
-               and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 1]
-    symbols = {s.node.expr: s.node.hint for s in leading
-               if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol)}
-    hint = next((h for sym, h in symbols.items() if sym.name == batch_symbol), None)
-    return frozenset({batch_symbol} | {sym.name for sym, h in symbols.items() if hint is not None and h == hint})
 
 
 class _Sizes:

@@ -118,6 +118,23 @@ def batch_symbol(gm: fx.GraphModule) -> str | None:
     return None
 
 
+def batch_symbols(gm: fx.GraphModule, symbol: str | None = None) -> frozenset[str]:
+    """The batch symbol (``symbol``, else :func:`batch_symbol`) and the leading-size symbol of every other
+    input that had the batch's size when captured: torch.export gives an input whose batch nothing in
+    the graph ties to the first one's a symbol of its own (diffusers' UVit2D reads its
+    micro-conditioning only through a reshape to the token batch). A sampler passes one batch to all
+    of them. Empty without a symbolic batch."""
+    symbol = symbol if symbol is not None else batch_symbol(gm)
+    if symbol is None:
+        return frozenset()
+    leading = [n.meta["val"].shape[0] for n in gm.graph.nodes if n.op == "placeholder"
+               and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 1]
+    hints = {s.node.expr.name: s.node.hint for s in leading
+             if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol)}
+    hint = hints.get(symbol)
+    return frozenset({symbol} | {name for name, h in hints.items() if hint is not None and h == hint})
+
+
 def _skipped(node: fx.Node) -> bool:
     # The export guard is a call_module that nothing reads; it is not part of the computation.
     return node.op == "call_module" and not node.users

@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import graphopt
 from graphopt.analysis import B, analyse, evaluate, graph_cost
 from graphopt.analysis.cost import einsum_flops
+from tests import zoo
 
 ZOO = ("unet", "dit", "mha", "dataclass", "kwargs")
 
@@ -148,22 +149,8 @@ def test_evaluate_refuses_other_symbols():
         evaluate(B * sympy.Symbol("s1"), 2)
 
 
-class MicroConditioned(nn.Module):
-    """A second batched input read only through a reshape to the first's batch (diffusers' UVit2D
-    embeds its micro-conditioning so): torch.export gives its batch a symbol of its own."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4 + 10, 8)
-
-    def forward(self, x, micro):
-        flat = micro.flatten()[:, None]
-        embedded = torch.cat([flat.sin(), flat.cos()], -1).reshape(x.shape[0], -1)
-        return self.lin(torch.cat([x, embedded], 1))
-
-
 def test_every_input_of_the_batchs_size_counts_as_the_batch():
-    model, args = MicroConditioned().eval(), (torch.randn(3, 4), torch.randn(3, 5))
+    model, args, _ = zoo.micro_conditioned()
     captured = graphopt.capture(model, args)
     symbols = {str(p.meta["val"].shape[0]) for p in captured.graph_module.graph.nodes if p.op == "placeholder"}
     assert len(symbols) == 2  # two batch symbols: what the cost must read as one
