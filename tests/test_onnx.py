@@ -1,8 +1,11 @@
 import onnx
 import pytest
+import torch
+from torch import nn
 
 import graphopt
 from graphopt import OnnxExportError, OnnxParityError, OutputPathError, UsageError
+from graphopt.verify import compare
 from tests import zoo
 
 
@@ -55,6 +58,54 @@ def test_unwritable_paths_fail_before_any_work(optimized, tmp_path):
 def test_parity_failure_is_clear_and_leaves_no_file(optimized, tmp_path):
     with pytest.raises(OnnxParityError, match="onnxruntime .* disagrees with torch"):
         graphopt.export_onnx(optimized["dit"], tmp_path / "m.onnx", atol=-1.0, rtol=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+class GuardedDivision(nn.Module):
+    """A division guarded by an epsilon whose denominator is exactly zero for the first sample (Sana's
+    linear attention normalises so): 0 / (0 + 1e-15) = 0, where 0 / 0 would be NaN."""
+
+    def forward(self, x):
+        q = torch.relu(x)
+        return q / (q.sum(-1, keepdim=True) + 1e-15)
+
+
+def test_an_epsilon_guarded_division_exports_with_parity(tmp_path):
+    """onnxscript's optimizer (0.7) drops x + c for |c| < 1e-8 as an add of zero (0 / 0: NaN here);
+    graphopt keeps the export without the optimizer when its file leaves the parity tolerance."""
+    x = torch.stack([-torch.rand(4), torch.rand(4)])  # the first row's ReLU is all zero
+    report = graphopt.export_onnx(GuardedDivision(), tmp_path / "m.onnx", (x,))
+    assert report.max_abs_error < 1e-6 and (tmp_path / "m.onnx").is_file()
+    assert report.graph_optimized or "without onnxscript's graph optimizer" in report.line()
+
+
+def _parity_failing_first(monkeypatch, failures: int) -> list[bool]:
+    """``_parity`` reporting a disagreement on its first ``failures`` calls; returns the calls' outcomes."""
+    real, calls = graphopt.onnx._parity, []
+
+    def parity(*args, **kwargs):
+        provider, cmp, sizes = real(*args, **kwargs)
+        if len(calls) < failures:
+            cmp = compare([torch.ones(1)], [torch.zeros(1)])
+        calls.append(cmp.within)
+        return provider, cmp, sizes
+
+    monkeypatch.setattr(graphopt.onnx, "_parity", parity)
+    return calls
+
+
+def test_an_optimized_file_that_disagrees_is_exported_again_without_the_optimizer(optimized, tmp_path, monkeypatch):
+    calls = _parity_failing_first(monkeypatch, 1)
+    report = graphopt.export_onnx(optimized["kwargs"], tmp_path / "m.onnx")
+    assert calls == [False, True] and not report.graph_optimized
+    assert "without onnxscript's graph optimizer" in report.line()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_file_that_disagrees_both_ways_is_an_error_that_leaves_no_file(optimized, tmp_path, monkeypatch):
+    _parity_failing_first(monkeypatch, 2)
+    with pytest.raises(OnnxParityError, match="disagrees with torch.*; without onnxscript's graph optimizer: max abs"):
+        graphopt.export_onnx(optimized["kwargs"], tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
