@@ -122,3 +122,11 @@ def test_a_plain_module_onnx_rejects_is_exported_once_optimized(tmp_path):
     assert not (tmp_path / "raw.onnx").exists()
     report = graphopt.export_onnx(graphopt.optimize(model, args, kwargs), tmp_path / "opt.onnx")
     assert report.max_abs_error < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(zoo.DIFFUSERS))
+def test_diffusers_own_denoisers_export_with_parity(tmp_path, name):
+    pytest.importorskip("diffusers")
+    model, args, kwargs = zoo.diffusers_model(name)
+    report = graphopt.export_onnx(graphopt.optimize(model, args, kwargs), tmp_path / f"{name}.onnx")
+    assert report.max_abs_error < 1e-4 and len(report.batch_sizes) == 2
