@@ -27,7 +27,11 @@ def val(node: Any) -> Any:
 
 def shape_of(node: Any) -> tuple | None:
     """The node's shape with symbolic sizes as sympy expressions, so equal shapes compare equal."""
-    v = val(node)
+    return value_shape(val(node))
+
+
+def value_shape(v: Any) -> tuple | None:
+    """A (fake) tensor's shape as :func:`shape_of` gives it; None for anything else."""
     if not isinstance(v, torch.Tensor):
         return None
     return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in v.shape)

@@ -51,7 +51,7 @@ from torch import fx
 from graphopt.fxgraph import refresh_values
 from graphopt.pipeline import Pass, PassContext
 
-from ._common import new_buffer, shape_of, val
+from ._common import new_buffer, shape_of, val, value_shape
 from ._substitution import attribute
 
 aten = torch.ops.aten
@@ -102,7 +102,7 @@ def _key(node: fx.Node, where: dict[fx.Node, tuple[_Batch, int]], gm: fx.GraphMo
         return None
     out = val(node)
     out_shape = shape_of(node) if isinstance(out, torch.Tensor) else tuple(
-        _shape(v) for v in out) if isinstance(out, (tuple, list)) else None
+        value_shape(v) for v in out) if isinstance(out, (tuple, list)) else None
     if out_shape is None or (isinstance(out, torch.Tensor) and out.dim() == 0):
         return None
     parts: list[Any] = []
@@ -148,12 +148,6 @@ def _key(node: fx.Node, where: dict[fx.Node, tuple[_Batch, int]], gm: fx.GraphMo
         return None
     kwargs = tuple(sorted((k, _hashable(v)) for k, v in node.kwargs.items()))
     return target, tuple(parts), kwargs, out_shape
-
-
-def _shape(v: Any) -> tuple | None:
-    if not isinstance(v, torch.Tensor):
-        return None
-    return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in v.shape)
 
 
 def _column_blocks(inputs: list[fx.Node]) -> tuple[fx.Node, int, int] | None:
@@ -216,14 +210,15 @@ class _Quotient:
             self.g.add_node(node)
             self.g.add_edges_from((src, node) for src in node.all_input_nodes)
 
-    def _reach(self, sources: set[Any], step: Any) -> set[Any]:
+    def _after(self, sources: set[Any]) -> set[Any]:
+        """Every vertex a path from ``sources`` reaches."""
         seen: set[Any] = set()
-        frontier = [n for s in sources for n in step(s)]
+        frontier = [n for s in sources for n in self.g.successors(s)]
         while frontier:
             node = frontier.pop()
             if node not in seen:
                 seen.add(node)
-                frontier.extend(step(node))
+                frontier.extend(self.g.successors(node))
         return seen
 
     def contract(self, batch: _Batch) -> bool:
@@ -231,7 +226,7 @@ class _Quotient:
         it was and False returned): a path that leaves the batch and comes back to it leads from one
         branch to another, so this is also what keeps the graph of batches acyclic."""
         members = set(batch.members)
-        if self._reach(members, self.g.successors) & members:
+        if self._after(members) & members:
             return False  # one branch reads another, directly or through anything, batches included
         token = ("batch", id(batch))
         edges = [(p, token) for m in members for p in self.g.predecessors(m)]
