@@ -491,7 +491,7 @@ def _export(model: nn.Module, call: CallSpec, tensors: list[torch.Tensor], batch
 
 
 _HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("data-dependent", "datadependent", "guardondatadependent", "item()", "unbacked"),
+    (("data-dependent", "datadependent", "guardondatadependent", "item()", "unbacked", "non-nested symint"),
      "the model reads a tensor's value in Python (.item(), int(t), `if t:`, a loop over t); keep it a "
      "tensor with torch.where / torch.cond, or pass the value as a Python number"),
     (("constraint", "specializ", "specialis"),

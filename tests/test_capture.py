@@ -114,6 +114,20 @@ def test_uncapturable_model_names_module_and_line():
     assert "module 'gate'" in str(err) and len(str(err).splitlines()) == 1
 
 
+class SequenceLengths(nn.Module):
+    """Per-sample lengths read into Python and hashed (diffusers' Lumina2 does ``set(seq_lengths)``)."""
+
+    def forward(self, x, mask):
+        lengths = mask.sum(dim=1).tolist()
+        return x * (len(set(lengths)) > 1)
+
+
+def test_values_read_into_python_get_the_data_dependent_hint():
+    with pytest.raises(CaptureError, match="non-nested SymInt") as info:
+        graphopt.capture(SequenceLengths(), (torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool)))
+    assert "reads a tensor's value in Python" in info.value.hint
+
+
 def test_wrong_example_shape_is_an_input_error_naming_the_module():
     model, (x, sigma), _ = zoo.unet()
     with pytest.raises(InputError, match="conv_in"):
