@@ -7,6 +7,8 @@ parameters and buffers of the original (a graph variant costs no weight memory) 
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import warnings
 from typing import Iterable
@@ -89,6 +91,12 @@ def refresh_values(gm: fx.GraphModule, nodes: Iterable[fx.Node] | None = None) -
     every view of it. Whatever reads strides from the values (the kernel generator's index math)
     then describes a layout the tensors do not have. The placeholders keep their values (their
     symbolic batch included); parameters and buffers are read as fake tensors of their own layout.
+
+    The ops run with the shape environment's guards suppressed: a fake kernel that asks about a
+    symbolic size (nearest upsampling's does, about the batch) is answered from the example's sizes,
+    as the capture was, instead of recording a guard. Recorded, such a guard pins the batch to the
+    example's size in the environment every value of the graph shares, so the graph's sizes would
+    read as constants from then on (every UNet with nearest upsampling did).
     """
     from torch._guards import detect_fake_mode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -97,13 +105,15 @@ def refresh_values(gm: fx.GraphModule, nodes: Iterable[fx.Node] | None = None) -
     mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
     if mode is None or any(not isinstance(v, (torch.Tensor, int, float, bool, torch.SymInt)) for v in inputs):
         return  # a graph without fake values (built by hand): nothing recorded to keep true
+    quiet = mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext()
     if nodes is not None:
         chosen = set(nodes)
-        for node in gm.graph.nodes:
-            if node in chosen and node.op == "call_function":
-                args, kwargs = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs))
-                with mode:
-                    node.meta["val"] = node.target(*args, **kwargs)
+        with quiet:
+            for node in gm.graph.nodes:
+                if node in chosen and node.op == "call_function":
+                    args, kwargs = pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs))
+                    with mode:
+                        node.meta["val"] = node.target(*args, **kwargs)
         return
 
     class _Propagation(FakeTensorProp):
@@ -111,4 +121,5 @@ def refresh_values(gm: fx.GraphModule, nodes: Iterable[fx.Node] | None = None) -
             value = super().get_attr(target, args, kwargs)
             return mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
 
-    _Propagation(gm, mode).propagate_dont_convert_inputs(*inputs)
+    with quiet:
+        _Propagation(gm, mode).propagate_dont_convert_inputs(*inputs)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import graphopt
+from graphopt.analysis.graph import batch_symbol
 from graphopt.fxgraph import move_to, refresh_values
 from graphopt.saved import PROGRAM
 from tests import zoo
@@ -99,3 +100,17 @@ def test_values_downstream_of_a_rewrite_are_recomputed_with_the_strides_the_tens
     assert {name: tuple(map(int, v.stride())) for name, v in values.items() if name in truth} == truth
     batch = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
     assert isinstance(batch, torch.SymInt)  # the batch is still a symbol
+
+
+@pytest.mark.parametrize("factory", [zoo.unet, zoo.dit])
+def test_recomputing_the_values_keeps_the_batch_a_symbol(factory):
+    """Nearest upsampling's fake kernel asks about the batch; answered as a guard, that pinned the
+    batch to the example's size in the shape environment, and every size read as a constant."""
+    model, args, kwargs = factory()
+    gm = graphopt.capture(model, args, kwargs).graph_module
+    symbol = batch_symbol(gm)
+    refresh_values(gm)
+    refresh_values(gm, list(gm.graph.nodes))
+    assert symbol is not None and batch_symbol(gm) == symbol  # not the constant 2
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    assert str(out.meta["val"].shape[0]) == symbol

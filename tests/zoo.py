@@ -705,7 +705,8 @@ ZOO = {
 
 
 class Diffusers(nn.Module):
-    """A diffusers model called with positional tensors (named ``names``), its first output returned."""
+    """A diffusers model called with positional tensors (named ``names``; ``a.b`` is key ``b`` of the
+    dict argument ``a``), its first output returned."""
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], **extra: object):
         super().__init__()
@@ -713,8 +714,14 @@ class Diffusers(nn.Module):
         self.return_dict = "return_dict" in inspect.signature(model.forward).parameters
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        extra = dict(self.extra, return_dict=False) if self.return_dict else self.extra
-        out = self.model(**dict(zip(self.names, tensors)), **extra)
+        kwargs: dict[str, object] = dict(self.extra, return_dict=False) if self.return_dict else dict(self.extra)
+        for name, tensor in zip(self.names, tensors):
+            outer, _, inner = name.partition(".")
+            if inner:
+                kwargs.setdefault(outer, {})[inner] = tensor  # type: ignore[index]
+            else:
+                kwargs[name] = tensor
+        out = self.model(**kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -728,6 +735,20 @@ def _unet2d_condition(d):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
     return model, ("sample", "timestep", "encoder_hidden_states"), (*_x_t(), torch.randn(2, 7, 32)), {}
+
+
+def _sdxl_unet(d):
+    """SDXL's UNet layout: text-time conditioning (pooled text and six size/crop numbers, embedded
+    per number and reshaped to the batch), two transformer layers in the lower level."""
+    model = d.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=16 + 6 * 4, transformer_layers_per_block=(1, 2))
+    names = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs.text_embeds",
+             "added_cond_kwargs.time_ids")
+    return model, names, (*_x_t(), torch.randn(2, 7, 32), torch.randn(2, 16), torch.rand(2, 6) * 100), {}
 
 
 def _dit(d):
@@ -784,10 +805,10 @@ def _uvit2d(d):
                           torch.randn(2, 5)), {}
 
 
-DIFFUSERS = {"unet2d_condition": _unet2d_condition, "dit": _dit, "pixart": _pixart, "sd3": _sd3, "flux": _flux,
-             "sana": _sana, "uvit2d": _uvit2d}
+DIFFUSERS = {"unet2d_condition": _unet2d_condition, "sdxl_unet": _sdxl_unet, "dit": _dit, "pixart": _pixart,
+             "sd3": _sd3, "flux": _flux, "sana": _sana, "uvit2d": _uvit2d}
 """diffusers' own denoisers at test size: what third-party code brings that the zoo's imitations may not
-(attention processors, embedders, RoPE, micro-conditioning)."""
+(attention processors, embedders, RoPE, micro-conditioning, SDXL's text-time conditioning)."""
 
 
 def diffusers_model(name: str) -> tuple[nn.Module, tuple, dict]:
