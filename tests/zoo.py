@@ -794,6 +794,19 @@ def _sana(d):
     return model, ("hidden_states", "encoder_hidden_states", "timestep"), (x, torch.randn(2, 7, 16), t), {}
 
 
+def _hunyuan(d):
+    """HunyuanDiT: U-ViT-style long skips between its blocks, two text encoders with masks."""
+    model = d.HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=8, hidden_size=16, in_channels=4, patch_size=2, num_layers=4,
+        sample_size=8, cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=8, text_len=7,
+        text_len_t5=5, use_style_cond_and_image_meta_size=False)
+    names = ("hidden_states", "timestep", "encoder_hidden_states", "text_embedding_mask", "encoder_hidden_states_t5",
+             "text_embedding_mask_t5")
+    x, t = _x_t()
+    return model, names, (x, t.float(), torch.randn(2, 7, 16), torch.ones(2, 7), torch.randn(2, 5, 16),
+                          torch.ones(2, 5)), {}
+
+
 def _uvit2d(d):
     model = d.UVit2DModel(
         hidden_size=32, use_bias=False, cond_embed_dim=16, micro_cond_encode_dim=2, micro_cond_embed_dim=10,
@@ -806,7 +819,7 @@ def _uvit2d(d):
 
 
 DIFFUSERS = {"unet2d_condition": _unet2d_condition, "sdxl_unet": _sdxl_unet, "dit": _dit, "pixart": _pixart,
-             "sd3": _sd3, "flux": _flux, "sana": _sana, "uvit2d": _uvit2d}
+             "sd3": _sd3, "flux": _flux, "sana": _sana, "hunyuan": _hunyuan, "uvit2d": _uvit2d}
 """diffusers' own denoisers at test size: what third-party code brings that the zoo's imitations may not
 (attention processors, embedders, RoPE, micro-conditioning, SDXL's text-time conditioning)."""
 
