@@ -12,7 +12,6 @@ standard ONNX ops that any onnxruntime runs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import shutil
 import tempfile
@@ -96,6 +95,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
     input_names = _unique(captured.call.input_names())
     # ONNX names are one namespace: an output called like an input (a denoiser's `sample`) gets `out_`
     output_names = _unique([f"out_{n}" if n in input_names else n for n in captured.call.output_names()])
+    import onnx
+
     workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tmp = workdir / target.name
@@ -104,8 +105,26 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
         except Exception as e:
             raise OnnxExportError(f"torch.onnx could not export the model ({type(e).__name__}: "
                                   f"{first_line(e)})") from e
-        write = functools.partial(_write, program, captured, tmp, input_names, output_names, opset, translations,
-                                  isinstance(model, OptimizedModule))
+
+        def write(optimize: bool) -> None:
+            """Export to ``tmp`` (with onnxscript's graph optimizer when ``optimize``) and check the file."""
+            try:
+                with warnings.catch_warnings(), quiet():
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(program, tuple(captured.example_inputs), dynamo=True, input_names=input_names,
+                                      output_names=output_names, opset_version=opset, verbose=False,
+                                      optimize=optimize, custom_translation_table=translations).save(str(tmp))
+            except Exception as e:
+                raise OnnxExportError(f"torch.onnx could not export the model ({type(e).__name__}: "
+                                      f"{first_line(e)})") from e
+            try:
+                onnx.checker.check_model(str(tmp), full_check=True)
+            except Exception as e:
+                hint = ("; export graphopt.optimize(model, args) instead: its noop pass removes ops that torch keeps "
+                        "as identities and ONNX rejects (a squeeze of a dim that is not 1)"
+                        if not isinstance(model, OptimizedModule) else "")
+                raise OnnxExportError(f"onnx.checker rejected the exported model: {first_line(e)}{hint}") from e
+
         write(optimize=True)
         provider, cmp, sizes = _parity(tmp, captured, input_names, atol, rtol)
         graph_optimized = True
@@ -129,30 +148,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, args: Any = (), kwarg
         shutil.rmtree(workdir, ignore_errors=True)
     return OnnxReport(str(target), opset_used, provider, tuple(input_names), tuple(output_names), sizes,
                       cmp.max_abs_error, cmp.max_rel_error, time.perf_counter() - start, graph_optimized)
-
-
-def _write(program: Any, captured: CapturedGraph, tmp: Path, input_names: list[str], output_names: list[str],
-           opset: int | None, translations: dict, optimized_module: bool, *, optimize: bool) -> None:
-    """Export ``program`` to ``tmp`` (with onnxscript's graph optimizer when ``optimize``) and check it."""
-    try:
-        with warnings.catch_warnings(), quiet():
-            warnings.simplefilter("ignore")
-            onnx_program = torch.onnx.export(program, tuple(captured.example_inputs), dynamo=True,
-                                             input_names=input_names, output_names=output_names,
-                                             opset_version=opset, verbose=False, optimize=optimize,
-                                             custom_translation_table=translations)
-            onnx_program.save(str(tmp))
-    except Exception as e:
-        raise OnnxExportError(f"torch.onnx could not export the model ({type(e).__name__}: "
-                              f"{first_line(e)})") from e
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(tmp), full_check=True)
-    except Exception as e:
-        hint = ("; export graphopt.optimize(model, args) instead: its noop pass removes ops that torch keeps "
-                "as identities and ONNX rejects (a squeeze of a dim that is not 1)" if not optimized_module else "")
-        raise OnnxExportError(f"onnx.checker rejected the exported model: {first_line(e)}{hint}") from e
 
 
 def custom_translation_table() -> dict[torch._ops.OpOverload, Callable[..., Any]]:

@@ -28,7 +28,8 @@ from graphopt.fxgraph import copy_sharing_weights
 from graphopt.pipeline import PassContext
 
 FRESH = "graphopt_fresh"  # the submodule holding every tensor an approximate pass initialised
-_MODULE_META = ("graphopt_module", "nn_module_stack", "stack_trace")
+MODULE_META = ("graphopt_module", "nn_module_stack", "stack_trace")
+"""The node labels a new node takes over from the node it stands for (module path, source line)."""
 
 
 class Refused(Exception):
@@ -132,7 +133,7 @@ class Builder:
         mode = detect_fake_mode(pytree.tree_leaves((values, kw_values)))
         with mode if mode is not None else contextlib.nullcontext():
             node.meta["val"] = target(*values, **kw_values)
-        for key in _MODULE_META:
+        for key in MODULE_META:
             if key in self.anchor.meta:
                 node.meta[key] = self.anchor.meta[key]
         return node

@@ -52,7 +52,7 @@ from graphopt.fxgraph import refresh_values
 from graphopt.pipeline import Pass, PassContext
 
 from ._common import new_buffer, shape_of, val, value_shape
-from ._substitution import attribute
+from ._substitution import MODULE_META, attribute
 
 aten = torch.ops.aten
 
@@ -283,7 +283,7 @@ class _Writer:
     def call(self, target: Any, *args: Any, anchor: fx.Node, **kwargs: Any) -> fx.Node:
         with self.graph.inserting_before(self.output):
             node = self.graph.call_function(target, args, kwargs)
-        for key in ("nn_module_stack", "stack_trace", "graphopt_module"):
+        for key in MODULE_META:
             if key in anchor.meta:
                 node.meta[key] = anchor.meta[key]
         return node

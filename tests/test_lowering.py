@@ -11,7 +11,6 @@ import graphopt
 from graphopt import VerificationError
 from graphopt.lowering import lower_captured
 from tests import zoo
-from tests.passes.test_batch_branches import conditioned
 
 pytest.importorskip("triton")
 
@@ -65,12 +64,7 @@ def test_a_lowered_graph_further_from_the_fp32_run_than_twice_the_original_is_re
         lower_captured(_residuals())
 
 
-def _per_block_conditioning() -> tuple:
-    model, args = conditioned()
-    return model, args, {}
-
-
-@pytest.mark.parametrize("factory", [zoo.dit, zoo.text_unet, _per_block_conditioning])
+@pytest.mark.parametrize("factory", [zoo.dit, zoo.text_unet, zoo.per_block_conditioning])
 def test_every_kernel_of_a_model_whose_linears_were_merged_serves_other_batches(factory):
     """merge-linears makes each DiT block's modulation, and each cross-attention's keys and values, a
     column slice of one matmul: strides no longer those of the block's own linear. Kernels are

@@ -668,6 +668,36 @@ def pixart() -> tuple[nn.Module, tuple, dict]:
     return model, (torch.randn(2, 4, 8, 8), torch.rand(2) * 1000, torch.randn(2, 5, 12)), {}
 
 
+class PerBlockConditioning(nn.Module):
+    """Each block conditions itself as diffusers' DiT does: an MLP of the shared timestep features, a
+    label table of its own, SiLU, its adaLN linear, chunks, ``1 + scale``; the blocks' token paths
+    read the modulation."""
+
+    def __init__(self, dim=8, blocks=3, classes=5, freq=6):
+        super().__init__()
+        self.dim, self.freq = dim, freq
+        self.mlp1 = nn.ModuleList(nn.Linear(freq, dim) for _ in range(blocks))
+        self.mlp2 = nn.ModuleList(nn.Linear(dim, dim) for _ in range(blocks))
+        self.table = nn.ModuleList(nn.Embedding(classes, dim) for _ in range(blocks))
+        self.ada = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(blocks))
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        angles = t[:, None] * torch.arange(1, self.freq // 2 + 1, dtype=t.dtype)
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        for mlp1, mlp2, table, ada, proj in zip(self.mlp1, self.mlp2, self.table, self.ada, self.proj):
+            emb = mlp2(F.silu(mlp1(features))) + table(y)
+            shift, scale, gate = ada(F.silu(emb)).chunk(3, dim=1)
+            h = F.layer_norm(x, (self.dim,)) * (1 + scale[:, None]) + shift[:, None]
+            x = x + gate[:, None] * proj(h)
+        return x
+
+
+def per_block_conditioning() -> tuple[nn.Module, tuple, dict]:
+    torch.manual_seed(0)
+    return PerBlockConditioning().eval(), (torch.randn(2, 4, 8), torch.rand(2), torch.tensor([1, 3])), {}
+
+
 class MicroConditioned(nn.Module):
     """A second batched input read only through a reshape to the first's batch (diffusers' UVit2D
     embeds its micro-conditioning so): torch.export gives its batch a symbol of its own."""

@@ -1,42 +1,12 @@
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import graphopt
 from graphopt.passes import get
 from graphopt.pipeline import run_passes
+from tests import zoo
 
 aten = torch.ops.aten
-
-
-class PerBlockConditioning(nn.Module):
-    """Each block conditions itself as diffusers' DiT does: an MLP of the shared timestep features, a
-    label table of its own, SiLU, its adaLN linear, chunks, ``1 + scale``; the blocks' token paths
-    read the modulation."""
-
-    def __init__(self, dim=8, blocks=3, classes=5, freq=6):
-        super().__init__()
-        self.dim, self.freq = dim, freq
-        self.mlp1 = nn.ModuleList(nn.Linear(freq, dim) for _ in range(blocks))
-        self.mlp2 = nn.ModuleList(nn.Linear(dim, dim) for _ in range(blocks))
-        self.table = nn.ModuleList(nn.Embedding(classes, dim) for _ in range(blocks))
-        self.ada = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(blocks))
-        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(blocks))
-
-    def forward(self, x, t, y):
-        angles = t[:, None] * torch.arange(1, self.freq // 2 + 1, dtype=t.dtype)
-        features = torch.cat([angles.sin(), angles.cos()], dim=-1)
-        for mlp1, mlp2, table, ada, proj in zip(self.mlp1, self.mlp2, self.table, self.ada, self.proj):
-            emb = mlp2(F.silu(mlp1(features))) + table(y)
-            shift, scale, gate = ada(F.silu(emb)).chunk(3, dim=1)
-            h = F.layer_norm(x, (self.dim,)) * (1 + scale[:, None]) + shift[:, None]
-            x = x + gate[:, None] * proj(h)
-        return x
-
-
-def conditioned(batch=2):
-    torch.manual_seed(0)
-    return PerBlockConditioning().eval(), (torch.randn(batch, 4, 8), torch.rand(batch), torch.tensor([1, 3, 4])[:batch])
 
 
 def run(model, args, passes=("noop", "cse", "merge-linears", "batch-branches", "dce")):
@@ -54,7 +24,7 @@ def assert_matches_eager(model, captured, args, batches=(2, 3)):
 
 
 def test_the_blocks_conditioning_runs_once_for_all_blocks():
-    model, args = conditioned()
+    model, args, _ = zoo.per_block_conditioning()
     captured, report, ops = run(model, args)
     hits = dict(report.rule_hits)
     assert hits["linear"] == 6 and hits["embedding"] == 3 and hits["silu"] == 3  # mlp2 and ada of 3 blocks
@@ -71,7 +41,7 @@ def test_the_blocks_conditioning_runs_once_for_all_blocks():
 
 
 def test_the_token_paths_read_one_branch_of_the_batch_each():
-    model, args = conditioned()
+    model, args, _ = zoo.per_block_conditioning()
     captured, _, _ = run(model, args)
     graph = captured.graph_module.graph
     selects = [n for n in graph.nodes if n.target is aten.select.int]
@@ -154,7 +124,7 @@ def test_a_branch_read_apart_from_the_batch_keeps_its_own_view():
 
 
 def test_the_default_pipeline_batches_and_verifies():
-    model, args = conditioned()
+    model, args, _ = zoo.per_block_conditioning()
     opt = graphopt.optimize(model, args)
     report = next(p for p in opt.report.passes if p.name == "batch-branches")
     assert report.hits and report.tolerance

@@ -97,11 +97,10 @@ def generated_calls(dtype: torch.dtype):
     from graphopt.models import load
 
     from tests import zoo
-    from tests.passes.test_batch_branches import conditioned
 
     models = [(ref.model, ref.example_inputs, {}) for ref in map(load, ("dit-digits", "unet-digits"))]
     models.append(zoo.text_unet())  # cross-attention keys and values merged across layers: 3-D column blocks
-    models.append((*conditioned(), {}))  # per-block conditioning batched: (blocks, batch, width) domains
+    models.append(zoo.per_block_conditioning())  # per-block conditioning batched: (blocks, batch, width) domains
     for model, examples, kwargs in models:
         model = copy.deepcopy(model).to(dtype)
         inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in examples)
