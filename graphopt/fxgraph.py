@@ -8,7 +8,6 @@ parameters and buffers of the original (a graph variant costs no weight memory) 
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import warnings
 from typing import Iterable
